@@ -1,0 +1,26 @@
+"""The configuration schema: defaults shared by every file in configs/, as ml_collections data."""
+from __future__ import annotations
+
+from ml_collections import config_dict
+
+from jaxserve.model.config import dtype_from_name
+
+
+def default_config() -> config_dict.ConfigDict:
+    c = config_dict.ConfigDict()
+    # Where the weights come from: gguf | hf | orbax | random. `tokenizer` optionally names a
+    # tokenizer source (GGUF file or directory) other than the checkpoint itself.
+    c.checkpoint = dict(format="gguf", path="", tokenizer="", seed=0)
+    # For loaded checkpoints only dtype and max_seq_len may be set; `random` needs every field.
+    c.model = dict(dtype="float32", max_seq_len=2048)
+    c.mesh = dict(data=1, model=1)
+    c.sampling = dict(max_tokens=128, temperature=0.0, top_p=1.0, top_k=0, seed=0)
+    return c
+
+
+def validate(config: config_dict.ConfigDict) -> None:
+    """Checks fields whose mistakes would otherwise surface far from their cause."""
+    dtype_from_name(config.model.dtype, "model.dtype")
+    for axis in ("data", "model"):
+        if int(config.mesh[axis]) < 1:
+            raise ValueError(f"mesh.{axis} must be >= 1, got {config.mesh[axis]}")

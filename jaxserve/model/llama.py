@@ -1,0 +1,144 @@
+"""The Llama-family decoder as pure functions of (params, inputs, cache) -> (outputs, cache).
+
+Covers Llama 2/3 (RoPE with Llama-3 scaling, grouped-query attention, SwiGLU, optional tied
+embeddings) and Qwen2 (qkv bias). Layers are stacked and run under `lax.scan`.
+
+How keys and values are stored and attended is not decided here: `forward` takes an `attend`
+function (dense cache below; paged cache in jaxserve.cache) so one model serves every cache.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+
+from jaxserve.model.config import ModelConfig
+
+# attend(q [B,T,H,D], k [B,T,K,D], v [B,T,K,D], cache, layer, positions [B,T]) -> (out [B,T,H,D], cache)
+AttendFn = Callable
+
+
+def rms_norm(x, weight, eps):
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return weight.astype(x.dtype) * xf.astype(x.dtype)
+
+
+def rope_frequencies(cfg: ModelConfig):
+    """Inverse frequencies [head_dim // 2], with Llama-3 scaling when configured."""
+    d = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+    sc = cfg.rope_scaling
+    if sc is None:
+        return inv_freq
+    # Llama 3.1: keep high frequencies, divide low ones by `factor`, interpolate in between.
+    low_wavelen = sc.original_max_position / sc.low_freq_factor
+    high_wavelen = sc.original_max_position / sc.high_freq_factor
+    wavelen = 2 * jnp.pi / inv_freq
+    scaled = jnp.where(wavelen > low_wavelen, inv_freq / sc.factor, inv_freq)
+    smooth = (sc.original_max_position / wavelen - sc.low_freq_factor) / (
+        sc.high_freq_factor - sc.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / sc.factor + smooth * scaled
+    is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return jnp.where(is_medium, smoothed, scaled)
+
+
+def apply_rope(x, positions, inv_freq):
+    """Rotates x [B,T,N,D] by its positions [B,T] (the rotate-half convention of HF checkpoints)."""
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B,T,D/2]
+    cos = jnp.cos(freqs)[:, :, None, :]
+    sin = jnp.sin(freqs)[:, :, None, :]
+    xf = x.astype(jnp.float32)
+    x1, x2 = jnp.split(xf, 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+def attention_scores_softmax(q, k, v, mask):
+    """Grouped-query softmax attention in float32.
+
+    q [B,T,H,D]; k, v [B,S,K,D]; mask [B,T,S] (True = may attend). Returns [B,T,H,D].
+    """
+    B, T, H, D = q.shape
+    K = k.shape[2]
+    qg = q.reshape(B, T, K, H // K, D)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
+    scores = scores * (D ** -0.5)
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return out.reshape(B, T, H, D).astype(q.dtype)
+
+
+def init_dense_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
+    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    dtype = dtype or cfg.jnp_dtype
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+def dense_attend(q, k, v, cache, layer, positions):
+    """Writes k, v at their positions of a dense [L,B,S,K,D] cache and attends causally.
+
+    Padding tokens carry position -1: they write nothing and their outputs are garbage.
+    """
+    S = cache["k"].shape[2]
+    B = q.shape[0]
+    slot = jnp.where(positions >= 0, positions, S)  # out of range -> dropped
+    b = jnp.arange(B)[:, None]
+    cache = {
+        "k": cache["k"].at[layer, b, slot].set(k.astype(cache["k"].dtype), mode="drop"),
+        "v": cache["v"].at[layer, b, slot].set(v.astype(cache["v"].dtype), mode="drop"),
+    }
+    kv_pos = jnp.arange(S)
+    mask = kv_pos[None, None, :] <= positions[:, :, None]
+    out = attention_scores_softmax(q, cache["k"][layer], cache["v"][layer], mask)
+    return out, cache
+
+
+def _layer(x, lp, cache, layer, positions, inv_freq, cfg: ModelConfig, attend: AttendFn):
+    h = rms_norm(x, lp["attn_norm"], cfg.rms_eps)
+    q = jnp.einsum("bte,ehd->bthd", h, lp["wq"])
+    k = jnp.einsum("bte,ekd->btkd", h, lp["wk"])
+    v = jnp.einsum("bte,ekd->btkd", h, lp["wv"])
+    if cfg.qkv_bias:
+        q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
+    q = apply_rope(q, positions, inv_freq)
+    k = apply_rope(k, positions, inv_freq)
+    attn, cache = attend(q, k, v, cache, layer, positions)
+    x = x + jnp.einsum("bthd,hde->bte", attn, lp["wo"])
+    h = rms_norm(x, lp["mlp_norm"], cfg.rms_eps)
+    gate = jnp.einsum("bte,ef->btf", h, lp["w_gate"])
+    up = jnp.einsum("bte,ef->btf", h, lp["w_up"])
+    x = x + jnp.einsum("btf,fe->bte", jax.nn.silu(gate) * up, lp["w_down"])
+    return x, cache
+
+
+def logits_from_hidden(params, h, cfg: ModelConfig):
+    h = rms_norm(h, params["final_norm"], cfg.rms_eps)
+    if cfg.tie_embeddings:
+        return jnp.einsum("...e,ve->...v", h, params["embed"], preferred_element_type=jnp.float32)
+    return jnp.einsum("...e,ev->...v", h, params["lm_head"], preferred_element_type=jnp.float32)
+
+
+def forward(params, tokens, positions, cache, cfg: ModelConfig, attend: AttendFn = dense_attend,
+            logit_index: Optional[jax.Array] = None):
+    """Runs the decoder over tokens [B,T] at positions [B,T] (-1 = padding).
+
+    Returns (logits, cache): logits are float32 [B,T,V], or [B,V] at `logit_index` [B] when given
+    (prefill only needs each sequence's last token).
+    """
+    x = params["embed"][tokens].astype(cfg.jnp_dtype)
+    inv_freq = rope_frequencies(cfg)
+
+    def body(carry, xs):
+        x, cache = carry
+        lp, layer = xs
+        x, cache = _layer(x, lp, cache, layer, positions, inv_freq, cfg, attend)
+        return (x, cache), None
+
+    layers = (params["layers"], jnp.arange(cfg.num_layers))
+    (x, cache), _ = jax.lax.scan(body, (x, cache), layers)
+    if logit_index is not None:
+        x = jnp.take_along_axis(x, logit_index[:, None, None], axis=1)[:, 0]
+    return logits_from_hidden(params, x, cfg), cache

@@ -1,0 +1,95 @@
+"""The parameter tree of the decoder: shapes, logical axis names and random init.
+
+Every leaf has a `ParamSpec` giving its shape and the logical name of each axis; the
+sharding rules table (jaxserve.parallel.sharding) turns those names into mesh axes.
+Layers are stacked on a leading `layers` axis so that the forward pass can `lax.scan` them.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxserve.model.config import ModelConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamSpec:
+    shape: tuple
+    axes: tuple  # one logical axis name per dimension
+
+    def __post_init__(self):
+        assert len(self.shape) == len(self.axes), (self.shape, self.axes)
+
+
+def param_specs(cfg: ModelConfig) -> dict:
+    """The parameter tree of `cfg`, with a ParamSpec at every leaf."""
+    L, E, H, K, D, F, V = (cfg.num_layers, cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads,
+                           cfg.head_dim, cfg.mlp_dim, cfg.vocab_size)
+    layers = {
+        "attn_norm": ParamSpec((L, E), ("layers", "norm")),
+        "wq": ParamSpec((L, E, H, D), ("layers", "embed", "heads", "head_dim")),
+        "wk": ParamSpec((L, E, K, D), ("layers", "embed", "kv_heads", "head_dim")),
+        "wv": ParamSpec((L, E, K, D), ("layers", "embed", "kv_heads", "head_dim")),
+        "wo": ParamSpec((L, H, D, E), ("layers", "heads", "head_dim", "embed")),
+        "mlp_norm": ParamSpec((L, E), ("layers", "norm")),
+        "w_gate": ParamSpec((L, E, F), ("layers", "embed", "mlp")),
+        "w_up": ParamSpec((L, E, F), ("layers", "embed", "mlp")),
+        "w_down": ParamSpec((L, F, E), ("layers", "mlp", "embed")),
+    }
+    if cfg.qkv_bias:
+        layers["bq"] = ParamSpec((L, H, D), ("layers", "heads", "head_dim"))
+        layers["bk"] = ParamSpec((L, K, D), ("layers", "kv_heads", "head_dim"))
+        layers["bv"] = ParamSpec((L, K, D), ("layers", "kv_heads", "head_dim"))
+    specs = {
+        "embed": ParamSpec((V, E), ("vocab", "embed")),
+        "layers": layers,
+        "final_norm": ParamSpec((E,), ("norm",)),
+    }
+    if not cfg.tie_embeddings:
+        specs["lm_head"] = ParamSpec((E, V), ("embed", "vocab"))
+    return specs
+
+
+def is_spec(x) -> bool:
+    return isinstance(x, ParamSpec)
+
+
+def abstract_params(cfg: ModelConfig) -> dict:
+    """ShapeDtypeStructs for every parameter (no memory is allocated)."""
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, cfg.jnp_dtype),
+                        param_specs(cfg), is_leaf=is_spec)
+
+
+def init_random(cfg: ModelConfig, seed: int = 0) -> dict:
+    """Random weights (host numpy, float32) with the scale of a trained model: for tests and benchmarks."""
+    E, F, HD = cfg.embed_dim, cfg.mlp_dim, cfg.num_heads * cfg.head_dim
+    fan_in = {"wq": E, "wk": E, "wv": E, "wo": HD, "w_gate": E, "w_up": E, "w_down": F, "lm_head": E}
+    rng = np.random.default_rng(seed)
+
+    def init(path, s):
+        name = path[-1].key
+        if s.axes[-1] == "norm":
+            return 1.0 + 0.1 * rng.standard_normal(s.shape, dtype=np.float32)
+        std = 1.0 / np.sqrt(fan_in[name]) if name in fan_in else 0.02  # embeddings and biases
+        return std * rng.standard_normal(s.shape, dtype=np.float32)
+
+    return jax.tree_util.tree_map_with_path(init, param_specs(cfg), is_leaf=is_spec)
+
+
+def check_params(params: dict, cfg: ModelConfig, source: str) -> None:
+    """Raises a clear error when a loaded tree does not match the architecture's shapes."""
+    want = jax.tree.flatten_with_path(param_specs(cfg), is_leaf=is_spec)[0]
+    have = dict(jax.tree.flatten_with_path(params)[0])
+    for path, spec in want:
+        name = jax.tree_util.keystr(path)
+        if path not in have:
+            raise ValueError(f"{source}: parameter {name} is missing")
+        if tuple(have[path].shape) != spec.shape:
+            raise ValueError(f"{source}: parameter {name} has shape {tuple(have[path].shape)}, "
+                             f"expected {spec.shape}")
+    extra = set(have) - {p for p, _ in want}
+    if extra:
+        raise ValueError(f"{source}: unexpected parameters {sorted(jax.tree_util.keystr(p) for p in extra)}")

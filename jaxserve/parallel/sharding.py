@@ -1,0 +1,75 @@
+"""Meshes and the one rules table mapping logical axis names onto mesh axes.
+
+A single device is a 1x1 mesh; nothing in the model knows how many devices there are.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jaxserve.model.params import ParamSpec, is_spec, param_specs
+
+MESH_AXES = ("data", "model")
+
+# Logical axis -> mesh axis. Tensor parallelism shards heads, the MLP and the vocabulary over
+# `model`; requests (batch) are spread over `data`. Everything else is replicated.
+RULES = (
+    ("batch", "data"),
+    ("vocab", "model"),
+    ("heads", "model"),
+    ("kv_heads", "model"),
+    ("mlp", "model"),
+    ("embed", None),
+    ("head_dim", None),
+    ("norm", None),
+    ("layers", None),
+    ("seq", None),
+    ("pages", None),
+    ("page_slot", None),
+)
+
+
+def make_mesh(data: int = 1, model: int = 1, devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+    """A (data, model) mesh over `devices` (default: the first data*model local devices)."""
+    if data < 1 or model < 1:
+        raise ValueError(f"mesh.data={data} and mesh.model={model} must both be >= 1")
+    if devices is None:
+        available = jax.devices()
+        if data * model > len(available):
+            raise ValueError(f"mesh.data*mesh.model={data * model} exceeds the {len(available)} "
+                             f"devices available")
+        devices = available[: data * model]
+    return Mesh(np.asarray(devices).reshape(data, model), MESH_AXES)
+
+
+def logical_to_spec(axes: Sequence[str], shape: Sequence[int], mesh: Mesh, rules=RULES) -> P:
+    """PartitionSpec for an array with logical `axes`; a dim the mesh axis does not divide is replicated."""
+    spec = nn.logical_to_mesh_axes(tuple(axes), rules)
+    out = []
+    for dim, mesh_axis in zip(shape, spec):
+        if mesh_axis is not None and dim % mesh.shape[mesh_axis] != 0:
+            mesh_axis = None
+        out.append(mesh_axis)
+    return P(*out)
+
+
+def logical_sharding(axes: Sequence[str], shape: Sequence[int], mesh: Mesh, rules=RULES) -> NamedSharding:
+    return NamedSharding(mesh, logical_to_spec(axes, shape, mesh, rules))
+
+
+def param_shardings(cfg, mesh: Mesh, rules=RULES) -> dict:
+    """NamedSharding for every parameter of `cfg` on `mesh`."""
+    return jax.tree.map(lambda s: logical_sharding(s.axes, s.shape, mesh, rules),
+                        param_specs(cfg), is_leaf=is_spec)
+
+
+def shard_params(params: dict, cfg, mesh: Mesh, rules=RULES) -> dict:
+    """Places a (host or device) parameter tree onto `mesh`, cast to the model dtype."""
+    shardings = param_shardings(cfg, mesh, rules)
+    dtype = cfg.jnp_dtype
+    return jax.tree.map(lambda x, s: jax.device_put(np.asarray(x).astype(dtype) if isinstance(x, np.ndarray) else x.astype(dtype), s),
+                        params, shardings)

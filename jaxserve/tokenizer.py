@@ -1,0 +1,138 @@
+"""Tokenizer and chat template, from a tokenizer.json or from GGUF metadata.
+
+Tokenization itself is the `tokenizers` library; chat templates are rendered with jinja2,
+as Hugging Face does, so a model's own template applies unchanged.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional, Sequence
+
+import jinja2.sandbox
+import tokenizers
+from tokenizers import decoders, models, pre_tokenizers
+
+_CONFIG_FILE = "tokenizer_config.json"
+_TOKENIZER_FILE = "tokenizer.json"
+_GGUF_CONTROL_TOKEN = 3  # llama.cpp token type of special tokens
+
+
+class Tokenizer:
+    def __init__(self, tok: tokenizers.Tokenizer, chat_template: Optional[str] = None,
+                 bos_token_id: Optional[int] = None, eos_token_ids: Sequence[int] = (),
+                 add_bos: bool = False):
+        self.tok = tok
+        self.chat_template = chat_template
+        self.bos_token_id = bos_token_id
+        self.eos_token_ids = tuple(eos_token_ids)
+        self.add_bos = add_bos
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list:
+        ids = self.tok.encode(text, add_special_tokens=False).ids
+        if self.add_bos and self.bos_token_id is not None and ids[:1] != [self.bos_token_id]:
+            ids = [self.bos_token_id] + ids
+        return ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
+        if not self.chat_template:
+            raise ValueError("this model's tokenizer has no chat template; send a plain prompt")
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise ValueError(f"messages[{i}] must have string 'role' and 'content' fields")
+        env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        tokens = self.tok.get_vocab(with_added_tokens=True)
+        inverse = {v: k for k, v in tokens.items()}
+        return env.from_string(self.chat_template).render(
+            messages=list(messages), add_generation_prompt=add_generation_prompt,
+            bos_token=inverse.get(self.bos_token_id, ""),
+            eos_token=inverse.get(self.eos_token_ids[0], "") if self.eos_token_ids else "")
+
+    # -- persistence ---------------------------------------------------------------------------
+    def save(self, directory: str) -> None:
+        os.makedirs(directory, exist_ok=True)
+        self.tok.save(os.path.join(directory, _TOKENIZER_FILE))
+        with open(os.path.join(directory, _CONFIG_FILE), "w") as f:
+            json.dump({"chat_template": self.chat_template, "bos_token_id": self.bos_token_id,
+                       "eos_token_ids": list(self.eos_token_ids), "add_bos": self.add_bos}, f, indent=1)
+
+    @classmethod
+    def from_dir(cls, directory: str, eos_token_ids: Sequence[int] = (),
+                 bos_token_id: Optional[int] = None) -> "Tokenizer":
+        """Loads tokenizer.json (+ tokenizer_config.json / chat_template.jinja) from a directory."""
+        path = os.path.join(directory, _TOKENIZER_FILE)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"tokenizer file not found: {path}")
+        try:
+            tok = tokenizers.Tokenizer.from_file(path)
+        except Exception as e:
+            raise ValueError(f"{path}: not a valid tokenizer.json ({e})") from e
+        conf = {}
+        conf_path = os.path.join(directory, _CONFIG_FILE)
+        if os.path.isfile(conf_path):
+            with open(conf_path) as f:
+                conf = json.load(f)
+        template = conf.get("chat_template")
+        template_path = os.path.join(directory, "chat_template.jinja")
+        if not template and os.path.isfile(template_path):
+            with open(template_path) as f:
+                template = f.read()
+        if "eos_token_ids" in conf:
+            eos_token_ids = conf["eos_token_ids"]
+        elif isinstance(conf.get("eos_token"), str) and tok.token_to_id(conf["eos_token"]) is not None:
+            eos_token_ids = [tok.token_to_id(conf["eos_token"])]
+        if conf.get("bos_token_id") is not None:
+            bos_token_id = conf["bos_token_id"]
+        elif isinstance(conf.get("bos_token"), str):
+            bos_token_id = tok.token_to_id(conf["bos_token"])
+        return cls(tok, template, bos_token_id, eos_token_ids, bool(conf.get("add_bos", conf.get("add_bos_token", False))))
+
+    @classmethod
+    def from_gguf(cls, reader) -> "Tokenizer":
+        """Builds a byte-level BPE tokenizer from a GGUF file's `tokenizer.ggml.*` metadata."""
+        f = reader.fields
+        kind = f["tokenizer.ggml.model"].contents() if "tokenizer.ggml.model" in f else None
+        if kind != "gpt2":
+            raise ValueError(f"GGUF tokenizer model {kind!r} is not supported (gpt2 byte-level BPE is)")
+        tokens = f["tokenizer.ggml.tokens"].contents()
+        merges = [tuple(m.split(" ", 1)) for m in f["tokenizer.ggml.merges"].contents()]
+        types = f["tokenizer.ggml.token_type"].contents() if "tokenizer.ggml.token_type" in f else []
+        tok = tokenizers.Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges,
+                                              fuse_unk=False, byte_fallback=False))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        tok.decoder = decoders.ByteLevel()
+        special = [tokenizers.AddedToken(tokens[i], special=True, normalized=False)
+                   for i, t in enumerate(types) if t == _GGUF_CONTROL_TOKEN]
+        tok.add_special_tokens(special)
+
+        def scalar(key):
+            return int(f[key].contents()) if key in f else None
+        eos = scalar("tokenizer.ggml.eos_token_id")
+        template = f["tokenizer.chat_template"].contents() if "tokenizer.chat_template" in f else None
+        # Hugging Face does not prepend BOS for these models; we match the reference implementation.
+        return cls(tok, template, scalar("tokenizer.ggml.bos_token_id"), [eos] if eos is not None else [])
+
+
+class IncrementalDecoder:
+    """Turns a growing list of token ids into text deltas, holding back split UTF-8 characters."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list = []
+        self.emitted = 0
+
+    def push(self, token_ids: Sequence[int]) -> str:
+        self.ids.extend(token_ids)
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return ""
+        delta = text[self.emitted:]
+        self.emitted = len(text)
+        return delta
