@@ -1,7 +1,7 @@
 """Convert a GGUF file or a Hugging Face directory into a jaxserve orbax/tensorstore checkpoint.
 
     python launch/convert.py --config=configs/smollm2_135m.py --output=/tmp/smollm2
-    python launch/convert.py --config=configs/tiny.py --config.checkpoint.format=hf \
+    python launch/convert.py --config=configs/smollm2_135m.py --config.checkpoint.format=hf \
         --config.checkpoint.path=/path/to/hf_dir --output=/tmp/ckpt
 
 The checkpoint holds params in --config.model.dtype; serve it with
@@ -9,9 +9,10 @@ The checkpoint holds params in --config.model.dtype; serve it with
 """
 import time
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
+from jaxserve.cli import run
 from jaxserve.config import validate
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/smollm2_135m.py", "Source model config.")
@@ -34,4 +35,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run(main)

@@ -6,9 +6,10 @@ Config overrides: --config.model.dtype=bfloat16 --config.sampling.temperature=0.
 """
 import sys
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
+from jaxserve.cli import run
 from jaxserve.config import validate
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/smollm2_135m.py", "Model/serving config file.")
@@ -47,4 +48,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run(main)

@@ -74,7 +74,7 @@ def init_random(cfg: ModelConfig, seed: int = 0) -> dict:
         if s.axes[-1] == "norm":
             return 1.0 + 0.1 * rng.standard_normal(s.shape, dtype=np.float32)
         std = 1.0 / np.sqrt(fan_in[name]) if name in fan_in else 0.02  # embeddings and biases
-        return std * rng.standard_normal(s.shape, dtype=np.float32)
+        return (std * rng.standard_normal(s.shape)).astype(np.float32)
 
     return jax.tree_util.tree_map_with_path(init, param_specs(cfg), is_leaf=is_spec)
 

@@ -1,0 +1,28 @@
+"""jaxserve: a JAX/XLA library for serving large language models on TPUs and GPUs."""
+from setuptools import find_packages, setup
+
+setup(
+    name="jaxserve",
+    version="0.1.0",
+    description="Iteration-level, preemptive, preemption-tolerant LLM serving in JAX",
+    packages=find_packages(include=["jaxserve", "jaxserve.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.10",
+        "flax>=0.12",
+        "orbax-checkpoint>=0.12",
+        "tensorstore>=0.1.70",
+        "numpy>=1.26",
+        "absl-py>=2.1",
+        "ml-collections>=1.0",
+        "gguf>=0.17",          # GGUF reader and dequantizer
+        "safetensors>=0.4",
+        "tokenizers>=0.21",
+        "jinja2>=3.1",         # chat templates, as Hugging Face renders them
+    ],
+    extras_require={
+        # Reference implementation for correctness tests. torch is pinned to the CPU wheel:
+        # an unpinned torch pulls a CUDA build of several GB.
+        "test": ["pytest>=8", "torch==2.13.0", "transformers>=5.0", "accelerate>=1.0", "gguf>=0.17"],
+    },
+)

@@ -1,0 +1,44 @@
+"""The launchers, run as a user runs them: answers, and one-line errors that name the field or file."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+
+def launch(*args, timeout=600):
+    env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
+    return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_generate_answers_the_readme_question():
+    proc = launch("launch/generate.py", "--config=configs/smollm2_135m.py",
+                  "--prompt=What is the capital of France?")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Paris" in proc.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config.model.nonexistent=3"], "config field 'model.nonexistent' does not exist"),
+    (["--config.model.dtype=float31"], "model.dtype='float31'"),
+    (["--config.checkpoint.format=safetensors"], "checkpoint.format='safetensors'"),
+    (["--config.mesh.model=0"], "mesh.model must be >= 1"),
+])
+def test_config_mistakes_name_the_field(args, message):
+    proc = launch("launch/generate.py", "--config=configs/tiny.py", *args)
+    assert proc.returncode == 2
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_missing_and_corrupt_gguf_name_the_file(tmp_path):
+    missing = tmp_path / "missing.gguf"
+    proc = launch("launch/generate.py", "--config=configs/smollm2_135m.py", f"--config.checkpoint.path={missing}")
+    assert proc.returncode == 2 and str(missing) in proc.stderr and "not found" in proc.stderr
+    corrupt = tmp_path / "corrupt.gguf"
+    corrupt.write_bytes(b"GGUF" + os.urandom(1000))
+    proc = launch("launch/generate.py", "--config=configs/smollm2_135m.py", f"--config.checkpoint.path={corrupt}")
+    assert proc.returncode == 2 and str(corrupt) in proc.stderr and "not a readable GGUF" in proc.stderr
