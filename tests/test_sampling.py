@@ -10,12 +10,14 @@ PROBS = np.array([0.5, 0.3, 0.15, 0.05])
 LOGITS = np.log(PROBS).astype(np.float32)
 
 _sample = jax.jit(sample)
+_keys = jax.jit(request_keys)
+N = 2000  # draws per distribution test; one size, so one compilation per vocabulary size
 
 
-def draw(logits_row, n, temperature=1.0, top_k=0, top_p=1.0, seed=0):
+def draw(logits_row, n=N, temperature=1.0, top_k=0, top_p=1.0, seed=0):
     """n draws from one logits row: one batch of n rows, same seed, steps 0..n-1."""
     logits = jnp.broadcast_to(jnp.asarray(logits_row, jnp.float32), (n, len(logits_row)))
-    keys = request_keys(jnp.full((n,), seed, jnp.uint32), jnp.arange(n, dtype=jnp.uint32))
+    keys = _keys(jnp.full((n,), seed, jnp.uint32), jnp.arange(n, dtype=jnp.uint32))
     tokens, logprobs = _sample(logits, jnp.full((n,), temperature, jnp.float32),
                                jnp.full((n,), top_k, jnp.int32), jnp.full((n,), top_p, jnp.float32), keys)
     return np.asarray(tokens), np.asarray(logprobs)
@@ -42,8 +44,8 @@ def test_temperature_zero_is_argmax_whatever_the_keys():
     logits = random_logits(0, B, V)
     rng = np.random.default_rng(1)
     for trial in range(3):
-        keys = request_keys(jnp.asarray(rng.integers(0, 2**31, B), jnp.uint32),
-                            jnp.asarray(rng.integers(0, 1000, B), jnp.uint32))
+        keys = _keys(jnp.asarray(rng.integers(0, 2**31, B), jnp.uint32),
+                     jnp.asarray(rng.integers(0, 1000, B), jnp.uint32))
         tokens, _ = _sample(jnp.asarray(logits), jnp.zeros(B, jnp.float32),
                             jnp.asarray(rng.integers(0, 5, B), jnp.int32),       # top-k on or off
                             jnp.asarray(rng.uniform(0.1, 1.0, B), jnp.float32),  # top-p anything
@@ -56,7 +58,7 @@ def test_greedy_rows_unaffected_by_sampled_rows():
     B, V = 32, 40
     logits = random_logits(2, B, V, scale=0.5)  # flat enough that sampled rows rarely hit argmax
     temperature = np.where(np.arange(B) % 2 == 0, 0.0, 1.5).astype(np.float32)
-    keys = request_keys(jnp.arange(B, dtype=jnp.uint32), jnp.zeros(B, jnp.uint32))
+    keys = _keys(jnp.arange(B, dtype=jnp.uint32), jnp.zeros(B, jnp.uint32))
     tokens, _ = _sample(jnp.asarray(logits), jnp.asarray(temperature), jnp.zeros(B, jnp.int32),
                         jnp.ones(B, jnp.float32), keys)
     tokens = np.asarray(tokens)
@@ -69,45 +71,45 @@ def test_greedy_rows_unaffected_by_sampled_rows():
 
 def test_top_k_1_is_argmax():
     logits = np.array([0.3, 1.2, 1.1, -0.5, 0.9], np.float32)  # flat-ish: sampling would stray
-    tokens, _ = draw(logits, 500, temperature=1.0, top_k=1)
+    tokens, _ = draw(logits, temperature=1.0, top_k=1)
     assert (tokens == 1).all()
-    tokens, _ = draw(logits, 500, temperature=1.0, top_k=0)
+    tokens, _ = draw(logits, temperature=1.0, top_k=0)
     assert len(set(tokens.tolist())) == 5  # without top-k, all tokens do appear
 
 
 def test_top_k_2_keeps_the_two_best():
     logits = np.array([0.3, 1.2, -0.5, 1.0, 0.9, 0.95], np.float32)
-    tokens, _ = draw(logits, 2000, temperature=1.0, top_k=2)
+    tokens, _ = draw(logits, temperature=1.0, top_k=2)
     assert set(tokens.tolist()) == {1, 3}
     # renormalised over the two survivors: p(1) = sigmoid(1.2 - 1.0)
     assert abs((tokens == 1).mean() - 1 / (1 + np.exp(-0.2))) < 0.05
 
 
 def test_top_k_larger_than_vocab_is_no_limit():
-    tokens, _ = draw(LOGITS, 2000, temperature=1.0, top_k=100)
+    tokens, _ = draw(LOGITS, temperature=1.0, top_k=100)
     assert set(tokens.tolist()) == {0, 1, 2, 3}
 
 
 # -- top-p -----------------------------------------------------------------------------------------
 
 def test_top_p_keeps_smallest_prefix_reaching_p():
-    tokens, _ = draw(LOGITS, 2000, temperature=1.0, top_p=0.7)
+    tokens, _ = draw(LOGITS, temperature=1.0, top_p=0.7)
     assert set(tokens.tolist()) == {0, 1}
     # renormalised over the nucleus: 0.5 / 0.8
     assert abs((tokens == 0).mean() - 0.625) < 0.05
 
 
 def test_top_p_boundaries():
-    tokens, _ = draw(LOGITS, 2000, temperature=1.0, top_p=0.82)  # 0.5 + 0.3 < 0.82: needs token 2
+    tokens, _ = draw(LOGITS, temperature=1.0, top_p=0.82)  # 0.5 + 0.3 < 0.82: needs token 2
     assert set(tokens.tolist()) == {0, 1, 2}
-    tokens, _ = draw(LOGITS, 500, temperature=1.0, top_p=0.4)    # token 0 alone reaches 0.4
+    tokens, _ = draw(LOGITS, temperature=1.0, top_p=0.4)    # token 0 alone reaches 0.4
     assert (tokens == 0).all()
-    tokens, _ = draw(LOGITS, 500, temperature=1.0, top_p=1e-6)
+    tokens, _ = draw(LOGITS, temperature=1.0, top_p=1e-6)
     assert (tokens == 0).all()
 
 
 def test_top_p_one_keeps_everything_and_matches_softmax():
-    n = 4000
+    n = N
     tokens, _ = draw(LOGITS, n, temperature=1.0, top_p=1.0)
     freq = counts(tokens, 4) / n
     assert (freq > 0).all()
@@ -117,7 +119,7 @@ def test_top_p_one_keeps_everything_and_matches_softmax():
 def test_top_p_applies_to_top_k_survivors():
     # top-3 renormalised: [0.526, 0.316, 0.158]; tokens 0+1 hold 0.842 >= 0.82, so token 2 goes,
     # although without top-k it is needed to reach 0.82 (see test_top_p_boundaries).
-    tokens, _ = draw(LOGITS, 2000, temperature=1.0, top_k=3, top_p=0.82)
+    tokens, _ = draw(LOGITS, temperature=1.0, top_k=3, top_p=0.82)
     assert set(tokens.tolist()) == {0, 1}
 
 
@@ -126,7 +128,7 @@ def test_top_p_applies_to_top_k_survivors():
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
 def test_frequencies_match_tempered_softmax(temperature):
     logits = np.array([1.0, 0.0, -1.0, 0.5, -0.3], np.float32)
-    n = 4000
+    n = N
     tokens, _ = draw(logits, n, temperature=temperature, seed=7)
     expected = np.exp(log_softmax(logits / temperature))
     np.testing.assert_allclose(counts(tokens, 5) / n, expected, atol=0.05)
@@ -154,7 +156,7 @@ def test_same_request_same_token_whatever_the_batch():
     def run(rows, seeds, steps, temps, ks, ps):
         tokens, logprobs = _sample(jnp.asarray(np.stack(rows)), jnp.asarray(temps, jnp.float32),
                                    jnp.asarray(ks, jnp.int32), jnp.asarray(ps, jnp.float32),
-                                   request_keys(jnp.asarray(seeds, jnp.uint32), jnp.asarray(steps, jnp.uint32)))
+                                   _keys(jnp.asarray(seeds, jnp.uint32), jnp.asarray(steps, jnp.uint32)))
         return np.asarray(tokens), np.asarray(logprobs)
 
     alone_tokens = []
@@ -195,7 +197,7 @@ def test_logprobs_are_of_the_unmodified_distribution():
     temperature = rng.choice([0.0, 0.3, 1.0, 2.5], B).astype(np.float32)
     top_k = rng.choice([0, 1, 3, 10], B).astype(np.int32)
     top_p = rng.choice([1.0, 0.9, 0.5], B).astype(np.float32)
-    keys = request_keys(jnp.asarray(rng.integers(0, 2**31, B), jnp.uint32), jnp.arange(B, dtype=jnp.uint32))
+    keys = _keys(jnp.asarray(rng.integers(0, 2**31, B), jnp.uint32), jnp.arange(B, dtype=jnp.uint32))
     tokens, logprobs = _sample(jnp.asarray(logits), jnp.asarray(temperature), jnp.asarray(top_k),
                                jnp.asarray(top_p), keys)
     tokens, logprobs = np.asarray(tokens), np.asarray(logprobs)

@@ -91,6 +91,31 @@ def test_chat_template_without_generation_prompt(tok, hf_tok):
     assert not ours.endswith("<|im_start|>assistant\n")
 
 
+CUSTOM_TEMPLATE = (
+    "{% for m in messages %}\n"
+    "    {% if m['role'] == 'system' %}\n"
+    "[SYS] {{ m['content'] | trim }}\n"
+    "    {% else %}\n"
+    "{{ bos_token }}{{ m['role'] }}: {{ m['content'] }}{{ eos_token }}\n"
+    "    {% endif %}\n"
+    "{% endfor %}\n"
+    "{% if add_generation_prompt %}\n"
+    "  {{ bos_token }}assistant:\n"
+    "{% endif %}"
+)
+
+
+def test_custom_template_renders_like_transformers(tok, hf_tok):
+    """Whitespace control (trim_blocks / lstrip_blocks) and bos/eos variables as in transformers."""
+    custom = Tokenizer(tok.tok, CUSTOM_TEMPLATE, tok.bos_token_id, tok.eos_token_ids)
+    for gen in (True, False):
+        ours = custom.apply_chat_template(MULTI_TURN, add_generation_prompt=gen)
+        ref = hf_tok.apply_chat_template(MULTI_TURN, chat_template=CUSTOM_TEMPLATE, tokenize=False,
+                                         add_generation_prompt=gen)
+        assert ours == ref
+    assert "<|im_start|>user: Hi!<|im_end|>" in ours
+
+
 # -- persistence -----------------------------------------------------------------------------------
 
 def test_save_from_dir_roundtrip(tok, tmp_path):
