@@ -15,6 +15,9 @@ def default_config() -> config_dict.ConfigDict:
     c.model = dict(dtype="float32", max_seq_len=2048)
     c.mesh = dict(data=1, model=1)
     c.sampling = dict(max_tokens=128, temperature=0.0, top_p=1.0, top_k=0, seed=0)
+    # Paged KV cache and per-step limits of the iteration-level engine.
+    c.engine = dict(page_size=16, num_pages=512, max_batch=32, token_budget=256, max_chunk=256)
+    c.scheduler = dict(policy="fcfs")
     return c
 
 

@@ -1,0 +1,66 @@
+"""The device KV page pool and paged attention.
+
+Pool: per layer K and V of shape [num_pages, page_size, kv_heads, head_dim], stacked over
+layers, sharded over `kv_heads` on the mesh's model axis. A request owns a list of pages (its
+page table); token at position p lives in page table[p // page_size], slot p % page_size.
+
+`paged_attend` is the pure-JAX reference (gather pages by page table, then dense attention),
+usable on every backend; accelerator kernels plug in behind the same signature.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxserve.model.config import ModelConfig
+from jaxserve.model.llama import attention_scores_softmax
+from jaxserve.parallel.sharding import logical_sharding
+
+POOL_AXES = ("layers", "pages", "page_slot", "kv_heads", "head_dim")
+
+
+def pool_shape(cfg: ModelConfig, num_pages: int, page_size: int) -> tuple:
+    return (cfg.num_layers, num_pages, page_size, cfg.num_kv_heads, cfg.head_dim)
+
+
+def pool_sharding(cfg: ModelConfig, num_pages: int, page_size: int, mesh):
+    return logical_sharding(POOL_AXES, pool_shape(cfg, num_pages, page_size), mesh)
+
+
+def init_pool(cfg: ModelConfig, num_pages: int, page_size: int, mesh) -> dict:
+    shape = pool_shape(cfg, num_pages, page_size)
+    sharding = pool_sharding(cfg, num_pages, page_size, mesh)
+    zeros = jax.jit(lambda: jnp.zeros(shape, cfg.jnp_dtype), out_shardings=sharding)
+    return {"k": zeros(), "v": zeros()}
+
+
+def pool_bytes_per_page(cfg: ModelConfig, page_size: int) -> int:
+    return 2 * cfg.num_layers * page_size * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(cfg.jnp_dtype).itemsize
+
+
+def paged_attend(q, k, v, cache, layer, positions, *, page_table):
+    """Writes k, v [B,T,K,D] into their pages, then attends over each sequence's pages.
+
+    page_table [B,P] lists each sequence's pages (padding entries may be any page: they hold
+    positions later than every query, so the causal mask hides them). positions [B,T]: -1 = pad.
+    """
+    _, num_pages, page_size = cache["k"].shape[:3]
+    B, P = page_table.shape
+    page = jnp.take_along_axis(page_table, jnp.maximum(positions, 0) // page_size, axis=1)
+    page = jnp.where(positions >= 0, page, num_pages)  # padding: out of range, dropped
+    offset = positions % page_size
+
+    # Index the pool directly by (layer, page, offset): no reshapes or whole-layer slices, so
+    # XLA updates the scan-carried pool in place and reads only the pages in the table.
+    def write(pool, new):
+        return pool.at[layer, page, offset].set(new.astype(pool.dtype), mode="drop")
+
+    cache = {"k": write(cache["k"], k), "v": write(cache["v"], v)}
+
+    def gather(pool):
+        pages = pool[layer, page_table]  # [B,P,page_size,K,D]
+        return pages.reshape(B, P * page_size, *pages.shape[3:])
+
+    kv_pos = jnp.arange(P * page_size)
+    mask = kv_pos[None, None, :] <= positions[:, :, None]
+    return attention_scores_softmax(q, gather(cache["k"]), gather(cache["v"]), mask), cache

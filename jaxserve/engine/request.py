@@ -1,0 +1,61 @@
+"""A request's state on the host: tokens, progress, pages and timings.
+
+`num_computed` counts the tokens whose keys/values are in the cache; everything after it is
+still to be run. Generated tokens are committed once sampled: they are never regenerated.
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import Optional
+
+from jaxserve.sampling_params import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"      # not started, or preempted with its cache dropped
+    RUNNING = "running"      # its pages are on the device
+    SWAPPED = "swapped"      # its pages are in host memory
+    FINISHED = "finished"
+
+
+@dataclasses.dataclass
+class Request:
+    request_id: str
+    prompt_ids: list
+    params: SamplingParams
+    seed: int
+    arrival_time: float
+    priority: int = 0
+    output_ids: list = dataclasses.field(default_factory=list)
+    logprobs: list = dataclasses.field(default_factory=list)
+    status: Status = Status.WAITING
+    num_computed: int = 0                  # tokens with KV in the cache
+    pages: list = dataclasses.field(default_factory=list)
+    first_token_time: Optional[float] = None
+    finish_time: Optional[float] = None
+    finish_reason: Optional[str] = None
+    text: str = ""
+    num_preemptions: int = 0
+    prompt_text: Optional[str] = None
+
+    @property
+    def all_ids(self) -> list:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def num_remaining(self) -> int:
+        """Tokens that must run through the model before the next token can be sampled."""
+        return self.num_tokens - self.num_computed
+
+    @property
+    def in_prefill(self) -> bool:
+        return self.num_remaining > 1
+
+    @property
+    def finished(self) -> bool:
+        return self.status is Status.FINISHED

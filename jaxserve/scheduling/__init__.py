@@ -1,0 +1,10 @@
+"""Scheduling policies: each sees request metadata only and returns a Plan."""
+from jaxserve.scheduling.fcfs import FCFSPolicy
+
+POLICIES = {"fcfs": FCFSPolicy}
+
+
+def make_policy(name: str, **kwargs):
+    if name not in POLICIES:
+        raise ValueError(f"scheduler.policy={name!r} is not one of {sorted(POLICIES)}")
+    return POLICIES[name](**kwargs)

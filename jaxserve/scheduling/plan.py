@@ -1,0 +1,54 @@
+"""What a scheduling policy sees (request metadata only) and what it returns (a step plan).
+
+Policies never touch the model, the cache or the clock source: the same policy drives the
+real engine and the discrete-event simulator.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import List, Tuple
+
+from jaxserve.cache.page_allocator import pages_for
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestView:
+    request_id: str
+    arrival_time: float
+    priority: int
+    num_tokens: int        # prompt + generated so far
+    num_computed: int      # tokens whose KV is in the cache (device or host)
+    num_generated: int
+    max_tokens: int
+    num_pages: int         # pages held
+    location: str          # "none" (no cache), "device" or "host"
+
+    @property
+    def num_remaining(self) -> int:
+        return self.num_tokens - self.num_computed
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheState:
+    page_size: int
+    free_pages: int        # device pages free now
+    total_pages: int
+    free_host_pages: int = 0
+    max_batch: int = 64
+    token_budget: int = 512  # tokens run per step (prefill chunks + decodes)
+    max_chunk: int = 512     # longest prefill chunk
+
+    def pages_needed(self, r: RequestView, n: int) -> int:
+        """New pages `r` needs to run its next `n` tokens."""
+        return max(0, pages_for(r.num_computed + n, self.page_size) - r.num_pages)
+
+
+@dataclasses.dataclass
+class Plan:
+    run: List[Tuple[str, int]] = dataclasses.field(default_factory=list)  # (request_id, tokens this step)
+    preempt: List[str] = dataclasses.field(default_factory=list)          # drop their cache, recompute later
+    swap_out: List[str] = dataclasses.field(default_factory=list)         # device -> host
+    swap_in: List[str] = dataclasses.field(default_factory=list)          # host -> device
+
+    def __bool__(self):
+        return bool(self.run or self.preempt or self.swap_out or self.swap_in)
