@@ -54,6 +54,9 @@ class Engine:
         eos = set(cfg.eos_token_ids) | set(tokenizer.eos_token_ids if tokenizer else ())
         self.eos_token_ids = frozenset(eos)
         self.num_steps = 0
+        # Cumulative counters for metrics: read-only for callers.
+        self.stats = {"preemptions": 0, "recomputed_tokens": 0, "swap_out_bytes": 0, "swap_in_bytes": 0,
+                      "reparallelizations": 0, "finished": 0, "aborted": 0}
 
     # -- public API ---------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: Union[str, Sequence[int]],
@@ -148,6 +151,8 @@ class Engine:
     def _preempt(self, r: Request) -> None:
         """Drops r's cache; it keeps its committed tokens and recomputes their KV when readmitted."""
         self.allocator.free(r.pages)
+        self.stats["preemptions"] += 1
+        self.stats["recomputed_tokens"] += r.num_computed
         r.pages, r.num_computed, r.status = [], 0, Status.WAITING
         r.num_preemptions += 1
 
@@ -175,6 +180,7 @@ class Engine:
         self.allocator.free(r.pages)
         r.pages, r.status, r.finish_reason = [], Status.FINISHED, reason
         r.finish_time = self.clock() if now is None else now
+        self.stats["aborted" if reason == "abort" else "finished"] += 1
         del self.requests[r.request_id]
         self._decoders.pop(r.request_id, None)
 
