@@ -14,6 +14,8 @@ from jaxserve.engine.engine import Engine, EngineConfig
 from jaxserve.engine.outputs import RequestOutput
 from jaxserve.parallel.sharding import make_mesh
 from jaxserve.sampling_params import SamplingParams
+from jaxserve.scheduling import make_policy
+from jaxserve.scheduling.cost_model import CostModel
 
 
 def engine_from_config(config) -> Engine:
@@ -22,7 +24,21 @@ def engine_from_config(config) -> Engine:
     mesh = make_mesh(config.mesh.data, config.mesh.model)
     cfg, params, tokenizer = load(config.checkpoint, config.model, mesh)
     engine_config = EngineConfig(policy=config.scheduler.policy, **config.engine)
-    return Engine(cfg, params, mesh, tokenizer, engine_config)
+    cost_model = CostModel(page_size=engine_config.page_size, max_batch=engine_config.max_batch,
+                           max_chunk=engine_config.max_chunk, max_pages=-(-cfg.max_seq_len // engine_config.page_size))
+    policy = policy_from_config(config.scheduler, cost_model)
+    return Engine(cfg, params, mesh, tokenizer, engine_config, policy=policy, cost_model=cost_model)
+
+
+def policy_from_config(scheduler, cost_model: CostModel):
+    """The scheduling policy a config's `scheduler` section names, sharing the engine's cost model."""
+    name = scheduler.policy
+    if name == "fcfs":
+        return make_policy(name)
+    common = dict(watermark_pages=scheduler.watermark_pages, prefetch=scheduler.prefetch)
+    if name == "mlfq":
+        return make_policy(name, cost_model=cost_model, **scheduler.mlfq, **common)
+    return make_policy(name, **common)
 
 
 class LLM:

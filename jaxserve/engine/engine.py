@@ -10,15 +10,18 @@ import dataclasses
 import time
 from typing import Callable, Dict, List, Optional, Sequence, Union
 
+import jax
 import numpy as np
 
 from jaxserve.cache.page_allocator import PageAllocator, pages_for
+from jaxserve.cache.swap import HostPagePool, write_staged
 from jaxserve.engine.model_runner import Chunk, ModelRunner
 from jaxserve.engine.outputs import RequestOutput
 from jaxserve.engine.request import Request, Status
 from jaxserve.model.config import ModelConfig
 from jaxserve.sampling_params import SamplingParams
 from jaxserve.scheduling import make_policy
+from jaxserve.scheduling.cost_model import CostModel
 from jaxserve.scheduling.plan import CacheState, RequestView
 from jaxserve.tokenizer import IncrementalDecoder, Tokenizer
 
@@ -30,22 +33,32 @@ class EngineConfig:
     max_batch: int = 32
     token_budget: int = 256   # tokens per step, prefill chunks and decodes together
     max_chunk: int = 256      # longest prefill chunk
+    host_pages: int = 0       # host (pinned) memory for swapped-out KV, in pages; 0 = none
     policy: str = "fcfs"
 
     def __post_init__(self):
         for name in ("page_size", "num_pages", "max_batch", "token_budget", "max_chunk"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"engine.{name} must be a positive integer, got {getattr(self, name)!r}")
+        if not isinstance(self.host_pages, int) or self.host_pages < 0:
+            raise ValueError(f"engine.host_pages must be an integer >= 0, got {self.host_pages!r}")
 
 
 class Engine:
     def __init__(self, cfg: ModelConfig, params, mesh, tokenizer: Optional[Tokenizer] = None,
                  config: EngineConfig = EngineConfig(), policy=None,
-                 clock: Callable[[], float] = time.monotonic, seed: int = 0):
+                 clock: Callable[[], float] = time.monotonic, seed: int = 0,
+                 cost_model: Optional[CostModel] = None):
         self.cfg, self.config, self.tokenizer, self.clock = cfg, config, tokenizer, clock
+        self.cost_model = cost_model or CostModel(
+            page_size=config.page_size, max_batch=config.max_batch, max_chunk=config.max_chunk,
+            max_pages=-(-cfg.max_seq_len // config.page_size))
         self.policy = policy or make_policy(config.policy)
         self.allocator = PageAllocator(config.num_pages)
+        self.host_pool = HostPagePool(config.host_pages, mesh)
         self.runner = ModelRunner(cfg, params, mesh, config.num_pages, config.page_size, config.max_batch)
+        self._staged: Dict[str, tuple] = {}  # uploads in flight: request_id -> (pages, device buffers)
+        self.step_log: List[tuple] = []      # (cost features, seconds) of recent steps, for calibration
         self.max_context = min(cfg.max_seq_len, config.num_pages * config.page_size)
         self.requests: Dict[str, Request] = {}
         self._decoders: Dict[str, IncrementalDecoder] = {}
@@ -56,6 +69,7 @@ class Engine:
         self.num_steps = 0
         # Cumulative counters for metrics: read-only for callers.
         self.stats = {"preemptions": 0, "recomputed_tokens": 0, "swap_out_bytes": 0, "swap_in_bytes": 0,
+                      "swap_outs": 0, "swap_ins": 0, "swap_ins_unforeseen": 0, "swap_stall_s": 0.0,
                       "reparallelizations": 0, "finished": 0, "aborted": 0}
 
     # -- public API ---------------------------------------------------------------------------
@@ -104,15 +118,20 @@ class Engine:
     def step(self) -> List[RequestOutput]:
         """Runs one iteration; returns an output for every request that progressed or ended."""
         self.num_steps += 1
+        start = self.clock()
+        self._write_staged()
         views = [self._view(r) for r in self.requests.values()]
-        plan = self.policy.schedule(views, self.cache_state(), self.clock())
+        plan = self.policy.schedule(views, self.cache_state(), start)
         for rid in plan.preempt:
             self._preempt(self.requests[rid])
-        if plan.swap_in or plan.swap_out:
-            raise NotImplementedError("this engine has no host page pool yet")
+        swap_bytes = sum(self._swap_out(self.requests[rid]) for rid in plan.swap_out)
+        running = {rid for rid, _ in plan.run}
+        swap_bytes += sum(self._swap_in(self.requests[rid], rid in running) for rid in plan.swap_in)
         scheduled = []
         for rid, n in plan.run:
             r = self.requests[rid]
+            if r.status is Status.SWAPPED:
+                raise RuntimeError(f"policy {self.policy.name} ran {rid} without swapping it in")
             r.pages += self.allocator.allocate(pages_for(r.num_computed + n, self.config.page_size) - len(r.pages))
             r.status = Status.RUNNING
             scheduled.append((r, n))
@@ -130,26 +149,82 @@ class Engine:
                 if r.num_remaining == 0:  # the whole known sequence is cached: this token is new
                     self._commit(r, int(token), float(logprob), now)
                     touched.setdefault(r.request_id, (r, []))[1].append(int(token))
+        if scheduled:
+            chunks = [(n, len(r.pages)) for r, n in scheduled]
+            self.step_log.append((self.cost_model.features(chunks, swap_bytes), self.clock() - start))
+            del self.step_log[:-4096]
         return [self._output(r, new) for r, new in touched.values()]
 
     def cache_state(self) -> CacheState:
         c = self.config
         return CacheState(page_size=c.page_size, free_pages=self.allocator.num_free, total_pages=c.num_pages,
-                          max_batch=c.max_batch, token_budget=c.token_budget, max_chunk=c.max_chunk)
+                          free_host_pages=self.host_pool.num_free, max_batch=c.max_batch,
+                          token_budget=c.token_budget, max_chunk=c.max_chunk)
+
+    @property
+    def host_pages_in_use(self) -> int:
+        return self.host_pool.used
+
+    def calibrate(self) -> CostModel:
+        """Refits the cost model (shared with the policy) to the steps run so far."""
+        if len(self.step_log) >= 8:
+            fitted = self.cost_model.fit([f for f, _ in self.step_log], [t for _, t in self.step_log])
+            self.cost_model.coef = fitted.coef
+        return self.cost_model
 
     # -- internals ----------------------------------------------------------------------------
     def _view(self, r: Request) -> RequestView:
-        location = "device" if r.status is Status.RUNNING else ("host" if r.status is Status.SWAPPED else "none")
+        if r.status is Status.SWAPPED:
+            location, pages = "host", self.host_pool.entries[r.request_id].num_pages
+        else:
+            location, pages = ("device" if r.status is Status.RUNNING else "none"), len(r.pages)
         return RequestView(r.request_id, r.arrival_time, r.priority, r.num_tokens, r.num_computed,
-                           len(r.output_ids), r.params.max_tokens, len(r.pages), location)
+                           len(r.output_ids), r.params.max_tokens, pages, location)
 
     def _chunk(self, r: Request, n: int) -> Chunk:
         p = r.params
         return Chunk(r.all_ids[r.num_computed: r.num_computed + n], r.num_computed, r.pages,
                      p.temperature, p.top_k, p.top_p, r.seed, len(r.output_ids))
 
+    def _swap_out(self, r: Request) -> int:
+        """Moves r's pages to the host pool; r keeps its place and its computed tokens."""
+        self._write_staged(r.request_id)
+        moved = self.host_pool.put(r.request_id, self.runner.cache, r.pages)
+        self.allocator.free(r.pages)
+        r.pages, r.status = [], Status.SWAPPED
+        self.stats["swap_outs"] += 1
+        self.stats["swap_out_bytes"] += moved
+        return moved
+
+    def _swap_in(self, r: Request, needed_now: bool) -> int:
+        """Starts uploading r's pages; they land in the pool before r next runs."""
+        n = self.host_pool.entries[r.request_id].num_pages
+        pages = self.allocator.allocate(n)
+        staged, _ = self.host_pool.upload(r.request_id)
+        moved = sum(x.nbytes for x in staged.values()) * n // staged["k"].shape[1]
+        r.pages, r.status = pages, Status.RUNNING
+        self._staged[r.request_id] = (pages, staged)
+        self.stats["swap_ins"] += 1
+        self.stats["swap_in_bytes"] += moved
+        if needed_now:  # not prefetched: this step waits for the transfer
+            t = time.perf_counter()
+            jax.block_until_ready(staged)
+            self.stats["swap_stall_s"] += time.perf_counter() - t
+            self.stats["swap_ins_unforeseen"] += 1
+            self._write_staged(r.request_id)
+        return moved
+
+    def _write_staged(self, request_id: Optional[str] = None) -> None:
+        """Scatters finished (or, with an id, that request's) uploads into the device pool."""
+        for rid in [request_id] if request_id is not None else list(self._staged):
+            if rid in self._staged:
+                pages, staged = self._staged.pop(rid)
+                self.runner.cache = write_staged(self.runner.cache, pages, staged)
+
     def _preempt(self, r: Request) -> None:
         """Drops r's cache; it keeps its committed tokens and recomputes their KV when readmitted."""
+        self._staged.pop(r.request_id, None)
+        self.host_pool.drop(r.request_id)
         self.allocator.free(r.pages)
         self.stats["preemptions"] += 1
         self.stats["recomputed_tokens"] += r.num_computed
@@ -177,6 +252,8 @@ class Engine:
             return self._finish(r, "length", now)
 
     def _finish(self, r: Request, reason: str, now: Optional[float] = None) -> None:
+        self._staged.pop(r.request_id, None)
+        self.host_pool.drop(r.request_id)
         self.allocator.free(r.pages)
         r.pages, r.status, r.finish_reason = [], Status.FINISHED, reason
         r.finish_time = self.clock() if now is None else now

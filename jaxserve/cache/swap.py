@@ -1,0 +1,102 @@
+"""Moving a request's KV pages between the device pool and host memory.
+
+Swap-out gathers the request's pages into one contiguous device buffer and `device_put`s it to
+host memory (memory kind `pinned_host` where the backend has it, else plain host numpy); both
+are asynchronous, so the step that follows is not held up. Swap-in uploads the host copy to a
+device staging buffer (also asynchronous, so it overlaps the running step) and a later,
+cheap device-side scatter writes it into freshly allocated pages.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Dict, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxserve.cache.paged_kv import POOL_AXES
+from jaxserve.parallel.sharding import logical_sharding
+from jaxserve.scheduling.cost_model import bucket
+
+
+@functools.partial(jax.jit)
+def gather_pages(pool, pages):
+    """pool [L,N,S,K,D], pages [n] -> [L,n,S,K,D] (padding entries may repeat any page)."""
+    return pool[:, pages]
+
+
+@functools.partial(jax.jit, donate_argnums=(0,))
+def scatter_pages(pool, pages, data):
+    """Writes data [L,n,S,K,D] into `pages` of the pool; out-of-range page ids are dropped."""
+    return pool.at[:, pages].set(data.astype(pool.dtype), mode="drop")
+
+
+def host_memory_kind(device) -> str | None:
+    kinds = {m.kind for m in device.addressable_memories()}
+    return "pinned_host" if "pinned_host" in kinds else None
+
+
+@dataclasses.dataclass
+class HostEntry:
+    data: dict          # {"k", "v"}: [L, bucket(n), S, K, D] in host memory
+    num_pages: int
+
+
+class HostPagePool:
+    """Swapped-out KV of preempted requests, bounded by `capacity` pages."""
+
+    def __init__(self, capacity: int, mesh):
+        self.capacity = capacity
+        self.mesh = mesh
+        self.memory_kind = host_memory_kind(mesh.devices.flat[0])
+        self.entries: Dict[str, HostEntry] = {}
+        self.used = 0
+
+    @property
+    def num_free(self) -> int:
+        return self.capacity - self.used
+
+    def _sharding(self, shape, memory_kind):
+        s = logical_sharding(POOL_AXES, shape, self.mesh)
+        return s.with_memory_kind(memory_kind) if memory_kind else s
+
+    def put(self, request_id: str, pool: dict, pages: Sequence[int]) -> int:
+        """Copies `pages` of the device pool to host memory; returns the bytes moved."""
+        n = len(pages)
+        if n > self.num_free:
+            raise RuntimeError(f"host pool full: {n} pages asked, {self.num_free} free")
+        idx = np.zeros(bucket(n), np.int32)
+        idx[:n] = pages
+        data = {}
+        for name in ("k", "v"):
+            staged = gather_pages(pool[name], idx)
+            if self.memory_kind:
+                data[name] = jax.device_put(staged, self._sharding(staged.shape, self.memory_kind))
+            else:
+                data[name] = np.asarray(staged)  # backends without host memory spaces
+        self.entries[request_id] = HostEntry(data, n)
+        self.used += n
+        return n * sum(x.nbytes // x.shape[1] for x in data.values())
+
+    def upload(self, request_id: str) -> tuple:
+        """Starts the host->device copy of a request's pages; returns (staged data, num_pages)."""
+        entry = self.entries.pop(request_id)
+        self.used -= entry.num_pages
+        kind = self.mesh.devices.flat[0].default_memory().kind
+        staged = {name: jax.device_put(x, self._sharding(x.shape, kind)) for name, x in entry.data.items()}
+        return staged, entry.num_pages
+
+    def drop(self, request_id: str) -> None:
+        entry = self.entries.pop(request_id, None)
+        if entry is not None:
+            self.used -= entry.num_pages
+
+
+def write_staged(pool: dict, pages: Sequence[int], staged: dict) -> dict:
+    """Scatters an uploaded staging buffer into `pages` of the pool (padding rows dropped)."""
+    n_total = pool["k"].shape[1]
+    idx = np.full(staged["k"].shape[1], n_total, np.int32)
+    idx[:len(pages)] = pages
+    return {name: scatter_pages(pool[name], idx, staged[name]) for name in ("k", "v")}

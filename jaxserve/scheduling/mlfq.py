@@ -1,0 +1,82 @@
+"""FastServe's skip-join multi-level feedback queue.
+
+Queues Q0..Q{k-1} with quanta growing geometrically from `base_quantum_s`. A new job skips the
+queues whose quantum is shorter than its estimated first-token time (from the cost model) and
+joins the first whose quantum covers it. A job that has run for its level's quantum (service
+time, accumulated over the steps it ran in) is demoted one level. A job that has not run for
+`starvation_s` is promoted back to Q0. Within a level, jobs run in arrival order.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict, Optional, Sequence
+
+from jaxserve.scheduling.cost_model import CostModel
+from jaxserve.scheduling.plan import Plan, RequestView
+from jaxserve.scheduling.preemptive import PreemptivePolicy
+
+
+@dataclasses.dataclass
+class JobState:
+    level: int
+    attained: float = 0.0      # service time at this level
+    last_run: float = 0.0      # when it last ran (or arrived)
+
+
+class MLFQPolicy(PreemptivePolicy):
+    name = "mlfq"
+
+    def __init__(self, num_levels: int = 6, base_quantum_s: float = 0.01, quantum_growth: float = 2.0,
+                 starvation_s: float = 3.0, cost_model: Optional[CostModel] = None, **kwargs):
+        super().__init__(**kwargs)
+        if num_levels < 1 or base_quantum_s <= 0 or quantum_growth < 1:
+            raise ValueError("scheduler.mlfq: num_levels >= 1, base_quantum_s > 0, quantum_growth >= 1 required")
+        self.quanta = [base_quantum_s * quantum_growth ** i for i in range(num_levels)]
+        self.starvation_s = starvation_s
+        self.cost_model = cost_model or CostModel()
+        self.jobs: Dict[str, JobState] = {}
+        self._running: Sequence[str] = ()
+        self._step_start: Optional[float] = None
+
+    def join_level(self, r: RequestView) -> int:
+        """Skip-join: the highest-priority queue whose quantum covers the job's first-token time."""
+        t = self.cost_model.prefill_time(r.num_remaining)
+        for level, q in enumerate(self.quanta):
+            if q >= t:
+                return level
+        return len(self.quanta) - 1
+
+    def observe(self, requests: Sequence[RequestView], now: float) -> None:
+        live = {r.request_id for r in requests}
+        for rid in list(self.jobs):
+            if rid not in live:
+                del self.jobs[rid]
+        if self._step_start is not None:  # charge the last step's duration to the jobs that ran
+            spent = max(0.0, now - self._step_start)
+            for rid in self._running:
+                job = self.jobs.get(rid)
+                if job is None:
+                    continue
+                job.attained += spent
+                job.last_run = now
+                if job.attained >= self.quanta[job.level] - 1e-9 and job.level < len(self.quanta) - 1:
+                    job.level, job.attained = job.level + 1, 0.0
+        for r in requests:
+            job = self.jobs.get(r.request_id)
+            if job is None:
+                self.jobs[r.request_id] = JobState(self.join_level(r), 0.0, now)
+            elif now - job.last_run > self.starvation_s and job.level > 0:
+                job.level, job.attained, job.last_run = 0, 0.0, now
+
+    def rank(self, r: RequestView) -> tuple:
+        return (self.jobs[r.request_id].level, r.arrival_time, r.request_id)
+
+    def ran(self, plan: Plan, now: float) -> None:
+        self._running = [rid for rid, _ in plan.run]
+        self._step_start = now
+
+    def queue_lengths(self) -> list:
+        counts = [0] * len(self.quanta)
+        for job in self.jobs.values():
+            counts[job.level] += 1
+        return counts

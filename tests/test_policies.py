@@ -1,0 +1,116 @@
+"""Scheduling policies on request metadata alone, with a fake clock: no model, no device."""
+import numpy as np
+import pytest
+
+from jaxserve.scheduling import FCFSPolicy, MLFQPolicy, PriorityPolicy, make_policy
+from jaxserve.scheduling.cost_model import CostModel
+from jaxserve.scheduling.plan import CacheState, RequestView
+
+# 1 ms per call + 0.1 ms per (padded) token: prefill of 16 tokens ~2.6 ms, of 1024 ~ 104 ms
+COST = CostModel(coef=np.array([1e-3, 1e-4, 0.0, 0.0]), page_size=16, max_batch=8, max_chunk=4096)
+
+
+def view(rid, arrival=0.0, prompt=16, computed=0, generated=0, pages=0, location="none", priority=0):
+    return RequestView(rid, arrival, priority, prompt + generated, computed, generated, 100, pages, location)
+
+
+def cache(free=100, host=0, batch=8, budget=4096):
+    return CacheState(page_size=16, free_pages=free, total_pages=100, free_host_pages=host, max_batch=batch,
+                      token_budget=budget, max_chunk=4096)
+
+
+def mlfq(**kw):
+    return MLFQPolicy(num_levels=5, base_quantum_s=0.01, quantum_growth=2.0, starvation_s=1.0, cost_model=COST, **kw)
+
+
+def test_skip_join_uses_the_profiled_prefill_time():
+    p = mlfq()
+    assert p.quanta == pytest.approx([0.01, 0.02, 0.04, 0.08, 0.16])
+    short, mid, long = view("s", prompt=16), view("m", prompt=150), view("l", prompt=1024)
+    p.schedule([short, mid, long], cache(), now=0.0)
+    # prefill times: 16 -> 2.6 ms (Q0), 150 -> 1+0.1*256 = 26.6 ms (Q2), 1024 -> 103.4 ms (Q4)
+    assert [p.jobs[r].level for r in "sml"] == [0, 2, 4]
+
+
+def test_demotion_after_a_quantum_of_service_and_token_level_preemption():
+    p = mlfq()
+    job = view("a", prompt=16, computed=16, generated=1, pages=2, location="device")
+    now = 0.0
+    levels = []
+    for _ in range(40):  # each step lasts 5 ms
+        plan = p.schedule([job], cache(), now)
+        assert plan.run == [("a", 1)]
+        levels.append(p.jobs["a"].level)
+        now += 0.005
+    # service per level: 10 ms -> 2 steps in Q0, 4 in Q1, 8 in Q2, 16 in Q3
+    assert levels[:2] == [0, 0] and levels[2:6] == [1] * 4 and levels[6:14] == [2] * 8 and levels[14:30] == [3] * 16
+    assert levels[30] == 4
+    # a new short job outranks the demoted one and takes the only batch slot at once
+    new = view("b", arrival=now, prompt=16)
+    plan = p.schedule([job, new], cache(batch=1), now)
+    assert plan.run == [("b", 16)]
+    assert p.queue_lengths() == [1, 0, 0, 0, 1]
+
+
+def test_starved_jobs_are_promoted_to_the_top_queue():
+    p = mlfq()
+    old = view("old", prompt=1024)
+    p.schedule([old], cache(), 0.0)
+    assert p.jobs["old"].level == 4
+    now = 0.0
+    for i in range(30):  # a stream of short jobs keeps the single slot busy
+        now += 0.05
+        plan = p.schedule([old, view(f"s{i}", arrival=now, prompt=16)], cache(batch=1), now)
+        if p.jobs["old"].level == 0:
+            break
+        assert [rid for rid, _ in plan.run] == [f"s{i}"]
+    assert p.jobs["old"].level == 0 and now > 1.0  # promoted once it waited over starvation_s
+    assert [rid for rid, _ in plan.run] == ["old"]  # and, older within Q0, it runs at once
+
+
+def test_swap_out_worst_ranked_then_preempt_when_host_is_full():
+    p = PriorityPolicy()
+    hi = view("hi", prompt=48, priority=0, arrival=5.0)                      # needs 3 pages
+    mid = view("mid", computed=16, generated=1, pages=2, location="device", priority=1)
+    low = view("low", computed=16, generated=1, pages=2, location="device", priority=2)
+    plan = p.schedule([hi, mid, low], cache(free=1, host=10, batch=2), 0.0)
+    assert plan.swap_out == ["low"] and plan.preempt == []
+    assert ("hi", 48) in plan.run and ("mid", 1) in plan.run
+    plan = p.schedule([hi, mid, low], cache(free=1, host=0, batch=2), 0.0)
+    assert plan.preempt == ["low"] and plan.swap_out == []
+
+
+def test_watermark_offloads_idle_jobs_and_prefetch_brings_back_the_next_in_line():
+    p = PriorityPolicy(watermark_pages=4)
+    run = view("run", computed=16, generated=1, pages=2, location="device", priority=0)
+    idle = view("idle", computed=16, generated=1, pages=3, location="device", priority=5)
+    plan = p.schedule([run, idle], cache(free=2, host=10, batch=1), 0.0)
+    assert plan.run == [("run", 1)] and plan.swap_out == ["idle"]
+    swapped = view("idle", computed=16, generated=1, pages=3, location="host", priority=5)
+    plan = p.schedule([run, swapped], cache(free=10, host=7, batch=1), 0.0)
+    assert plan.run == [("run", 1)] and plan.swap_in == ["idle"]  # uploaded ahead of its turn
+    plan = p.schedule([run, swapped], cache(free=6, host=7, batch=1), 0.0)
+    assert plan.swap_in == []  # 6 - 3 would break the watermark
+
+
+def test_host_resident_job_that_runs_is_swapped_in():
+    p = PriorityPolicy()
+    back = view("back", computed=16, generated=1, pages=2, location="host", priority=0)
+    plan = p.schedule([back], cache(free=3, host=0), 0.0)
+    assert plan.run == [("back", 1)] and plan.swap_in == ["back"]
+
+
+def test_fcfs_runs_to_completion_and_waits_to_admit():
+    p = FCFSPolicy()
+    first = view("first", arrival=0.0, computed=16, generated=1, pages=2, location="device")
+    second = view("second", arrival=1.0, prompt=200)  # needs 13 pages
+    plan = p.schedule([second, first], cache(free=5), 0.0)
+    assert plan.run == [("first", 1)]  # no room for the whole prompt: second waits
+    plan = p.schedule([second, first], cache(free=50), 0.0)
+    assert plan.run == [("first", 1), ("second", 200)]
+
+
+def test_make_policy_names_the_field():
+    assert isinstance(make_policy("mlfq"), MLFQPolicy)
+    with pytest.raises(ValueError, match="scheduler.policy"):
+        make_policy("lottery")
