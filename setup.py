@@ -19,6 +19,7 @@ setup(
         "safetensors>=0.4",
         "tokenizers>=0.21",
         "jinja2>=3.1",         # chat templates, as Hugging Face renders them
+        "scipy>=1.11",         # non-negative least squares (cost model), Kuhn-Munkres matching
     ],
     extras_require={
         # Reference implementation for correctness tests. torch is pinned to the CPU wheel:

@@ -14,28 +14,41 @@ def request_keys(seeds, steps):
     return jax.vmap(lambda s, i: jax.random.fold_in(jax.random.key(s), i))(seeds, steps)
 
 
+def _filter_top_k_top_p(scaled, top_k, top_p):
+    """Masks each row of scaled logits to its top-k, then to the smallest prefix reaching top-p."""
+    V = scaled.shape[-1]
+    sorted_desc = -jnp.sort(-scaled, axis=-1)
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, V), V)
+    kth = jnp.take_along_axis(sorted_desc, (k - 1)[:, None], axis=-1)
+    ranks = jnp.arange(V)[None, :]
+    probs = jax.nn.softmax(jnp.where(ranks < k[:, None], sorted_desc, -jnp.inf), axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs
+    keep = (before < top_p[:, None]) & (ranks < k[:, None])
+    cutoff = jnp.min(jnp.where(keep, sorted_desc, jnp.inf), axis=-1, keepdims=True)
+    # rows without filters stay untouched, so they sample exactly as on the unfiltered path
+    unfiltered = ((top_k <= 0) & (top_p >= 1))[:, None]
+    threshold = jnp.where(unfiltered, -jnp.inf, jnp.maximum(kth, cutoff))
+    return jnp.where(scaled >= threshold, scaled, -jnp.inf)
+
+
 def sample(logits, temperature, top_k, top_p, keys):
     """Samples one token per row of logits [B,V] (float32).
 
     temperature [B] (0 = greedy), top_k [B] (0 = off), top_p [B] in (0, 1], keys [B].
     Returns (tokens [B] int32, logprobs [B] of the chosen tokens under the unmodified distribution).
+    The vocabulary sort that top-k/top-p need runs only when some sampled row asks for it, and
+    nothing but an argmax runs when every row is greedy.
     """
-    V = logits.shape[-1]
-    greedy = jnp.argmax(logits, axis=-1)
-    scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
-    sorted_desc = -jnp.sort(-scaled, axis=-1)
-    k = jnp.where(top_k > 0, jnp.minimum(top_k, V), V)
-    kth = jnp.take_along_axis(sorted_desc, (k - 1)[:, None], axis=-1)
-    # top-p on the top-k survivors: keep the smallest prefix whose probability reaches p.
-    ranks = jnp.arange(V)[None, :]
-    sorted_masked = jnp.where(ranks < k[:, None], sorted_desc, -jnp.inf)
-    probs = jax.nn.softmax(sorted_masked, axis=-1)
-    before = jnp.cumsum(probs, axis=-1) - probs
-    keep = (before < top_p[:, None]) & (ranks < k[:, None])
-    cutoff = jnp.min(jnp.where(keep, sorted_desc, jnp.inf), axis=-1, keepdims=True)
-    threshold = jnp.maximum(kth, cutoff)
-    masked = jnp.where(scaled >= threshold, scaled, -jnp.inf)
-    drawn = jax.vmap(jax.random.categorical)(keys, masked)
-    tokens = jnp.where(temperature > 0, drawn, greedy).astype(jnp.int32)
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    sampled_rows = temperature > 0
+
+    def draw():
+        scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
+        needs_filter = jnp.any(sampled_rows & ((top_k > 0) | (top_p < 1)))
+        masked = jax.lax.cond(needs_filter, _filter_top_k_top_p, lambda s, k, p: s, scaled, top_k, top_p)
+        drawn = jax.vmap(jax.random.categorical)(keys, masked).astype(jnp.int32)
+        return jnp.where(sampled_rows, drawn, greedy)
+
+    tokens = jax.lax.cond(jnp.any(sampled_rows), draw, lambda: greedy)
     logprobs = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[:, None], axis=-1)[:, 0]
     return tokens, logprobs

@@ -12,7 +12,10 @@ from typing import Sequence
 
 import numpy as np
 
-FEATURES = ("calls", "tokens", "attention", "swap_bytes")
+# Prefill chunks and decodes run as separate calls with different costs (prefill is compute
+# bound, decode streams weights and KV), so each has its own call, token and attention terms.
+FEATURES = ("prefill_calls", "prefill_tokens", "prefill_attention",
+            "decode_calls", "decode_tokens", "decode_attention", "swap_bytes")
 
 
 def bucket(n: int, minimum: int = 1) -> int:
@@ -31,13 +34,15 @@ def call_shape(chunk_lens: Sequence[int], chunk_pages: Sequence[int], max_batch:
 
 
 def call_features(B: int, T: int, P: int, page_size: int) -> np.ndarray:
-    return np.array([1.0, B * T, B * T * P * page_size, 0.0])
+    """[calls, padded tokens, query x key pairs] of one runner call."""
+    return np.array([1.0, B * T, B * T * P * page_size])
 
 
 @dataclasses.dataclass
 class CostModel:
-    # seconds per: runner call, padded token, query x key pair, swapped byte
-    coef: np.ndarray = dataclasses.field(default_factory=lambda: np.array([5e-3, 5e-5, 1e-9, 1e-10]))
+    # seconds per unit of each FEATURES entry; the defaults are rough CPU figures until fitted
+    coef: np.ndarray = dataclasses.field(
+        default_factory=lambda: np.array([5e-3, 5e-5, 1e-9, 5e-3, 1e-5, 1e-9, 1e-10]))
     page_size: int = 16
     max_batch: int = 32
     max_pages: int = 128
@@ -48,11 +53,12 @@ class CostModel:
         return float(self.features(chunks, swap_bytes) @ self.coef)
 
     def features(self, chunks: Sequence[tuple], swap_bytes: int = 0) -> np.ndarray:
-        f = np.array([0.0, 0.0, 0.0, float(swap_bytes)])
-        for group in ([c for c in chunks if c[0] > 1], [c for c in chunks if c[0] == 1]):
+        f = np.zeros(len(FEATURES))
+        f[-1] = swap_bytes
+        for offset, group in ((0, [c for c in chunks if c[0] > 1]), (3, [c for c in chunks if c[0] == 1])):
             if group:
                 B, T, P = call_shape([c[0] for c in group], [c[1] for c in group], self.max_batch, self.max_pages)
-                f += call_features(B, T, P, self.page_size)
+                f[offset:offset + 3] += call_features(B, T, P, self.page_size)
         return f
 
     def prefill_time(self, prompt_tokens: int) -> float:
@@ -65,23 +71,21 @@ class CostModel:
         return total
 
     def fit(self, features: np.ndarray, seconds: np.ndarray) -> "CostModel":
-        """Non-negative least squares over recorded steps (a few columns: projected gradient)."""
+        """Non-negative least squares over recorded steps, refitted once without outliers.
+
+        Outliers are steps far slower than the model predicts (a compilation, a GC pause).
+        Features never seen keep their prior coefficient.
+        """
+        from scipy.optimize import nnls
         X, y = np.asarray(features, float), np.asarray(seconds, float)
-        used = X.any(axis=0)
-        scale = np.where(used, np.abs(X).max(axis=0), 1.0)
-        Xs = X / scale
-        w = np.linalg.lstsq(Xs[:, used], y, rcond=None)[0]
-        coef = np.zeros(X.shape[1])
-        coef[used] = w
-        for _ in range(50):  # clip negatives and refit the rest
-            neg = coef < 0
-            if not neg.any():
-                break
-            keep = used & ~neg
-            used = keep
-            coef = np.zeros(X.shape[1])
-            if keep.any():
-                coef[keep] = np.linalg.lstsq(Xs[:, keep], y, rcond=None)[0]
-        fitted = coef / scale
-        fitted[~(X.any(axis=0))] = self.coef[~(X.any(axis=0))]  # unseen features keep their prior
-        return dataclasses.replace(self, coef=fitted)
+        seen = X.any(axis=0)
+        scale = np.where(seen, np.abs(X).max(axis=0), 1.0)
+        keep = np.ones(len(y), bool)
+        for _ in range(2):
+            w, _ = nnls(X[keep][:, seen] / scale[seen], y[keep])
+            resid = y - (X[:, seen] / scale[seen]) @ w
+            mad = np.median(np.abs(resid[keep])) + 1e-9
+            keep = resid < 10 * mad
+        coef = self.coef.copy()
+        coef[seen] = w / scale[seen]
+        return dataclasses.replace(self, coef=coef)

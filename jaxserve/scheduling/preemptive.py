@@ -40,7 +40,7 @@ class PreemptivePolicy:
         ordered = sorted(requests, key=self.rank)
         plan = Plan()
         free, host_free = cache.free_pages, cache.free_host_pages
-        budget, slots = cache.token_budget, cache.max_batch
+        slots = cache.max_batch
         loc: Dict[str, str] = {r.request_id: r.location for r in ordered}
         chosen: List[RequestView] = []
 
@@ -54,12 +54,14 @@ class PreemptivePolicy:
             loc[victim.request_id] = "gone"
             return victim.num_pages
 
+        # Membership of the batch goes by rank (slots and pages); then the token budget goes to
+        # decodes first (a decode token costs little beside the others) and prefill chunks after.
         for i, r in enumerate(ordered):
-            if slots < 1 or budget < 1:
+            if slots < 1:
                 break
             if loc[r.request_id] == "gone":  # evicted earlier in this plan
                 continue
-            n = min(r.num_remaining, budget, cache.max_chunk)
+            n = min(r.num_remaining, cache.max_chunk)
             need = cache.pages_needed(r, n) + (r.num_pages if r.location == "host" else 0)
             # free pages by evicting device-resident jobs that rank below r, worst first
             for victim in reversed(ordered[i + 1:]):
@@ -70,11 +72,20 @@ class PreemptivePolicy:
             if need > free:
                 continue
             chosen.append(r)
-            plan.run.append((r.request_id, n))
             if r.location == "host":
                 plan.swap_in.append(r.request_id)
                 host_free += r.num_pages
-            free, budget, slots = free - need, budget - n, slots - 1
+            free, slots = free - need, slots - 1
+        budget = cache.token_budget
+        for r in chosen:
+            if r.num_remaining == 1 and budget >= 1:
+                plan.run.append((r.request_id, 1))
+                budget -= 1
+        for r in chosen:
+            if r.num_remaining > 1 and budget >= 1:
+                n = min(r.num_remaining, cache.max_chunk, budget)
+                plan.run.append((r.request_id, n))
+                budget -= n
         chosen_ids = {r.request_id for r in chosen}
         idle = [r for r in ordered if r.request_id not in chosen_ids]
         # keep a watermark of free pages for the next steps' growth and arrivals

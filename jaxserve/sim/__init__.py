@@ -1,0 +1,1 @@
+"""Workload replay: a discrete-event simulator and a real-time engine driver sharing one format."""
