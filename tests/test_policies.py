@@ -7,7 +7,7 @@ from jaxserve.scheduling.cost_model import CostModel
 from jaxserve.scheduling.plan import CacheState, RequestView
 
 # 1 ms per call + 0.1 ms per (padded) token: prefill of 16 tokens ~2.6 ms, of 1024 ~ 104 ms
-COST = CostModel(coef=np.array([1e-3, 1e-4, 0.0, 0.0]), page_size=16, max_batch=8, max_chunk=4096)
+COST = CostModel(coef=np.array([1e-3, 1e-4, 0, 1e-3, 1e-4, 0, 0]), page_size=16, max_batch=8, max_chunk=4096)
 
 
 def view(rid, arrival=0.0, prompt=16, computed=0, generated=0, pages=0, location="none", priority=0):

@@ -110,7 +110,7 @@ def test_preemptive_policies_under_memory_pressure_keep_outputs_and_pages(tiny, 
     params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
     reqs = [(f"r{i}", p, params) for i, p in enumerate(prompts)]
     plain = run_all(engine_with(tiny, FCFSPolicy()), reqs)
-    cost = CostModel(coef=np.array([1e-3, 1e-4, 0.0, 0.0]), page_size=8, max_chunk=32)
+    cost = CostModel(coef=np.array([1e-3, 1e-4, 0, 1e-3, 1e-4, 0, 0]), page_size=8, max_chunk=32)
     pol = (MLFQPolicy(base_quantum_s=0.002, cost_model=cost, watermark_pages=2) if policy == "mlfq"
            else PriorityPolicy(watermark_pages=2))
     engine = engine_with(tiny, pol, num_pages=24, page_size=8, host_pages=200, max_batch=4, token_budget=48,

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 
 from jaxserve.cache.page_allocator import PageAllocator, pages_for
-from jaxserve.cache.swap import HostPagePool, write_staged
+from jaxserve.cache.swap import HostPagePool, gather_pages, write_staged
 from jaxserve.engine.model_runner import Chunk, ModelRunner
 from jaxserve.engine.outputs import RequestOutput
 from jaxserve.engine.request import Request, Status
@@ -34,6 +34,7 @@ class EngineConfig:
     token_budget: int = 256   # tokens per step, prefill chunks and decodes together
     max_chunk: int = 256      # longest prefill chunk
     host_pages: int = 0       # host (pinned) memory for swapped-out KV, in pages; 0 = none
+    attention_impl: str = "auto"  # decode attention: auto (Pallas on GPU) | reference | pallas
     policy: str = "fcfs"
 
     def __post_init__(self):
@@ -124,9 +125,12 @@ class Engine:
         plan = self.policy.schedule(views, self.cache_state(), start)
         for rid in plan.preempt:
             self._preempt(self.requests[rid])
+        # Uploads start first: they free host pages that this step's swap-outs may need, and
+        # swap-outs free the device pages that the uploads land in.
+        uploads = {rid: self.host_pool.upload(rid) for rid in plan.swap_in}
         swap_bytes = sum(self._swap_out(self.requests[rid]) for rid in plan.swap_out)
         running = {rid for rid, _ in plan.run}
-        swap_bytes += sum(self._swap_in(self.requests[rid], rid in running) for rid in plan.swap_in)
+        swap_bytes += sum(self._swap_in(self.requests[rid], *uploads[rid], rid in running) for rid in plan.swap_in)
         scheduled = []
         for rid, n in plan.run:
             r = self.requests[rid]
@@ -154,6 +158,59 @@ class Engine:
             self.step_log.append((self.cost_model.features(chunks, swap_bytes), self.clock() - start))
             del self.step_log[:-4096]
         return [self._output(r, new) for r, new in touched.values()]
+
+    # -- moving requests between engines (re-parallelization) ---------------------------------
+    def export_requests(self, with_kv: bool = True) -> list:
+        """Removes every unfinished request, oldest first, as (Request, kv, decoder).
+
+        kv is None when the request has no cache (or with_kv is False: it will be recomputed from
+        its committed tokens); otherwise {"k", "v"} device or host arrays of its pages.
+        """
+        self._write_staged()
+        out = []
+        for r in sorted(self.requests.values(), key=lambda r: (r.arrival_time, r.request_id)):
+            kv = None
+            if with_kv and r.status is Status.RUNNING and r.pages:
+                idx = np.zeros(len(r.pages), np.int32)
+                idx[:] = r.pages
+                kv = {name: gather_pages(self.runner.cache[name], idx) for name in ("k", "v")}
+            elif with_kv and r.status is Status.SWAPPED:
+                entry = self.host_pool.entries[r.request_id]
+                kv = {name: x[:, :entry.num_pages] for name, x in entry.data.items()}
+            if kv is None:
+                self.stats["recomputed_tokens"] += r.num_computed
+                r.num_computed = 0
+            self.host_pool.drop(r.request_id)
+            self.allocator.free(r.pages)
+            r.pages, r.status = [], Status.WAITING
+            out.append((r, kv, self._decoders.pop(r.request_id, None)))
+        self.requests.clear()
+        return out
+
+    def import_request(self, r: Request, kv: Optional[dict], decoder=None) -> int:
+        """Takes over a request exported by another engine; returns KV bytes copied in."""
+        if r.request_id in self.requests:
+            raise ValueError(f"request_id={r.request_id!r}: already in use")
+        moved = 0
+        if kv is not None:
+            n = kv["k"].shape[1]
+            pages = self.allocator.allocate(n)
+            target = self.runner.cache["k"].sharding
+            staged = {}
+            for name, x in kv.items():
+                sharding = jax.sharding.NamedSharding(target.mesh, target.spec)
+                staged[name] = jax.device_put(x, sharding)
+                moved += x.nbytes
+            self.runner.cache = write_staged(self.runner.cache, pages, staged)
+            r.pages, r.status = pages, Status.RUNNING
+        else:
+            r.pages, r.num_computed, r.status = [], 0, Status.WAITING
+        self.requests[r.request_id] = r
+        if decoder is not None:
+            self._decoders[r.request_id] = decoder
+        elif self.tokenizer is not None:
+            self._decoders[r.request_id] = IncrementalDecoder(self.tokenizer)
+        return moved
 
     def cache_state(self) -> CacheState:
         c = self.config
@@ -196,11 +253,9 @@ class Engine:
         self.stats["swap_out_bytes"] += moved
         return moved
 
-    def _swap_in(self, r: Request, needed_now: bool) -> int:
-        """Starts uploading r's pages; they land in the pool before r next runs."""
-        n = self.host_pool.entries[r.request_id].num_pages
+    def _swap_in(self, r: Request, staged: dict, n: int, needed_now: bool) -> int:
+        """Gives r's upload (started by HostPagePool.upload) device pages; it lands before r runs."""
         pages = self.allocator.allocate(n)
-        staged, _ = self.host_pool.upload(r.request_id)
         moved = sum(x.nbytes for x in staged.values()) * n // staged["k"].shape[1]
         r.pages, r.status = pages, Status.RUNNING
         self._staged[r.request_id] = (pages, staged)

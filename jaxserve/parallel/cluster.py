@@ -1,0 +1,192 @@
+"""Serving one model on (data, model) replicas, and surviving the loss of devices.
+
+Each data-parallel replica is an Engine on its own (1, model) sub-mesh, with its own batch and
+KV page pool; requests are routed to the least-loaded replica. On a preemption notice the
+controller picks a new configuration for the devices that remain (planner), maps it onto them
+reusing resident shards (matching), migrates parameters and in-flight KV (migration) and
+resumes every request from its last committed token. Without a grace period, parameters are
+restored from the checkpoint straight into the new sharding and lost KV is recomputed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import signal
+import time
+from typing import Callable, Dict, List, Optional, Sequence
+
+import jax
+import numpy as np
+
+from jaxserve.checkpoint import store
+from jaxserve.engine.engine import Engine, EngineConfig
+from jaxserve.model.config import ModelConfig
+from jaxserve.model.params import abstract_params
+from jaxserve.parallel import matching, planner
+from jaxserve.parallel.migration import reshard_tree
+from jaxserve.parallel.sharding import make_mesh, param_shardings
+
+
+@dataclasses.dataclass
+class ReparallelizationEvent:
+    kind: str                    # "preemption" or "acquisition"
+    grace: bool
+    old_shape: tuple
+    new_shape: tuple
+    devices_lost: int
+    time_to_resume_s: float = 0.0
+    param_bytes_moved: int = 0
+    kv_bytes_moved: int = 0
+    checkpoint_bytes_read: int = 0
+    tokens_recomputed: int = 0
+    requests_migrated: int = 0
+    requests_lost: int = 0
+
+
+class ServingCluster:
+    def __init__(self, cfg: ModelConfig, params, devices: Sequence, data: int, model: int,
+                 engine_config: EngineConfig = EngineConfig(), tokenizer=None, checkpoint_path: Optional[str] = None,
+                 make_policy: Optional[Callable] = None, device_bytes: float = 16 * 2 ** 30,
+                 clock: Callable[[], float] = time.monotonic):
+        """params: a parameter tree placed anywhere (host numpy or device arrays)."""
+        self.cfg, self.engine_config, self.tokenizer = cfg, engine_config, tokenizer
+        self.checkpoint_path, self.make_policy, self.device_bytes, self.clock = (
+            checkpoint_path, make_policy, device_bytes, clock)
+        self.devices = list(devices)
+        self.events: List[ReparallelizationEvent] = []
+        self.param_bytes = sum(int(np.prod(a.shape)) * np.dtype(cfg.jnp_dtype).itemsize
+                               for a in jax.tree.leaves(abstract_params(cfg)))
+        groups = [self.devices[r * model:(r + 1) * model] for r in range(data)]
+        self.replicas: List[Engine] = []
+        for group in groups:
+            mesh = make_mesh(1, model, group)
+            placed, _ = reshard_tree(self._as_device_tree(params, mesh), param_shardings(cfg, mesh))
+            self.replicas.append(self._engine(placed, mesh))
+        self._route: Dict[str, int] = {}
+
+    # -- serving ------------------------------------------------------------------------------
+    @property
+    def shape(self) -> tuple:
+        return (len(self.replicas), self.replicas[0].runner.mesh.shape["model"])
+
+    def add_request(self, request_id, prompt, params=None, arrival_time=None, priority=0):
+        if request_id in self._route:
+            raise ValueError(f"request_id={request_id!r}: already in use")
+        i = min(range(len(self.replicas)), key=lambda k: len(self.replicas[k].requests))
+        self.replicas[i].add_request(request_id, prompt, params, arrival_time, priority)
+        self._route[request_id] = i
+
+    def abort(self, request_id):
+        if request_id not in self._route:
+            raise ValueError(f"request_id={request_id!r}: no such unfinished request")
+        self.replicas[self._route[request_id]].abort(request_id)
+
+    def has_unfinished(self) -> bool:
+        return any(e.has_unfinished() for e in self.replicas)
+
+    def step(self):
+        outputs = []
+        for e in self.replicas:
+            if e.has_unfinished():
+                outputs += e.step()
+        for o in outputs:
+            if o.finished:
+                self._route.pop(o.request_id, None)
+        return outputs
+
+    # -- elasticity ---------------------------------------------------------------------------
+    def notify_preemption(self, devices: Sequence, grace_s: float = 30.0) -> ReparallelizationEvent:
+        """`devices` will be taken away in `grace_s` seconds (0: they are already gone)."""
+        gone = set(devices)
+        survivors = [d for d in self.devices if d not in gone]
+        return self._reparallelize(survivors, lost=frozenset() if grace_s > 0 else frozenset(gone),
+                                   kind="preemption", grace=grace_s > 0, devices_lost=len(gone & set(self.devices)))
+
+    def notify_acquisition(self, devices: Sequence) -> ReparallelizationEvent:
+        new = [d for d in devices if d not in self.devices]
+        return self._reparallelize(self.devices + new, lost=frozenset(), kind="acquisition", grace=True,
+                                   devices_lost=0)
+
+    def install_sigterm_handler(self, grace_s: float = 30.0):
+        """On SIGTERM (a spot VM's notice), re-parallelize away from this process's devices."""
+        def handler(signum, frame):
+            self.notify_preemption(jax.local_devices(), grace_s)
+        signal.signal(signal.SIGTERM, handler)
+
+    def choose_config(self, num_devices: int) -> planner.ParallelConfig:
+        kv_bytes = sum(len(r.pages) for e in self.replicas for r in e.requests.values()) * \
+            self._page_bytes()
+        cost = self.replicas[0].cost_model
+        pages = max(1, self.cfg.max_seq_len // self.engine_config.page_size // 4)
+
+        def step_time(model, batch):  # tensor parallelism splits the work, plus a per-layer all-reduce
+            t = cost.step_time([(1, pages)] * batch)
+            return t / model + (0 if model == 1 else 2 * self.cfg.num_layers * 20e-6)
+        return planner.choose(num_devices, self.cfg.num_kv_heads, self.param_bytes, kv_bytes, self.device_bytes,
+                              step_time, self.engine_config.max_batch)
+
+    def _reparallelize(self, survivors, lost, kind, grace, devices_lost) -> ReparallelizationEvent:
+        start = self.clock()
+        old_shape = self.shape
+        new = self.choose_config(len(survivors))
+        placement, kv_bytes = {}, {}
+        for r_idx, e in enumerate(self.replicas):
+            devs = list(e.runner.mesh.devices.flat)
+            for m, d in enumerate(devs):
+                placement[d] = (r_idx, m, len(devs))
+            kv_bytes[r_idx] = sum(len(r.pages) for r in e.requests.values()) * self._page_bytes()
+        groups = matching.match(placement, survivors, new.data, new.model, self.param_bytes, kv_bytes)
+        event = ReparallelizationEvent(kind, grace, old_shape, (new.data, new.model), devices_lost)
+        # Export every in-flight request; KV survives where all of its replica's devices do.
+        exported = []
+        for e in self.replicas:
+            intact = not (set(e.runner.mesh.devices.flat) & lost)
+            before = e.stats["recomputed_tokens"]
+            exported += e.export_requests(with_kv=intact)
+            event.tokens_recomputed += e.stats["recomputed_tokens"] - before
+        replicas = []
+        for group in groups:
+            mesh = make_mesh(1, new.model, group)
+            shardings = param_shardings(self.cfg, mesh)
+            params = None
+            for e in self.replicas:  # take the params from a replica whose devices all survive
+                if not (set(e.runner.mesh.devices.flat) & lost):
+                    params, moved = reshard_tree(e.runner.params, shardings)
+                    event.param_bytes_moved += moved
+                    break
+            if params is None:
+                if not self.checkpoint_path:
+                    raise RuntimeError("parameters were lost with no grace period and no checkpoint to restore")
+                params = store.restore(self.checkpoint_path, self.cfg, mesh)
+                event.checkpoint_bytes_read += self.param_bytes
+            replicas.append(self._engine(params, mesh))
+        self.replicas, self.devices = replicas, list(survivors)
+        # Resume the most urgent (oldest) requests first, spreading them over the new replicas.
+        self._route = {}
+        for r, kv, decoder in sorted(exported, key=lambda x: x[0].arrival_time):
+            k = min(range(len(replicas)), key=lambda j: len(replicas[j].requests))
+            event.kv_bytes_moved += replicas[k].import_request(r, kv, decoder)
+            self._route[r.request_id] = k
+            event.requests_migrated += 1
+        for e in replicas:
+            e.stats["reparallelizations"] += 1
+        jax.block_until_ready([e.runner.cache for e in replicas])
+        event.requests_lost = len(exported) - event.requests_migrated
+        event.time_to_resume_s = self.clock() - start
+        self.events.append(event)
+        return event
+
+    # -- helpers ------------------------------------------------------------------------------
+    def _engine(self, params, mesh) -> Engine:
+        policy = self.make_policy() if self.make_policy else None
+        return Engine(self.cfg, params, mesh, self.tokenizer, self.engine_config, policy=policy, clock=self.clock)
+
+    def _page_bytes(self) -> int:
+        c = self.cfg
+        return 2 * c.num_layers * self.engine_config.page_size * c.num_kv_heads * c.head_dim * np.dtype(c.jnp_dtype).itemsize
+
+    def _as_device_tree(self, params, mesh):
+        """Host numpy trees are placed once (replicated on the mesh) so that reshard can slice them."""
+        if isinstance(jax.tree.leaves(params)[0], jax.Array):
+            return params
+        rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        return jax.tree.map(lambda x: jax.device_put(np.asarray(x, self.cfg.jnp_dtype), rep), params)

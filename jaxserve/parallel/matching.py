@@ -1,0 +1,84 @@
+"""Mapping a new mesh onto the devices that remain, reusing what is already resident.
+
+SpotServe's device mapper: Kuhn-Munkres matching (`scipy.optimize.linear_sum_assignment`)
+that maximises the bytes each device already holds for the position it is given. Matching
+is two-level, as in SpotServe: new replicas are first matched to old replicas (so that a
+replica's KV cache stays together), then each replica's model-axis positions to devices.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Sequence
+
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+
+
+def shard_range(index: int, parts: int, size: int) -> tuple:
+    """The [start, stop) slice of a dimension of `size` that shard `index` of `parts` holds."""
+    step = size // parts
+    return index * step, (index + 1) * step
+
+
+def overlap_fraction(old_index: int, old_parts: int, new_index: int, new_parts: int) -> float:
+    """Fraction of new shard `new_index`/`new_parts` already inside old shard `old_index`/`old_parts`."""
+    a0, a1 = old_index / old_parts, (old_index + 1) / old_parts
+    b0, b1 = new_index / new_parts, (new_index + 1) / new_parts
+    return max(0.0, min(a1, b1) - max(a0, b0)) * new_parts
+
+
+def match(old_placement: Dict[object, tuple], survivors: Sequence[object], data: int, model: int,
+          param_bytes: float, kv_bytes: Dict[int, float]) -> List[List[object]]:
+    """Chooses which surviving device takes each position of a new (data, model) mesh.
+
+    old_placement: device -> (old replica, old model index, old model size) for devices that held
+    a replica. kv_bytes: old replica -> bytes of KV its requests hold (split over its model axis).
+    Returns `data` lists of `model` devices: the new replicas, in model-axis order.
+    """
+    if data * model > len(survivors):
+        raise ValueError(f"mesh {data}x{model} needs {data * model} devices, {len(survivors)} remain")
+    old_replicas = sorted({p[0] for p in old_placement.values()})
+
+    def resident(device, model_index, old_replica=None):
+        """Bytes `device` already holds for position model_index (params always; KV if its replica)."""
+        if device not in old_placement:
+            return 0.0
+        rep, idx, size = old_placement[device]
+        frac = overlap_fraction(idx, size, model_index, model)
+        kv = kv_bytes.get(rep, 0.0) / model if old_replica is not None and rep == old_replica else 0.0
+        return frac * (param_bytes / model + kv)
+
+    # Level 1: new replicas <- old replicas, by the bytes the old replica's survivors could keep.
+    assign_old = [None] * data
+    if old_replicas:
+        w = np.zeros((data, len(old_replicas)))
+        for j, rep in enumerate(old_replicas):
+            members = [d for d in survivors if old_placement.get(d, (None,))[0] == rep]
+            w[:, j] = sum(max(resident(d, m, rep) for m in range(model)) for d in members)
+        rows, cols = linear_sum_assignment(w, maximize=True)
+        for r, c in zip(rows, cols):
+            assign_old[r] = old_replicas[c]
+    # Level 2: all positions x devices, KV counted only for the old replica each new one inherits.
+    positions = [(r, m) for r in range(data) for m in range(model)]
+    w = np.array([[resident(d, m, assign_old[r]) for d in survivors] for r, m in positions])
+    # a small preference for keeping an inherited replica's devices together breaks ties
+    for i, (r, m) in enumerate(positions):
+        for j, d in enumerate(survivors):
+            if d in old_placement and old_placement[d][0] == assign_old[r]:
+                w[i, j] += 1e-6
+    rows, cols = linear_sum_assignment(w, maximize=True)
+    groups = [[None] * model for _ in range(data)]
+    for i, j in zip(rows, cols):
+        r, m = positions[i]
+        groups[r][m] = survivors[j]
+    return groups
+
+
+def resident_bytes(groups, old_placement, param_bytes, model: int) -> float:
+    """Parameter bytes a mapping keeps in place (for reports and tests)."""
+    total = 0.0
+    for group in groups:
+        for m, d in enumerate(group):
+            if d in old_placement:
+                _, idx, size = old_placement[d]
+                total += overlap_fraction(idx, size, m, model) * param_bytes / model
+    return total

@@ -1,0 +1,125 @@
+"""SpotServe on 8 fake CPU devices: every (data, model) shape, preemption with and without grace."""
+import jax
+import numpy as np
+import pytest
+
+from jaxserve import Engine, EngineConfig, SamplingParams
+from jaxserve.checkpoint import store
+from jaxserve.checkpoint.load import load_host
+from jaxserve.parallel import matching, planner
+from jaxserve.parallel.cluster import ServingCluster
+from jaxserve.parallel.sharding import make_mesh, shard_params
+
+from test_engine import mixed_prompts
+
+GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+SEEDED = SamplingParams(max_tokens=10, temperature=0.8, seed=3, ignore_eos=True)
+CONFIG = EngineConfig(num_pages=128, max_batch=8, token_budget=64, max_chunk=32)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_config):
+    cfg, params, tokenizer = load_host(tiny_config.checkpoint, tiny_config.model)
+    return cfg, params, tokenizer
+
+
+@pytest.fixture(scope="module")
+def requests():
+    return [(f"r{i}", p, GREEDY if i % 2 else SEEDED) for i, p in enumerate(mixed_prompts(6, seed=21))]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny, requests):
+    """Outputs of one device, uninterrupted."""
+    cfg, params, tok = tiny
+    mesh = make_mesh(1, 1)
+    engine = Engine(cfg, shard_params(params, cfg, mesh), mesh, tok, CONFIG)
+    return drain(engine, requests)
+
+
+def drain(server, requests, steps_before=None, event=None):
+    for rid, prompt, params in requests:
+        server.add_request(rid, prompt, params)
+    out, steps = {}, 0
+    while server.has_unfinished():
+        if steps == steps_before:
+            event()
+        for o in server.step():
+            if o.finished:
+                out[o.request_id] = o.token_ids
+        steps += 1
+    return out
+
+
+@pytest.mark.parametrize("shape", [(1, 2), (2, 1), (2, 2), (1, 4), (4, 1), (1, 8), (2, 4), (4, 2), (8, 1)])
+def test_every_mesh_shape_gives_the_single_device_outputs(tiny, requests, reference, shape):
+    cfg, params, tok = tiny
+    cluster = ServingCluster(cfg, params, jax.devices()[:shape[0] * shape[1]], *shape, CONFIG, tok)
+    assert cluster.shape == shape
+    assert drain(cluster, requests) == reference
+
+
+def test_preempting_4_of_8_with_grace_loses_and_recomputes_nothing(tiny, requests, reference):
+    cfg, params, tok = tiny
+    devices = jax.devices()
+    cluster = ServingCluster(cfg, params, devices, 2, 4, CONFIG, tok)
+    events = []
+    out = drain(cluster, requests, steps_before=4, event=lambda: events.append(
+        cluster.notify_preemption(devices[2:6], grace_s=30.0)))
+    (e,) = events
+    assert out == reference
+    assert e.requests_lost == 0 and e.tokens_recomputed == 0 and e.checkpoint_bytes_read == 0
+    assert e.requests_migrated == len(requests) and e.kv_bytes_moved > 0
+    assert cluster.shape[0] * cluster.shape[1] <= 4 and set(cluster.devices) == set(devices[:2] + devices[6:])
+    # survivors kept their own shards where the new layout allowed
+    assert e.param_bytes_moved < cluster.param_bytes * cluster.shape[0]
+
+
+def test_preemption_without_grace_restores_params_from_the_checkpoint_and_recomputes_kv(tiny, requests, reference, tmp_path):
+    cfg, params, tok = tiny
+    store.save(str(tmp_path), cfg, params)
+    devices = jax.devices()
+    cluster = ServingCluster(cfg, params, devices, 1, 8, CONFIG, tok, checkpoint_path=str(tmp_path))
+    events = []
+    out = drain(cluster, requests, steps_before=5, event=lambda: events.append(
+        cluster.notify_preemption(devices[4:], grace_s=0.0)))
+    (e,) = events
+    assert out == reference
+    assert e.requests_lost == 0 and e.checkpoint_bytes_read == cluster.param_bytes * cluster.shape[0]
+    assert e.tokens_recomputed > 0 and e.kv_bytes_moved == 0
+
+
+def test_acquisition_grows_the_mesh_again(tiny, requests, reference):
+    cfg, params, tok = tiny
+    devices = jax.devices()
+    cluster = ServingCluster(cfg, params, devices[:2], 1, 2, CONFIG, tok)
+    events = []
+    out = drain(cluster, requests, steps_before=3, event=lambda: events.append(cluster.notify_acquisition(devices[2:6])))
+    assert out == reference and events[0].new_shape[0] * events[0].new_shape[1] > 2
+
+
+def test_matching_reuses_resident_shards_known_optimum():
+    A, B, C, D = "A", "B", "C", "D"
+    # old (1,4) on A..D; the survivors come in shuffled order: the identity mapping keeps everything
+    old = {A: (0, 0, 4), B: (0, 1, 4), C: (0, 2, 4), D: (0, 3, 4)}
+    groups = matching.match(old, [D, B, A, C], 1, 4, param_bytes=400.0, kv_bytes={0: 100.0})
+    assert groups == [[A, B, C, D]]
+    assert matching.resident_bytes(groups, old, 400.0, 4) == 400.0
+    # old (2,2): replica 1 (C, D) holds far more KV; with B, C, D left and a (1,2) mesh, keep C, D
+    old = {A: (0, 0, 2), B: (0, 1, 2), C: (1, 0, 2), D: (1, 1, 2)}
+    groups = matching.match(old, [B, C, D], 1, 2, param_bytes=100.0, kv_bytes={0: 10.0, 1: 1000.0})
+    assert groups == [[C, D]]
+    # shrinking (1,4) -> (1,2): each survivor is given the half that contains its quarter
+    old = {A: (0, 0, 4), B: (0, 1, 4), C: (0, 2, 4), D: (0, 3, 4)}
+    groups = matching.match(old, [D, A], 1, 2, param_bytes=400.0, kv_bytes={})
+    assert groups == [[A, D]]
+
+
+def test_planner_prefers_low_latency_that_covers_the_load():
+    step = lambda model, batch: 0.04 / model + (0.002 if model > 1 else 0)
+    fast = planner.choose(8, 8, 1e9, 0, 16e9, step, 16, arrival_tokens_per_s=100)
+    assert (fast.data, fast.model) == (1, 8)  # one replica spread over 8 devices is quickest
+    busy = planner.choose(8, 8, 1e9, 0, 16e9, step, 16, arrival_tokens_per_s=3000)
+    assert busy.throughput >= 3000 and busy.data > 1
+    with pytest.raises(ValueError, match="do not fit"):
+        planner.choose(2, 8, 40e9, 0, 16e9, step, 16)
