@@ -46,8 +46,17 @@ class ServingCluster:
     def __init__(self, cfg: ModelConfig, params, devices: Sequence, data: int, model: int,
                  engine_config: EngineConfig = EngineConfig(), tokenizer=None, checkpoint_path: Optional[str] = None,
                  make_policy: Optional[Callable] = None, device_bytes: float = 16 * 2 ** 30,
-                 clock: Callable[[], float] = time.monotonic):
-        """params: a parameter tree placed anywhere (host numpy or device arrays)."""
+                 clock: Callable[[], float] = time.monotonic, method: str = "spotserve"):
+        """params: a parameter tree placed anywhere (host numpy or device arrays).
+
+        method: how to react to a change of devices. "spotserve" (re-plan, match, migrate),
+        or a baseline: "restart" (re-deploy a new plan from the checkpoint and restart every
+        in-flight request from scratch) or "reroute" (keep the replica shape, drop replicas that
+        lost a device and send their requests to the survivors from scratch).
+        """
+        if method not in ("spotserve", "restart", "reroute"):
+            raise ValueError(f"method={method!r}: expected spotserve, restart or reroute")
+        self.method = method
         self.cfg, self.engine_config, self.tokenizer = cfg, engine_config, tokenizer
         self.checkpoint_path, self.make_policy, self.device_bytes, self.clock = (
             checkpoint_path, make_policy, device_bytes, clock)
@@ -125,9 +134,13 @@ class ServingCluster:
                               step_time, self.engine_config.max_batch)
 
     def _reparallelize(self, survivors, lost, kind, grace, devices_lost) -> ReparallelizationEvent:
+        if self.method == "reroute":
+            return self._reroute(survivors, lost, kind, grace, devices_lost)
         start = self.clock()
         old_shape = self.shape
         new = self.choose_config(len(survivors))
+        if self.method == "restart":  # nothing is carried over: every byte comes from the checkpoint
+            lost = frozenset(self.devices)
         placement, kv_bytes = {}, {}
         for r_idx, e in enumerate(self.replicas):
             devs = list(e.runner.mesh.devices.flat)
@@ -143,6 +156,8 @@ class ServingCluster:
             before = e.stats["recomputed_tokens"]
             exported += e.export_requests(with_kv=intact)
             event.tokens_recomputed += e.stats["recomputed_tokens"] - before
+        if self.method == "restart":
+            exported = [(self._from_scratch(r), None, None) for r, _, _ in exported]
         replicas = []
         for group in groups:
             mesh = make_mesh(1, new.model, group)
@@ -175,7 +190,53 @@ class ServingCluster:
         self.events.append(event)
         return event
 
+    def _reroute(self, survivors, lost, kind, grace, devices_lost) -> ReparallelizationEvent:
+        """Baseline: replicas keep their shape; one that lost a device is dropped, its requests restart."""
+        start = self.clock()
+        old_shape, model = self.shape, self.shape[1]
+        alive = set(survivors)
+        keep = [e for e in self.replicas if set(e.runner.mesh.devices.flat) <= alive]
+        event = ReparallelizationEvent(kind, grace, old_shape, old_shape, devices_lost)
+        orphans = []
+        for e in self.replicas:
+            if e not in keep:
+                orphans += [(self._from_scratch(r), None, None) for r, _, _ in e.export_requests(with_kv=False)]
+        used = {d for e in keep for d in e.runner.mesh.devices.flat}
+        free = [d for d in survivors if d not in used]
+        while len(free) >= model:  # idle devices form new replicas of the same shape
+            group, free = free[:model], free[model:]
+            mesh = make_mesh(1, model, group)
+            if keep:
+                params, moved = reshard_tree(keep[0].runner.params, param_shardings(self.cfg, mesh))
+                event.param_bytes_moved += moved
+            elif self.checkpoint_path:
+                params = store.restore(self.checkpoint_path, self.cfg, mesh)
+                event.checkpoint_bytes_read += self.param_bytes
+            else:
+                raise RuntimeError("every replica was lost and there is no checkpoint to restore")
+            keep.append(self._engine(params, mesh))
+        if not keep:
+            raise RuntimeError(f"reroute: fewer than {model} devices remain for one replica")
+        self.replicas, self.devices = keep, list(survivors)
+        self._route = {rid: i for i, e in enumerate(keep) for rid in e.requests}
+        for r, kv, decoder in orphans:
+            k = min(range(len(keep)), key=lambda j: len(keep[j].requests))
+            keep[k].import_request(r, None)
+            self._route[r.request_id] = k
+            event.requests_migrated += 1
+        event.new_shape = self.shape
+        event.time_to_resume_s = self.clock() - start
+        self.events.append(event)
+        return event
+
     # -- helpers ------------------------------------------------------------------------------
+    @staticmethod
+    def _from_scratch(r):
+        """A request restarted as if new: its generated tokens are thrown away."""
+        r.output_ids, r.logprobs, r.text, r.first_token_time = [], [], "", None
+        r.num_computed = 0
+        return r
+
     def _engine(self, params, mesh) -> Engine:
         policy = self.make_policy() if self.make_policy else None
         return Engine(self.cfg, params, mesh, self.tokenizer, self.engine_config, policy=policy, clock=self.clock)

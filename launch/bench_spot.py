@@ -1,0 +1,136 @@
+"""Spot-preemption benchmark on the real engine at small scale: SpotServe recovery vs restart vs reroute.
+
+One trace node = one CPU device (of 8 fake ones); the availability trace is replayed faster than
+real time (--time_scale trace seconds per second) together with a request trace; every event
+is noticed --grace_s (trace seconds) before it happens.
+
+    python launch/bench_spot.py --availability=../shared/data/spotserve/trace_AS.jsonl
+
+The last line printed is one JSON object with each method's P50/P90/P99 latency (s), requests
+lost, device-hours (in trace time) and the re-parallelization events.
+"""
+import dataclasses
+import json
+import os
+import time
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+
+import numpy as np  # noqa: E402
+from absl import flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from jaxserve.cli import run  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Model and engine config.")
+_AVAIL = flags.DEFINE_string("availability", "../shared/data/spotserve/trace_AS.jsonl", "Availability trace.")
+_TRACE = flags.DEFINE_string("trace", "../shared/data/azure_llm_2023_conv.csv", "Request trace (Azure columns).")
+_METHODS = flags.DEFINE_list("methods", ["spotserve", "restart", "reroute"], "Recovery methods to compare.")
+_TIME_SCALE = flags.DEFINE_float("time_scale", 60.0, "Trace seconds replayed per real second.")
+_GRACE = flags.DEFINE_float("grace_s", 30.0, "Notice before each event, in trace seconds (0 = none).")
+_RATE = flags.DEFINE_float("rate", 3.0, "Request arrivals per real second.")
+_N = flags.DEFINE_integer("num_requests", 60, "Requests taken from the request trace.")
+_SCALE = flags.DEFINE_float("length_scale", 0.1, "Multiply prompt and output lengths by this.")
+_OUT = flags.DEFINE_string("out", "docs/bench_spot.json", "Where to write the results.")
+_WARMUP = flags.DEFINE_bool("warmup", True, "Replay each method once untimed first, so that the measured "
+                            "run does not include XLA compilation for the meshes the trace visits.")
+
+
+def run_method(method, config, cfg, params, tokenizer, ckpt, events, jobs):
+    import jax
+    from jaxserve.engine.engine import EngineConfig
+    from jaxserve.parallel.cluster import ServingCluster
+    from jaxserve.sampling_params import SamplingParams
+    from jaxserve.sim.engine_replay import prompt_ids
+    devices = jax.devices()
+    node_device, alive = {}, set()
+
+    def device_of(node):
+        if node not in node_device and len(node_device) < len(devices):
+            node_device[node] = devices[len(node_device)]
+        return node_device.get(node)
+
+    first = [e for e in events if e.time_s == events[0].time_s]
+    for e in first:
+        alive |= {device_of(n) for n in e.nodes} - {None}
+    rest = [e for e in events if e not in first]
+    init = sorted(alive, key=lambda d: d.id)
+    model = 1 if method == "reroute" else min(2, len(init))
+    cluster = ServingCluster(cfg, params, init[: (len(init) // model) * model], len(init) // model, model,
+                             EngineConfig(**config.engine), tokenizer, checkpoint_path=ckpt, method=method)
+    # notices happen grace_s before each event; a "remove" is acted on at its notice
+    timeline = sorted([((e.time_s - (_GRACE.value if e.kind == "remove" else 0)) / _TIME_SCALE.value, e)
+                       for e in rest], key=lambda x: x[0])
+    start = time.monotonic()
+    pending = sorted(jobs, key=lambda j: j.arrival)
+    i, k, device_seconds, last, records = 0, 0, 0.0, 0.0, []
+    finish = {}
+    horizon = max(pending[-1].arrival, timeline[-1][0] if timeline else 0)
+    while i < len(pending) or cluster.has_unfinished() or (k < len(timeline) and timeline[k][0] <= horizon):
+        now = time.monotonic() - start
+        device_seconds += (now - last) * len(cluster.devices)
+        last = now
+        while k < len(timeline) and timeline[k][0] <= now:
+            _, e = timeline[k]
+            k += 1
+            devs = [device_of(n) for n in e.nodes]
+            devs = [d for d in devs if d is not None]
+            try:
+                if e.kind == "remove":
+                    ev = cluster.notify_preemption([d for d in devs if d in cluster.devices],
+                                                   _GRACE.value / _TIME_SCALE.value)
+                else:
+                    ev = cluster.notify_acquisition(devs)
+                records.append(dataclasses.asdict(ev))
+            except (RuntimeError, ValueError) as err:  # too few devices for this method: it waits
+                records.append({"kind": e.kind, "error": str(err)})
+        while i < len(pending) and pending[i].arrival <= now:
+            j = pending[i]
+            cluster.add_request(j.request_id, prompt_ids(j, cfg.vocab_size),
+                                SamplingParams(max_tokens=j.output_len, temperature=0.0, ignore_eos=True),
+                                arrival_time=start + j.arrival)
+            i += 1
+        if cluster.has_unfinished():
+            for o in cluster.step():
+                if o.finished:
+                    finish[o.request_id] = o.finish_time - o.arrival_time
+        else:
+            time.sleep(0.01)
+    lat = np.array(list(finish.values()))
+    return {"p50_s": float(np.percentile(lat, 50)), "p90_s": float(np.percentile(lat, 90)),
+            "p99_s": float(np.percentile(lat, 99)), "avg_s": float(lat.mean()),
+            "requests_lost": len(jobs) - len(finish),
+            "device_hours": device_seconds * _TIME_SCALE.value / 3600, "events": records}
+
+
+def main(argv):
+    del argv
+    import tempfile
+    from jaxserve.checkpoint import store
+    from jaxserve.checkpoint.load import load_host
+    from jaxserve.parallel.availability import read_availability
+    from jaxserve.sim.workload import read_trace, rescale
+    config = _CONFIG.value
+    cfg, params, tokenizer = load_host(config.checkpoint, config.model)
+    ckpt = tempfile.mkdtemp(prefix="jaxserve_spot_")
+    store.save(ckpt, cfg, params)
+    events = read_availability(_AVAIL.value)
+    results = {}
+    for method in _METHODS.value:
+        if _WARMUP.value:
+            run_method(method, config, cfg, params, tokenizer, ckpt, events,
+                       rescale(read_trace(_TRACE.value, limit=10), _RATE.value, _SCALE.value, 200, 64))
+        jobs = rescale(read_trace(_TRACE.value, limit=_N.value), _RATE.value, _SCALE.value, 200, 64)
+        t = time.perf_counter()
+        results[method] = run_method(method, config, cfg, params, tokenizer, ckpt, events, jobs)
+        r = results[method]
+        print(f"{method:9s} P50 {r['p50_s']:.2f}s P90 {r['p90_s']:.2f}s P99 {r['p99_s']:.2f}s lost {r['requests_lost']} "
+              f"device-hours {r['device_hours']:.2f} events {len(r['events'])} ({time.perf_counter() - t:.0f}s)", flush=True)
+    if _OUT.value:
+        with open(_OUT.value, "w") as f:
+            json.dump(results, f, indent=1)
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    run(main)
