@@ -20,10 +20,16 @@ setup(
         "tokenizers>=0.21",
         "jinja2>=3.1",         # chat templates, as Hugging Face renders them
         "scipy>=1.11",         # non-negative least squares (cost model), Kuhn-Munkres matching
+        "fastapi>=0.165",      # the OpenAI-compatible server (jaxserve.server); fastapi.sse
+        "uvicorn>=0.30",
+        "prometheus-client>=0.20",
+        "httpx>=0.27",         # launch/bench_serve.py's client
+        "tqdm>=4.60",
     ],
     extras_require={
         # Reference implementation for correctness tests. torch is pinned to the CPU wheel:
         # an unpinned torch pulls a CUDA build of several GB.
-        "test": ["pytest>=8", "torch==2.13.0", "transformers>=5.0", "accelerate>=1.0", "gguf>=0.17"],
+        "test": ["pytest>=8", "torch==2.13.0", "transformers>=5.0", "accelerate>=1.0", "gguf>=0.17",
+                 "openai>=1.40", "httpx>=0.27"],
     },
 )

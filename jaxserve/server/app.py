@@ -1,0 +1,236 @@
+"""The FastAPI application: OpenAI-compatible routes over one engine running in its own thread.
+
+    app = create_app(engine, "smollm2_135m")        # then uvicorn.run(app, port=8000)
+
+Handlers validate and tokenize on the event loop, hand the request to the engine thread and
+either stream server-sent events or wait for the last output. A client that goes away (mid-
+stream or while waiting) aborts its request, which frees its pages.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.metadata
+import time
+import uuid
+from typing import List, Optional
+
+import jinja2
+from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import PlainTextResponse, Response, StreamingResponse
+
+from jaxserve.sampling_params import SamplingParams
+from jaxserve.server import errors, protocol as p, responses
+from jaxserve.server.engine_loop import EngineFailure, EngineLoop, EngineUnavailable, Overloaded
+from jaxserve.server.errors import APIError
+from jaxserve.server.metrics import CONTENT_TYPE, ServerMetrics
+
+DEFAULT_MAX_BODY_BYTES = 4 << 20
+
+_ERRORS = {
+    400: {"model": p.ErrorResponse, "description": "Invalid request; `error.param` names the field."},
+    404: {"model": p.ErrorResponse, "description": "Unknown model."},
+    413: {"model": p.ErrorResponse, "description": "Request body too large."},
+    429: {"model": p.ErrorResponse, "description": "Too many requests waiting to start; retry later."},
+    500: {"model": p.ErrorResponse, "description": "The engine failed while running the request."},
+    503: {"model": p.ErrorResponse, "description": "The engine is not running."},
+}
+_SSE = {"text/event-stream": {"schema": {"type": "string"},
+                              "description": "With `stream: true`: `data: <chunk JSON>` events, then `data: [DONE]`."}}
+_CLIENT_CLOSED = 499   # nginx's code; nobody receives it
+
+
+class OpenAIServer:
+    def __init__(self, engine, model_name: str, max_waiting: int = 1024):
+        self.model_name = model_name
+        self.tokenizer = engine.tokenizer
+        self.max_context = engine.max_context
+        self.metrics = ServerMetrics()
+        self.engine_loop = EngineLoop(engine, self.metrics, max_waiting)
+        self.created = int(time.time())
+
+    # -- routes -------------------------------------------------------------------------------
+    async def completions(self, body: p.CompletionRequest, request: Request) -> p.CompletionResponse:
+        """Completes a prompt (text or token ids)."""
+        self._check_model(body.model)
+        prompt_ids = await asyncio.to_thread(self._completion_prompt, body.prompt)
+        params = self._params(body, body.max_tokens, logprobs=body.logprobs is not None)
+        return await self._serve(request, body, "cmpl", prompt_ids, params, responses.completion,
+                                 responses.completion_events)
+
+    async def chat_completions(self, body: p.ChatCompletionRequest, request: Request) -> p.ChatCompletionResponse:
+        """Answers a conversation, rendered with the model's chat template."""
+        self._check_model(body.model)
+        prompt_ids = await asyncio.to_thread(self._chat_prompt, body.messages)
+        max_tokens = body.max_completion_tokens or body.max_tokens or max(1, self.max_context - len(prompt_ids))
+        params = self._params(body, max_tokens, logprobs=body.logprobs)
+        try:
+            return await self._serve(request, body, "chatcmpl", prompt_ids, params, responses.chat,
+                                     responses.chat_events)
+        except APIError as e:
+            if e.param == "prompt":   # the engine's name for what the client sent as messages
+                e.param, e.message = "messages", "messages" + e.message[len("prompt"):]
+            raise
+
+    async def models(self) -> p.ModelList:
+        """The one served model."""
+        return p.ModelList(data=[p.ModelCard(id=self.model_name, created=self.created,
+                                             max_model_len=self.max_context)])
+
+    async def health(self) -> dict:
+        """200 while the engine thread runs, else 503."""
+        if not self.engine_loop.alive:
+            raise APIError(503, "the engine is not running", code="engine_unavailable")
+        return {"status": "ok"}
+
+    async def prometheus(self) -> Response:
+        """Prometheus text format: request states, queues, KV pages, swaps, preemptions, latencies."""
+        return Response(self.metrics.render(), media_type=CONTENT_TYPE)
+
+    # -- request handling (tokenizing runs in a worker thread: long prompts must not stall
+    #    the event loop that streams everyone's tokens) ----------------------------------------
+    def _check_model(self, model: Optional[str]) -> None:
+        if model is not None and model != self.model_name:
+            raise APIError(404, f"the model {model!r} does not exist; this server serves {self.model_name!r}",
+                           "model", "model_not_found")
+
+    def _encode(self, text: str, field: str) -> List[int]:
+        if self.tokenizer is None:
+            raise APIError(400, f"{field}: this model has no tokenizer; send token ids", field)
+        return self.tokenizer.encode(text)
+
+    def _completion_prompt(self, prompt: p.Prompt) -> List[int]:
+        if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+            if len(prompt) != 1:
+                raise APIError(400, f"prompt: a batch of {len(prompt)} prompts; send one request per prompt",
+                               "prompt")
+            prompt = prompt[0]
+        return self._encode(prompt, "prompt") if isinstance(prompt, str) else list(prompt)
+
+    def _chat_prompt(self, messages: List[p.ChatMessage]) -> List[int]:
+        if self.tokenizer is None:
+            raise APIError(400, "messages: this model has no tokenizer for chat", "messages")
+        try:
+            text = self.tokenizer.apply_chat_template([{"role": m.role, "content": m.text()} for m in messages])
+        except (ValueError, jinja2.TemplateError) as e:   # the template itself may reject a conversation
+            raise APIError(400, f"messages: {e}", "messages") from None
+        return self.tokenizer.encode(text)
+
+    @staticmethod
+    def _params(body: p.SamplingFields, max_tokens: int, logprobs: bool) -> SamplingParams:
+        try:
+            return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, **body.sampling_kwargs())
+        except ValueError as e:
+            raise APIError.from_value_error(e) from None
+
+    async def _serve(self, request: Request, body: p.SamplingFields, prefix: str, prompt_ids, params,
+                     whole, events):
+        request_id = f"{prefix}-{uuid.uuid4().hex}"
+        stream = await self._add(request_id, prompt_ids, params, body.priority)
+        reply = responses.Reply(request_id, self.model_name, self.tokenizer, params.stop, params.logprobs,
+                                body.include_usage)
+        if body.stream:
+            return StreamingResponse(self._aborting_when_closed(request_id, events(reply, stream)),
+                                     media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        out = await self._final(request_id, stream, request)
+        return Response(status_code=_CLIENT_CLOSED) if out is None else whole(reply, out)
+
+    async def _add(self, request_id, prompt_ids, params, priority):
+        try:
+            return await self.engine_loop.add(request_id, prompt_ids, params, priority)
+        except ValueError as e:
+            self.metrics.rejected.labels("invalid").inc()
+            raise APIError.from_value_error(e) from None
+        except Overloaded as e:
+            self.metrics.rejected.labels("queue_full").inc()
+            raise APIError(429, str(e), code="queue_full", headers={"Retry-After": "1"}) from None
+        except EngineUnavailable as e:
+            raise APIError(503, str(e), code="engine_unavailable") from None
+        except EngineFailure as e:
+            raise APIError(500, str(e), code="engine_failure") from None
+
+    async def _aborting_when_closed(self, request_id: str, events):
+        # Starlette cancels the body iterator when the client disconnects; the finally aborts.
+        try:
+            async for event in events:
+                yield event
+        finally:
+            self.engine_loop.abort(request_id)   # before any await: a cancelled task may not get further
+            await events.aclose()
+
+    async def _final(self, request_id: str, stream, request: Request):
+        """The last output, or None if the client went away first (the request is then aborted)."""
+        async def disconnected():
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+        final = asyncio.ensure_future(stream.final())
+        gone = asyncio.ensure_future(disconnected())
+        try:
+            await asyncio.wait({final, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if not final.done():
+                return None
+            try:
+                return final.result()
+            except EngineUnavailable as e:
+                raise APIError(503, str(e), code="engine_unavailable") from None
+            except EngineFailure as e:
+                raise APIError(500, str(e), code="engine_failure") from None
+        finally:
+            gone.cancel()
+            final.cancel()
+            self.engine_loop.abort(request_id)
+
+    # -- assembly -----------------------------------------------------------------------------
+    def routes(self, app: FastAPI) -> None:
+        both = {200: {"content": _SSE}, **_ERRORS}
+        app.add_api_route("/v1/completions", self.completions, methods=["POST"],
+                          response_model=p.CompletionResponse, responses=both, tags=["openai"])
+        app.add_api_route("/v1/chat/completions", self.chat_completions, methods=["POST"],
+                          response_model=p.ChatCompletionResponse, responses=both, tags=["openai"])
+        app.add_api_route("/v1/models", self.models, methods=["GET"], response_model=p.ModelList,
+                          tags=["openai"])
+        app.add_api_route("/health", self.health, methods=["GET"],
+                          responses={503: _ERRORS[503]})
+        app.add_api_route("/metrics", self.prometheus, methods=["GET"], response_class=PlainTextResponse)
+
+
+def create_app(engine, model_name: str, *, max_waiting: int = 1024,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+    """An app serving `engine` as `model_name`; its engine thread runs while the app is up.
+
+    max_waiting bounds the requests waiting for their first token (429 beyond it);
+    max_body_bytes bounds request bodies (413 beyond it).
+    """
+    server = OpenAIServer(engine, model_name, max_waiting)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        server.engine_loop.start(asyncio.get_running_loop())
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(server.engine_loop.stop)
+
+    app = FastAPI(title="jaxserve", version=importlib.metadata.version("jaxserve"),
+                  description="OpenAI-compatible serving of one model.", lifespan=lifespan)
+    app.add_middleware(errors.BodyLimit, max_bytes=max_body_bytes)
+    app.state.server = server
+    errors.install(app)
+    server.routes(app)
+    app.openapi = lambda: _openapi(app)
+    return app
+
+
+def _openapi(app: FastAPI) -> dict:
+    """FastAPI's description, less the 422 it documents by default: invalid bodies get 400 here."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        for path in schema["paths"].values():
+            for operation in path.values():
+                operation.get("responses", {}).pop("422", None)
+        for name in ("HTTPValidationError", "ValidationError"):
+            schema.get("components", {}).get("schemas", {}).pop(name, None)
+        app.openapi_schema = schema
+    return app.openapi_schema

@@ -1,0 +1,218 @@
+"""The engine thread: the one caller of the (not thread-safe) Engine, bridged to asyncio.
+
+HTTP handlers, on the event loop, hand requests and aborts to the thread through a queue;
+the thread steps the engine while there is work and posts each step's outputs back to the
+event loop in one batch, where every request's `RequestStream` receives its own. A step that
+raises fails the requests it was running, and the thread goes on serving.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from jaxserve.engine.outputs import RequestOutput
+from jaxserve.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+_ACCEPTED = object()   # the engine queued the request
+_STOP = object()
+
+
+class Overloaded(Exception):
+    """The bound on requests waiting for their first token is reached."""
+
+
+class EngineUnavailable(Exception):
+    """The engine thread is not running (stopped, or died)."""
+
+
+class EngineFailure(Exception):
+    """The engine raised while running this request."""
+
+
+class RequestStream:
+    """The event-loop side of one request: its outputs, in order, ending with a finished one."""
+
+    def __init__(self, request_id: str):
+        self.request_id = request_id
+        self.started = False          # has its first token
+        self._items: asyncio.Queue = asyncio.Queue()
+
+    async def next(self):
+        item = await self._items.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    async def __aiter__(self):
+        while True:
+            out = await self.next()
+            yield out
+            if out.finished:
+                return
+
+    async def final(self) -> RequestOutput:
+        async for out in self:
+            last = out
+        return last
+
+
+class EngineLoop:
+    def __init__(self, engine, metrics=None, max_waiting: int = 1024):
+        self.engine, self.metrics, self.max_waiting = engine, metrics, max_waiting
+        self._clock = engine.clock
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: Dict[str, RequestStream] = {}   # event-loop side only
+        self._num_waiting = 0                          # streams without a first token
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._thread: Optional[threading.Thread] = None
+        self._dead = False
+
+    # -- event-loop side ----------------------------------------------------------------------
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._thread = threading.Thread(target=self._run, name="jaxserve-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self._thread is not None:
+            self._inbox.put(_STOP)
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._dead
+
+    @property
+    def num_waiting(self) -> int:
+        return self._num_waiting
+
+    async def add(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams,
+                  priority: int = 0) -> RequestStream:
+        """Queues a request; raises ValueError (bad input, naming the field), Overloaded or
+        EngineUnavailable. Returns once the engine has accepted it."""
+        if not self.alive:
+            raise EngineUnavailable("the engine is not running")
+        if self._num_waiting >= self.max_waiting:
+            raise Overloaded(f"{self._num_waiting} requests are already waiting to start "
+                             f"(the bound is {self.max_waiting}); retry later")
+        stream = self._streams[request_id] = RequestStream(request_id)
+        self._num_waiting += 1
+        self._inbox.put(("add", request_id, list(prompt_ids), params, self._clock(), priority))
+        try:
+            first = await stream.next()
+        except BaseException:
+            self.abort(request_id)
+            raise
+        assert first is _ACCEPTED, first
+        return stream
+
+    def abort(self, request_id: str) -> None:
+        """Stops a request (its client went away) and frees its pages; a no-op once it ended."""
+        if self._release(request_id):
+            self._inbox.put(("abort", request_id))
+
+    def _release(self, request_id: str) -> bool:
+        stream = self._streams.pop(request_id, None)
+        if stream is not None and not stream.started:
+            self._num_waiting -= 1
+        return stream is not None
+
+    def _deliver(self, batch: List[Tuple[str, object]]) -> None:
+        for request_id, item in batch:
+            stream = self._streams.get(request_id)
+            if stream is None:
+                continue   # aborted by its handler: nobody is listening
+            if isinstance(item, RequestOutput):
+                if item.token_ids and not stream.started:
+                    stream.started = True
+                    self._num_waiting -= 1
+                if item.finished:
+                    self._release(request_id)
+            elif isinstance(item, BaseException):
+                self._release(request_id)
+            stream._items.put_nowait(item)
+
+    def _fail_all(self, error: BaseException) -> None:
+        self._dead = True
+        self._deliver([(rid, error) for rid in list(self._streams)])
+
+    # -- engine thread ------------------------------------------------------------------------
+    def _post(self, batch: list) -> None:
+        if batch:
+            try:
+                self._loop.call_soon_threadsafe(self._deliver, batch)
+            except RuntimeError:   # the event loop has closed: the server is shutting down
+                pass
+
+    def _run(self) -> None:
+        try:
+            while True:
+                commands = self._take_commands()
+                if commands is None:
+                    return
+                # An abort's output comes from the next step: take it even when nothing else runs.
+                if self.engine.has_unfinished() or any(c[0] == "abort" for c in commands):
+                    self._step()
+                if self.metrics is not None:
+                    self.metrics.observe_engine(self.engine)
+        except BaseException:
+            log.exception("the engine thread died")
+        finally:
+            self._dead = True
+            try:
+                self._loop.call_soon_threadsafe(self._fail_all, EngineUnavailable("the engine stopped"))
+            except RuntimeError:
+                pass
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception as e:  # noqa: BLE001 - one bad step must not end the server
+            self._fail_running(e)
+            return
+        self._post([(o.request_id, o) for o in outputs])
+        if self.metrics is not None:
+            self.metrics.observe_outputs(outputs)
+
+    def _take_commands(self) -> Optional[list]:
+        """Applies queued adds and aborts (waiting for one when idle); None once told to stop."""
+        commands = [] if self.engine.has_unfinished() else [self._inbox.get()]
+        while True:
+            try:
+                commands.append(self._inbox.get_nowait())
+            except queue.Empty:
+                break
+        replies = []
+        for command in commands:
+            if command is _STOP:
+                return None
+            kind, request_id, *args = command
+            if kind == "abort":
+                if request_id in self.engine.requests:
+                    self.engine.abort(request_id)
+                continue
+            prompt_ids, params, arrival_time, priority = args
+            try:
+                self.engine.add_request(request_id, prompt_ids, params, arrival_time=arrival_time,
+                                        priority=priority)
+                replies.append((request_id, _ACCEPTED))
+            except ValueError as e:
+                replies.append((request_id, e))
+            except Exception as e:  # noqa: BLE001
+                log.exception("add_request failed")
+                replies.append((request_id, EngineFailure(f"the engine could not queue the request: {e}")))
+        self._post(replies)
+        return commands
+
+    def _fail_running(self, error: Exception) -> None:
+        request_ids = list(self.engine.requests)
+        log.error("engine step failed; failing its %d requests", len(request_ids), exc_info=error)
+        failure = EngineFailure(f"the engine failed while running this request ({type(error).__name__})")
+        for request_id in request_ids:
+            self.engine.abort(request_id)   # frees its pages; raising here ends the thread
+        self._post([(rid, failure) for rid in request_ids])

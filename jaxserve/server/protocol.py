@@ -1,0 +1,226 @@
+"""The OpenAI wire format: request and response models of the HTTP API.
+
+FastAPI validates every request body against these models and derives `/openapi.json` from
+them, so the constraints here are the API's documented contract. Numeric fields are strict
+(`"5"` and `true` are not integers) and non-finite floats are refused, as OpenAI does.
+Fields that OpenAI defines but jaxserve cannot honour accept only their neutral value, so that
+a request never silently gets something other than what it asked for.
+"""
+from __future__ import annotations
+
+import time
+from typing import Annotated, Dict, List, Literal, Optional, Union
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+INT32_MAX = 2 ** 31 - 1
+
+
+def _utf8(s: str) -> str:
+    # JSON may carry lone surrogates (\ud800) that no tokenizer can encode.
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode text (no lone surrogates)") from None
+    return s
+
+
+Text = Annotated[str, AfterValidator(_utf8)]
+TokenId = Annotated[int, Field(ge=0, le=INT32_MAX)]
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(strict=True, allow_inf_nan=False, extra="ignore")
+
+
+class StreamOptions(_Request):
+    include_usage: bool = Field(False, description="Send a last chunk with the usage counts.")
+
+
+class SamplingFields(_Request):
+    """Fields shared by both endpoints that map onto SamplingParams."""
+    model: Optional[Text] = Field(None, description="The served model's id (GET /v1/models); "
+                                  "omitted means the served model.")
+    temperature: Optional[float] = Field(None, ge=0, description="0 = greedy. Default 1.")
+    top_p: Optional[float] = Field(None, gt=0, le=1, description="Nucleus sampling mass. Default 1.")
+    top_k: Optional[int] = Field(None, ge=-1, le=INT32_MAX, description="Extension: keep the k most "
+                                 "likely tokens; 0 or -1 = off.")
+    seed: Optional[int] = Field(None, ge=0, lt=2 ** 32, description="Makes sampling reproducible.")
+    stop: Optional[Union[Text, List[Text]]] = Field(None, description="Strings that end the output "
+                                                    "(not included in it).")
+    stop_token_ids: Optional[List[TokenId]] = Field(None, description="Extension: token ids that end "
+                                                    "the output.")
+    ignore_eos: bool = Field(False, description="Extension: keep generating past end-of-sequence.")
+    n: Literal[1] = Field(1, description="Only one choice per request is supported.")
+    stream: bool = Field(False, description="Stream the answer as server-sent events.")
+    stream_options: Optional[StreamOptions] = None
+    presence_penalty: Optional[float] = Field(None, ge=0, le=0, description="Not supported: only 0.")
+    frequency_penalty: Optional[float] = Field(None, ge=0, le=0, description="Not supported: only 0.")
+    priority: int = Field(0, ge=-INT32_MAX, le=INT32_MAX, description="Extension: scheduling priority "
+                          "for policies that use it.")
+    user: Optional[Text] = None
+
+    def sampling_kwargs(self) -> dict:
+        stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
+        kw = dict(stop=stop, stop_token_ids=self.stop_token_ids or (), ignore_eos=self.ignore_eos,
+                  seed=self.seed, top_k=self.top_k or 0)
+        if self.temperature is not None:
+            kw["temperature"] = self.temperature
+        if self.top_p is not None:
+            kw["top_p"] = self.top_p
+        return kw
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+Prompt = Union[Text, List[TokenId], List[Text], List[List[TokenId]]]
+
+
+class CompletionRequest(SamplingFields):
+    prompt: Prompt = Field(description="Text, or a list of token ids. A list of prompts must hold "
+                           "exactly one (send one request per prompt).")
+    max_tokens: Optional[int] = Field(16, ge=1, le=INT32_MAX, description="Most tokens to generate.")
+    logprobs: Optional[int] = Field(None, ge=0, le=0, description="0: return each chosen token's "
+                                    "log-probability (top alternatives are not available).")
+    echo: Literal[False] = Field(False, description="Not supported: only false.")
+    best_of: Optional[Literal[1]] = Field(None, description="Not supported: only 1.")
+
+
+class TextPart(_Request):
+    type: Literal["text"]
+    text: Text
+
+
+class ChatMessage(_Request):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Optional[Union[Text, List[TextPart]]] = None
+    name: Optional[Text] = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "\n".join(p.text for p in self.content)
+        return self.content or ""
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: List[ChatMessage] = Field(min_length=1)
+    max_tokens: Optional[int] = Field(None, ge=1, le=INT32_MAX, description="Deprecated alias of "
+                                      "max_completion_tokens.")
+    max_completion_tokens: Optional[int] = Field(None, ge=1, le=INT32_MAX, description="Most tokens to "
+                                                 "generate; default: up to the context window.")
+    logprobs: bool = Field(False, description="Return each chosen token's log-probability.")
+    top_logprobs: Optional[int] = Field(None, ge=0, le=0, description="Not supported beyond 0.")
+
+
+# -- responses --------------------------------------------------------------------------------
+FinishReason = Optional[Literal["stop", "length"]]
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: List[str]
+    token_logprobs: List[float]
+    top_logprobs: Optional[List[Dict[str, float]]] = None
+    text_offset: List[int]
+
+
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    logprobs: Optional[CompletionLogprobs] = None
+    finish_reason: FinishReason = None
+
+
+class CompletionResponse(BaseModel):
+    """A completion; streamed, each server-sent event carries one of these with a text delta."""
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: List[CompletionChoice]
+    usage: Optional[Usage] = None
+
+
+class ChatTokenLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: List[int]
+    top_logprobs: List[dict] = []
+
+
+class ChatLogprobs(BaseModel):
+    content: List[ChatTokenLogprob]
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    logprobs: Optional[ChatLogprobs] = None
+    finish_reason: FinishReason = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: List[ChatChoice]
+    usage: Usage
+
+
+class Delta(BaseModel):
+    role: Optional[Literal["assistant"]] = None
+    content: Optional[str] = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int = 0
+    delta: Delta
+    logprobs: Optional[ChatLogprobs] = None
+    finish_reason: FinishReason = None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One server-sent event of a streamed chat completion."""
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: List[ChatChunkChoice]
+    usage: Optional[Usage] = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "jaxserve"
+    max_model_len: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: List[ModelCard]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: Optional[str] = None
+    code: Optional[str] = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
