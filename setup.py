@@ -31,5 +31,7 @@ setup(
         # an unpinned torch pulls a CUDA build of several GB.
         "test": ["pytest>=8", "torch==2.13.0", "transformers>=5.0", "accelerate>=1.0", "gguf>=0.17",
                  "openai>=1.40", "httpx>=0.27"],
+        # Plots of launch/bench_schedule.py.
+        "bench": ["matplotlib>=3.7"],
     },
 )
