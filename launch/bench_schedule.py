@@ -85,8 +85,8 @@ def engine_runs(config, loads, results):
             print(f"engine {name:8s} load {load:5.1f}/s: {fmt(results['engine'][name][str(load)])} "
                   f"({time.perf_counter() - t:.0f}s)", flush=True)
     cost.coef = cost.fit([f for f, _ in log], [t for _, t in log]).coef
-    bytes_per_page = 2 * cfg.num_layers * e.page_size * cfg.num_kv_heads * cfg.head_dim * np.dtype(cfg.jnp_dtype).itemsize
-    return cost, bytes_per_page
+    from jaxserve.cache.paged_kv import pool_bytes_per_page
+    return cost, pool_bytes_per_page(cfg, e.page_size)
 
 
 def fastserve_setting():

@@ -123,3 +123,25 @@ def test_planner_prefers_low_latency_that_covers_the_load():
     assert busy.throughput >= 3000 and busy.data > 1
     with pytest.raises(ValueError, match="do not fit"):
         planner.choose(2, 8, 40e9, 0, 16e9, step, 16)
+
+
+def test_swapped_out_requests_migrate_too(tiny, requests, reference):
+    """Under memory pressure some requests sit in host memory when the notice comes."""
+    from jaxserve.scheduling import PriorityPolicy
+    cfg, params, tok = tiny
+    devices = jax.devices()
+    small = EngineConfig(num_pages=14, page_size=8, host_pages=200, max_batch=4, token_budget=64, max_chunk=32)
+    cluster = ServingCluster(cfg, params, devices[:4], 2, 2, small, tok, make_policy=lambda: PriorityPolicy(watermark_pages=2))
+    for i, (rid, prompt, p) in enumerate(requests):
+        cluster.add_request(rid, prompt, p, priority=-i)  # later ones outrank: forces swaps
+    out, swapped_at_notice = {}, None
+    while cluster.has_unfinished():
+        if swapped_at_notice is None and any(e.host_pool.used for e in cluster.replicas):
+            swapped_at_notice = sum(e.host_pool.used for e in cluster.replicas)
+            event = cluster.notify_preemption(devices[:2], grace_s=30.0)
+            assert event.tokens_recomputed == 0 and event.requests_lost == 0
+        for o in cluster.step():
+            if o.finished:
+                out[o.request_id] = o.token_ids
+    assert swapped_at_notice  # the notice really found swapped-out KV
+    assert out == {rid: reference[rid] for rid, _, _ in requests}

@@ -64,21 +64,21 @@ class HostPagePool:
 
     def put(self, request_id: str, pool: dict, pages: Sequence[int]) -> int:
         """Copies `pages` of the device pool to host memory; returns the bytes moved."""
-        n = len(pages)
-        if n > self.num_free:
-            raise RuntimeError(f"host pool full: {n} pages asked, {self.num_free} free")
-        idx = np.zeros(bucket(n), np.int32)
-        idx[:n] = pages
-        data = {}
-        for name in ("k", "v"):
-            staged = gather_pages(pool[name], idx)
-            if self.memory_kind:
-                data[name] = jax.device_put(staged, self._sharding(staged.shape, self.memory_kind))
-            else:
-                data[name] = np.asarray(staged)  # backends without host memory spaces
-        self.entries[request_id] = HostEntry(data, n)
-        self.used += n
-        return n * sum(x.nbytes // x.shape[1] for x in data.values())
+        idx = np.zeros(bucket(len(pages)), np.int32)
+        idx[:len(pages)] = pages
+        return self.store(request_id, {name: gather_pages(pool[name], idx) for name in ("k", "v")}, len(pages))
+
+    def store(self, request_id: str, data: dict, num_pages: int) -> int:
+        """Keeps device buffers [L, >=num_pages, S, K, D] of a request in host memory."""
+        if num_pages > self.num_free:
+            raise RuntimeError(f"host pool full: {num_pages} pages asked, {self.num_free} free")
+        if self.memory_kind:
+            host = {name: jax.device_put(x, self._sharding(x.shape, self.memory_kind)) for name, x in data.items()}
+        else:
+            host = {name: np.asarray(x) for name, x in data.items()}  # backends without host memory spaces
+        self.entries[request_id] = HostEntry(host, num_pages)
+        self.used += num_pages
+        return num_pages * sum(x.nbytes // x.shape[1] for x in host.values())
 
     def upload(self, request_id: str) -> tuple:
         """Starts the host->device copy of a request's pages; returns (staged data, num_pages)."""

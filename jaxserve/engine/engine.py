@@ -171,12 +171,12 @@ class Engine:
         for r in sorted(self.requests.values(), key=lambda r: (r.arrival_time, r.request_id)):
             kv = None
             if with_kv and r.status is Status.RUNNING and r.pages:
-                idx = np.zeros(len(r.pages), np.int32)
-                idx[:] = r.pages
+                idx = np.asarray(r.pages, np.int32)
                 kv = {name: gather_pages(self.runner.cache[name], idx) for name in ("k", "v")}
             elif with_kv and r.status is Status.SWAPPED:
                 entry = self.host_pool.entries[r.request_id]
-                kv = {name: x[:, :entry.num_pages] for name, x in entry.data.items()}
+                on_device = self.runner.cache["k"].sharding  # slice on the device, not in host memory
+                kv = {name: jax.device_put(x, on_device)[:, :entry.num_pages] for name, x in entry.data.items()}
             if kv is None:
                 self.stats["recomputed_tokens"] += r.num_computed
                 r.num_computed = 0
@@ -191,19 +191,20 @@ class Engine:
         """Takes over a request exported by another engine; returns KV bytes copied in."""
         if r.request_id in self.requests:
             raise ValueError(f"request_id={r.request_id!r}: already in use")
-        moved = 0
-        if kv is not None:
-            n = kv["k"].shape[1]
+        moved, n = 0, (0 if kv is None else kv["k"].shape[1])
+        on_device = self.runner.cache["k"].sharding  # the pool's spec: only the page count differs
+        if kv is not None and n <= self.allocator.num_free:
             pages = self.allocator.allocate(n)
-            target = self.runner.cache["k"].sharding
-            staged = {}
-            for name, x in kv.items():
-                sharding = jax.sharding.NamedSharding(target.mesh, target.spec)
-                staged[name] = jax.device_put(x, sharding)
-                moved += x.nbytes
+            staged = {name: jax.device_put(x, on_device) for name, x in kv.items()}
+            moved = sum(x.nbytes for x in kv.values())
             self.runner.cache = write_staged(self.runner.cache, pages, staged)
             r.pages, r.status = pages, Status.RUNNING
-        else:
+        elif kv is not None and n <= self.host_pool.num_free:  # no room on the device: wait in host memory
+            moved = self.host_pool.store(r.request_id, {k: jax.device_put(x, on_device) for k, x in kv.items()}, n)
+            r.pages, r.status = [], Status.SWAPPED
+        else:  # no room anywhere (or no KV): recompute from the committed tokens
+            if kv is not None:
+                self.stats["recomputed_tokens"] += r.num_computed
             r.pages, r.num_computed, r.status = [], 0, Status.WAITING
         self.requests[r.request_id] = r
         if decoder is not None:

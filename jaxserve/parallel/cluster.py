@@ -17,6 +17,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import jax
 import numpy as np
 
+from jaxserve.cache.paged_kv import pool_bytes_per_page
 from jaxserve.checkpoint import store
 from jaxserve.engine.engine import Engine, EngineConfig
 from jaxserve.model.config import ModelConfig
@@ -242,8 +243,7 @@ class ServingCluster:
         return Engine(self.cfg, params, mesh, self.tokenizer, self.engine_config, policy=policy, clock=self.clock)
 
     def _page_bytes(self) -> int:
-        c = self.cfg
-        return 2 * c.num_layers * self.engine_config.page_size * c.num_kv_heads * c.head_dim * np.dtype(c.jnp_dtype).itemsize
+        return pool_bytes_per_page(self.cfg, self.engine_config.page_size)
 
     def _as_device_tree(self, params, mesh):
         """Host numpy trees are placed once (replicated on the mesh) so that reshard can slice them."""

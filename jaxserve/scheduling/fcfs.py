@@ -50,7 +50,9 @@ class FCFSPolicy:
             # Admit only if the whole known sequence fits now, so that prefill cannot stall midway.
             if pages_for(r.num_tokens, cache.page_size) > free:
                 break
+            if r.location == "host":  # its KV waits in host memory (e.g. after a migration)
+                plan.swap_in.append(r.request_id)
             plan.run.append((r.request_id, n))
-            free -= pages_for(r.num_tokens, cache.page_size) - r.num_pages  # reserve the rest too
+            free -= pages_for(r.num_tokens, cache.page_size)  # reserve the rest too
             budget, slots = budget - n, slots - 1
         return plan
