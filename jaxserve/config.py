@@ -16,8 +16,9 @@ def default_config() -> config_dict.ConfigDict:
     c.mesh = dict(data=1, model=1)
     c.sampling = dict(max_tokens=128, temperature=0.0, top_p=1.0, top_k=0, seed=0)
     # Paged KV cache and per-step limits of the iteration-level engine.
+    # attention_impl: decode attention, auto (Pallas kernel on GPU) | reference | pallas.
     c.engine = dict(page_size=16, num_pages=512, max_batch=32, token_budget=256, max_chunk=256,
-                    host_pages=0)
+                    host_pages=0, attention_impl="auto")
     # fcfs | mlfq | priority. mlfq and priority preempt at token granularity and keep preempted
     # jobs' KV, swapping it to host memory (engine.host_pages) to keep `watermark_pages` free.
     c.scheduler = dict(policy="fcfs", watermark_pages=0, prefetch=True,

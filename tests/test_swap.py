@@ -42,9 +42,7 @@ class ChaosPolicy:
                 plan.swap_out.append(rid)
                 host_free -= r.num_pages
             else:
-                keep.append((rid, n))
-                if r.location == "host":
-                    plan.swap_in.append(rid)
+                keep.append((rid, n))  # (FCFS itself swaps in the host-resident jobs it runs)
         plan.run = keep
         return plan
 
@@ -77,10 +75,7 @@ class PingPong:
     def schedule(self, requests, cache, now):
         (r,) = requests
         if r.num_generated < 3 or self.done >= 2 * self.cycles:
-            plan = self.fcfs.schedule(requests, cache, now)
-            if r.location == "host":
-                plan.swap_in.append(r.request_id)
-            return plan
+            return self.fcfs.schedule(requests, cache, now)  # swaps `r` in if it is on the host
         self.done += 1
         return Plan(swap_out=[r.request_id]) if r.location == "device" else Plan(swap_in=[r.request_id])
 

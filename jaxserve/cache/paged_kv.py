@@ -4,14 +4,17 @@ Pool: per layer K and V of shape [num_pages, page_size, kv_heads, head_dim], sta
 layers, sharded over `kv_heads` on the mesh's model axis. A request owns a list of pages (its
 page table); token at position p lives in page table[p // page_size], slot p % page_size.
 
-`paged_attend` is the pure-JAX reference (gather pages by page table, then dense attention),
-usable on every backend; accelerator kernels plug in behind the same signature.
+`paged_attend` writes the new keys and values, then attends: with the pure-JAX reference
+(gather pages by page table, then dense attention; every backend, every chunk length) or, for
+one-token decode steps with `impl="pallas"`, JAX's Pallas kernel reading the pool in place
+(jaxserve.cache.attention_kernels).
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
+from jaxserve.cache import attention_kernels
 from jaxserve.model.config import ModelConfig
 from jaxserve.model.llama import attention_scores_softmax
 from jaxserve.parallel.sharding import logical_sharding
@@ -38,11 +41,13 @@ def pool_bytes_per_page(cfg: ModelConfig, page_size: int) -> int:
     return 2 * cfg.num_layers * page_size * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(cfg.jnp_dtype).itemsize
 
 
-def paged_attend(q, k, v, cache, layer, positions, *, page_table):
+def paged_attend(q, k, v, cache, layer, positions, *, page_table, impl: str = "reference", mesh=None):
     """Writes k, v [B,T,K,D] into their pages, then attends over each sequence's pages.
 
     page_table [B,P] lists each sequence's pages (padding entries may be any page: they hold
     positions later than every query, so the causal mask hides them). positions [B,T]: -1 = pad.
+    impl: "reference" or "pallas" (decode steps, T == 1, only; longer chunks use the reference);
+    mesh: where the pool lives, for the kernel's per-shard call.
     """
     _, num_pages, page_size = cache["k"].shape[:3]
     B, P = page_table.shape
@@ -56,6 +61,14 @@ def paged_attend(q, k, v, cache, layer, positions, *, page_table):
         return pool.at[layer, page, offset].set(new.astype(pool.dtype), mode="drop")
 
     cache = {"k": write(cache["k"], k), "v": write(cache["v"], v)}
+
+    if impl == "pallas" and q.shape[1] == 1:
+        # A decode token at position p attends to p + 1 tokens; padding rows (p = -1) to none.
+        lengths = positions[:, 0] + 1
+        scaled = (q[:, 0].astype(jnp.float32) * q.shape[-1] ** -0.5).astype(q.dtype)
+        out = attention_kernels.decode_attention(scaled, cache["k"], cache["v"], layer, page_table,
+                                                 lengths, mesh=mesh)
+        return out[:, None], cache
 
     def gather(pool):
         pages = pool[layer, page_table]  # [B,P,page_size,K,D]

@@ -9,28 +9,15 @@ cheap device-side scatter writes it into freshly allocated pages.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Dict, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
+from jaxserve.cache import transfer
 from jaxserve.cache.paged_kv import POOL_AXES
 from jaxserve.parallel.sharding import logical_sharding
 from jaxserve.scheduling.cost_model import bucket
-
-
-@functools.partial(jax.jit)
-def gather_pages(pool, pages):
-    """pool [L,N,S,K,D], pages [n] -> [L,n,S,K,D] (padding entries may repeat any page)."""
-    return pool[:, pages]
-
-
-@functools.partial(jax.jit, donate_argnums=(0,))
-def scatter_pages(pool, pages, data):
-    """Writes data [L,n,S,K,D] into `pages` of the pool; out-of-range page ids are dropped."""
-    return pool.at[:, pages].set(data.astype(pool.dtype), mode="drop")
 
 
 def host_memory_kind(device) -> str | None:
@@ -64,16 +51,16 @@ class HostPagePool:
 
     def put(self, request_id: str, pool: dict, pages: Sequence[int]) -> int:
         """Copies `pages` of the device pool to host memory; returns the bytes moved."""
-        idx = np.zeros(bucket(len(pages)), np.int32)
+        idx = np.zeros(bucket(len(pages)), np.int32)  # padding re-reads page 0: harmless for a gather
         idx[:len(pages)] = pages
-        return self.store(request_id, {name: gather_pages(pool[name], idx) for name in ("k", "v")}, len(pages))
+        return self.store(request_id, transfer.gather(pool, idx), len(pages))
 
     def store(self, request_id: str, data: dict, num_pages: int) -> int:
         """Keeps device buffers [L, >=num_pages, S, K, D] of a request in host memory."""
         if num_pages > self.num_free:
             raise RuntimeError(f"host pool full: {num_pages} pages asked, {self.num_free} free")
         if self.memory_kind:
-            host = {name: jax.device_put(x, self._sharding(x.shape, self.memory_kind)) for name, x in data.items()}
+            host = transfer.to_host(data)
         else:
             host = {name: np.asarray(x) for name, x in data.items()}  # backends without host memory spaces
         self.entries[request_id] = HostEntry(host, num_pages)
@@ -95,8 +82,8 @@ class HostPagePool:
 
 
 def write_staged(pool: dict, pages: Sequence[int], staged: dict) -> dict:
-    """Scatters an uploaded staging buffer into `pages` of the pool (padding rows dropped)."""
+    """Scatters an uploaded staging buffer into `pages` of the donated pool (padding rows dropped)."""
     n_total = pool["k"].shape[1]
-    idx = np.full(staged["k"].shape[1], n_total, np.int32)
+    idx = n_total + np.arange(staged["k"].shape[1], dtype=np.int32)  # distinct out-of-range padding
     idx[:len(pages)] = pages
-    return {name: scatter_pages(pool[name], idx, staged[name]) for name in ("k", "v")}
+    return transfer.scatter(pool, idx, staged)

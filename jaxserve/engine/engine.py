@@ -14,7 +14,8 @@ import jax
 import numpy as np
 
 from jaxserve.cache.page_allocator import PageAllocator, pages_for
-from jaxserve.cache.swap import HostPagePool, gather_pages, write_staged
+from jaxserve.cache import transfer
+from jaxserve.cache.swap import HostPagePool, write_staged
 from jaxserve.engine.model_runner import Chunk, ModelRunner
 from jaxserve.engine.outputs import RequestOutput
 from jaxserve.engine.request import Request, Status
@@ -57,7 +58,8 @@ class Engine:
         self.policy = policy or make_policy(config.policy)
         self.allocator = PageAllocator(config.num_pages)
         self.host_pool = HostPagePool(config.host_pages, mesh)
-        self.runner = ModelRunner(cfg, params, mesh, config.num_pages, config.page_size, config.max_batch)
+        self.runner = ModelRunner(cfg, params, mesh, config.num_pages, config.page_size, config.max_batch,
+                                  attention_impl=config.attention_impl)
         self._staged: Dict[str, tuple] = {}  # uploads in flight: request_id -> (pages, device buffers)
         self.step_log: List[tuple] = []      # (cost features, seconds) of recent steps, for calibration
         self.max_context = min(cfg.max_seq_len, config.num_pages * config.page_size)
@@ -172,7 +174,7 @@ class Engine:
             kv = None
             if with_kv and r.status is Status.RUNNING and r.pages:
                 idx = np.asarray(r.pages, np.int32)
-                kv = {name: gather_pages(self.runner.cache[name], idx) for name in ("k", "v")}
+                kv = transfer.gather(self.runner.cache, idx)
             elif with_kv and r.status is Status.SWAPPED:
                 entry = self.host_pool.entries[r.request_id]
                 on_device = self.runner.cache["k"].sharding  # slice on the device, not in host memory

@@ -79,6 +79,34 @@ def init_random(cfg: ModelConfig, seed: int = 0) -> dict:
     return jax.tree_util.tree_map_with_path(init, param_specs(cfg), is_leaf=is_spec)
 
 
+def init_random_on_device(cfg: ModelConfig, mesh, seed: int = 0) -> dict:
+    """Random weights drawn on the devices, in cfg's dtype and already in their shardings.
+
+    Same scales as `init_random` (not the same numbers). For multi-GB models, where drawing
+    float32 on the host and copying would take minutes: each leaf is one jitted draw.
+    """
+    from jaxserve.parallel.sharding import param_shardings  # sharding imports this module
+
+    E, F, HD = cfg.embed_dim, cfg.mlp_dim, cfg.num_heads * cfg.head_dim
+    fan_in = {"wq": E, "wk": E, "wv": E, "wo": HD, "w_gate": E, "w_up": E, "w_down": F, "lm_head": E}
+    dtype = cfg.jnp_dtype
+    specs, treedef = jax.tree.flatten_with_path(param_specs(cfg), is_leaf=is_spec)
+    shardings = jax.tree.leaves(param_shardings(cfg, mesh))
+    root = jax.random.key(seed)
+    leaves = []
+    for i, ((path, s), sharding) in enumerate(zip(specs, shardings)):
+        name = path[-1].key
+        if s.axes[-1] == "norm":
+            loc, std = 1.0, 0.1
+        else:
+            loc, std = 0.0, (1.0 / np.sqrt(fan_in[name]) if name in fan_in else 0.02)
+        draw = jax.jit(lambda k, loc=loc, std=std, shape=s.shape:
+                       (loc + std * jax.random.normal(k, shape, jnp.float32)).astype(dtype),
+                       out_shardings=sharding)
+        leaves.append(draw(jax.random.fold_in(root, i)))
+    return jax.tree.unflatten(treedef, leaves)
+
+
 def check_params(params: dict, cfg: ModelConfig, source: str) -> None:
     """Raises a clear error when a loaded tree does not match the architecture's shapes."""
     want = jax.tree.flatten_with_path(param_specs(cfg), is_leaf=is_spec)[0]

@@ -1,0 +1,154 @@
+"""Decode attention over the page pool through JAX's shipped Pallas kernel, and picking an impl.
+
+`paged_kv.paged_attend` calls `decode_attention` for one-token-per-sequence steps when the
+engine's `attention_impl` resolves to 'pallas'; prefill chunks and the 'reference' impl keep the
+pure-JAX gather path. The kernel body is JAX's GPU `paged_attention_kernel` (Triton); only the
+grid and block specs are ours, so that it reads the engine's pool layout
+[layers, pages, page_size, kv_heads, head_dim] in place: the pool is viewed as
+[layers*pages, page_size, kv_heads, head_dim] (a free reshape), each program picks one kv head
+as a strided slice, and the layer becomes an offset added to the page table. The shipped wrapper
+(`paged_attention`) wants a head-major [kv_heads, pages, page_size, head_dim] array, which would
+cost a transpose of a whole layer of the pool on every step.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec as P
+
+IMPLS = ("auto", "reference", "pallas")
+
+
+def resolve_impl(impl: str, backend: Optional[str] = None) -> str:
+    """'auto' -> 'pallas' on GPU, else 'reference'. 'pallas' off GPU runs the kernel interpreted
+    (slow; for tests). TPU stays on the reference: its shipped kernels need a head-major pool."""
+    if impl not in IMPLS:
+        raise ValueError(f"engine.attention_impl={impl!r} is not one of {IMPLS}")
+    if impl == "auto":
+        return "pallas" if (backend or jax.default_backend()) == "gpu" else "reference"
+    return impl
+
+
+def decode_params(batch: int, pages_per_seq: int, num_kv_heads: int) -> tuple:
+    """(pages_per_compute_block, k_splits) for a decode step of this bucketed shape.
+
+    The grid is batch x kv_heads x k_splits programs. Splitting the sequence (k_splits) only pays
+    when batch x kv_heads alone leaves the 132 SMs of an H100 idle: batch 1 has 8 programs, so
+    there the sequence is cut into up to 32 pieces; each split costs a partial output and a
+    combine. Blocks of 8 pages (128 tokens x 256 B per head) keep enough bytes in flight.
+    On an H100 at 2k context this picked the fastest of the pairs swept at batch 1, 16, 64 and
+    128 (k_splits 16, 8, 2, 1; docs/benchmarks.md); 3-4 pipeline stages or 8 warps changed < 2%.
+    """
+    target_programs = 1024  # ~8 resident programs per SM on 132 SMs
+    ppcb = min(8, pages_per_seq)
+    k_splits = 1
+    while (batch * num_kv_heads * k_splits < target_programs
+           and pages_per_seq // (2 * k_splits) >= ppcb and k_splits < 32):
+        k_splits *= 2
+    return ppcb, k_splits
+
+
+def _combine(o, l, m):
+    """Merges the k_splits partial softmax results (o unnormalized) into the final output."""
+    m_max = m.max(axis=0)
+    w = jnp.exp(m - m_max[None])
+    l_sum = (l * w).sum(axis=0)
+    o_sum = (o * w[..., None]).sum(axis=0)
+    # rows with length 0 (batch padding) have l_sum == 0 and o_sum == 0: output 0, not NaN
+    return o_sum / jnp.where(l_sum > 0, l_sum, 1.0)[..., None]
+
+
+def pallas_decode_attention(q, k_pool, v_pool, layer, page_table, lengths, *,
+                            pages_per_compute_block: int, k_splits: int, num_warps: int = 4,
+                            num_stages: int = 2, interpret: bool = False):
+    """Attention of one query token per sequence over its pages, for one layer.
+
+    q [B,H,D] (already scaled by 1/sqrt(D): the kernel does not scale); k_pool, v_pool
+    [L, num_pages, page_size, K, D]; layer: scalar index; page_table [B,P] int32 (P divisible by
+    k_splits); lengths [B] int32 (tokens to attend, 0 = padding row). Returns [B,H,D] in q.dtype.
+    """
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plgpu
+    from jax.experimental.pallas.ops.gpu import paged_attention as shipped
+
+    L, NP, S, K, D = k_pool.shape
+    B, H, _ = q.shape
+    G = H // K
+    block_h = max(16, 1 << (G - 1).bit_length())  # Triton's dot needs >= 16 rows
+    num_p = page_table.shape[1]
+    if num_p % k_splits:
+        raise ValueError(f"pages per sequence {num_p} is not divisible by k_splits={k_splits}")
+    per_split = num_p // k_splits
+    ppcb = min(pages_per_compute_block, per_split)
+    if per_split % ppcb:
+        raise ValueError(f"{per_split} pages per split is not divisible by {ppcb} pages per block")
+
+    qg = q.reshape(B, K, G, D)
+    if block_h != G:
+        qg = jnp.pad(qg, ((0, 0), (0, 0), (0, block_h - G), (0, 0)))
+    k_flat = k_pool.reshape(L * NP, S, K, D)  # merges leading dims: a bitcast, no copy
+    v_flat = v_pool.reshape(L * NP, S, K, D)
+    tables = (page_table.astype(jnp.int32) + layer * NP).reshape(B, k_splits, per_split)
+
+    kernel = functools.partial(shipped.paged_attention_kernel, num_heads=G,
+                               pages_per_compute_block=ppcb, mask_value=shipped.DEFAULT_MASK_VALUE,
+                               attn_logits_soft_cap=None)
+    # Grid (batch, kv head, split): the kernel reads its split index as program_id(2).
+    pool_spec = pl.BlockSpec((L * NP, S, None, D), lambda b, h, s: (0, 0, h, 0))
+    o, l, m = pl.pallas_call(
+        kernel,
+        grid=(B, K, k_splits),
+        in_specs=[
+            pl.BlockSpec((None, None, block_h, D), lambda b, h, s: (b, h, 0, 0)),
+            pool_spec, None, pool_spec, None,
+            pl.BlockSpec((None, None, per_split), lambda b, h, s: (b, s, 0)),
+            pl.BlockSpec((1,), lambda b, h, s: (b,)),
+        ],
+        out_specs=[
+            pl.BlockSpec((None, None, None, block_h, D), lambda b, h, s: (s, b, h, 0, 0)),
+            pl.BlockSpec((None, None, None, block_h), lambda b, h, s: (s, b, h, 0)),
+            pl.BlockSpec((None, None, None, block_h), lambda b, h, s: (s, b, h, 0)),
+        ],
+        # partial outputs stay float32 until the combine: they are tiny next to the pages
+        out_shape=[jax.ShapeDtypeStruct((k_splits, B, K, block_h, D), jnp.float32),
+                   jax.ShapeDtypeStruct((k_splits, B, K, block_h), jnp.float32),
+                   jax.ShapeDtypeStruct((k_splits, B, K, block_h), jnp.float32)],
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name=f"jaxserve_paged_decode_ppcb{ppcb}_ks{k_splits}",
+    )(qg, k_flat, None, v_flat, None, tables, lengths.astype(jnp.int32))
+    out = _combine(o, l, m)[:, :, :G]
+    return out.reshape(B, H, D).astype(q.dtype)
+
+
+def decode_attention(q, k_pool, v_pool, layer, page_table, lengths, *, mesh: Optional[Mesh] = None,
+                     pages_per_compute_block: Optional[int] = None, k_splits: Optional[int] = None):
+    """`pallas_decode_attention` with shape-picked kernel parameters, per model shard.
+
+    On a mesh whose `model` axis shards the kv heads, each device runs the kernel on its own
+    heads (shard_map): a pallas_call has no partitioning rule, and XLA would otherwise gather
+    the whole pool onto every device.
+    """
+    L, NP, S, K, D = k_pool.shape
+    B, num_p = page_table.shape
+    ppcb, ks = decode_params(B, num_p, K)
+    ppcb = pages_per_compute_block or ppcb
+    ks = k_splits or ks
+    kernel = functools.partial(pallas_decode_attention, pages_per_compute_block=ppcb, k_splits=ks,
+                               interpret=jax.default_backend() != "gpu")
+    model = 1 if mesh is None else mesh.shape.get("model", 1)
+    if model == 1 or K % model:
+        return kernel(q, k_pool, v_pool, layer, page_table, lengths)
+    heads = P(None, "model", None)
+    pool = P(None, None, None, "model", None)
+    return jax.shard_map(kernel, mesh=mesh, in_specs=(heads, pool, pool, P(), P(), P()),
+                         out_specs=heads, check_vma=False)(q, k_pool, v_pool, layer, page_table, lengths)
+
+
+def decode_bytes(batch: int, context: int, num_layers: int, num_kv_heads: int, head_dim: int,
+                 itemsize: int = 2) -> int:
+    """KV bytes one decode step must read: every layer's K and V of every context token."""
+    return 2 * batch * context * num_layers * num_kv_heads * head_dim * itemsize
