@@ -16,11 +16,7 @@ from jaxserve import sampling
 from jaxserve.model import llama
 from jaxserve.model.config import ModelConfig
 from jaxserve.parallel.sharding import logical_sharding
-
-
-def bucket(n: int, minimum: int = 16) -> int:
-    """Next power of two >= n (>= minimum): bounds the number of compiled shapes."""
-    return max(minimum, 1 << (max(n, 1) - 1).bit_length())
+from jaxserve.scheduling.cost_model import bucket
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
@@ -45,8 +41,8 @@ def generate_stream(params, cfg: ModelConfig, mesh, prompts: Sequence[Sequence[i
     total = int(lengths.max()) + max_tokens
     if total > cfg.max_seq_len:
         raise ValueError(f"prompt length + max_tokens = {total} exceeds model.max_seq_len={cfg.max_seq_len}")
-    T = bucket(int(lengths.max()))
-    S = min(bucket(total), bucket(cfg.max_seq_len))
+    T = bucket(int(lengths.max()), 16)  # powers of two bound the number of compiled shapes
+    S = min(bucket(total, 16), bucket(cfg.max_seq_len, 16))
     cache = llama.init_dense_cache(cfg, B, S)
     cache_sharding = logical_sharding(("layers", "batch", "seq", "kv_heads", "head_dim"), cache["k"].shape, mesh)
     cache = jax.device_put(cache, cache_sharding)

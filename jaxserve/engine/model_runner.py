@@ -21,6 +21,7 @@ from jaxserve import sampling
 from jaxserve.cache import attention_kernels, paged_kv
 from jaxserve.model import llama
 from jaxserve.model.config import ModelConfig
+from jaxserve.scheduling.cost_model import call_shape
 
 TRACE_COUNT = {"paged_step": 0}  # incremented only when jax traces (i.e. compiles) a new shape
 
@@ -50,11 +51,6 @@ def _apply_xla_flags() -> None:
 
 
 _apply_xla_flags()
-
-
-def bucket(n: int, minimum: int = 1) -> int:
-    """Next power of two >= n (and >= minimum)."""
-    return max(minimum, 1 << (max(n, 1) - 1).bit_length())
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "attention_impl", "mesh"), donate_argnames=("cache",))
@@ -114,12 +110,10 @@ class ModelRunner:
     def pack(self, chunks: Sequence[Chunk]) -> tuple:
         """The bucketed host arrays of `_paged_step` for these chunks (padding rows: position -1)."""
         n = len(chunks)
-        B = min(bucket(n), bucket(self.max_batch)) if n <= self.max_batch else bucket(n)
-        T = bucket(max(len(c.tokens) for c in chunks))
-        T = 1 if T == 1 else max(T, 16)
+        B, T, P = call_shape([len(c.tokens) for c in chunks], [len(c.pages) for c in chunks],
+                             self.max_batch, self.max_pages_per_seq)
         if T == 1:
             B = max(B, self.min_decode_rows)
-        P = min(bucket(max(len(c.pages) for c in chunks)), bucket(self.max_pages_per_seq))
         tokens = np.zeros((B, T), np.int32)
         positions = np.full((B, T), -1, np.int32)
         page_table = np.zeros((B, P), np.int32)

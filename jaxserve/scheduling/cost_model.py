@@ -19,12 +19,16 @@ FEATURES = ("prefill_calls", "prefill_tokens", "prefill_attention",
 
 
 def bucket(n: int, minimum: int = 1) -> int:
-    """Next power of two >= n (and >= minimum): the shape buckets of jitted steps."""
+    """Next power of two >= n (and >= minimum): the shape buckets of every jitted step."""
     return max(minimum, 1 << (max(n, 1) - 1).bit_length())
 
 
 def call_shape(chunk_lens: Sequence[int], chunk_pages: Sequence[int], max_batch: int, max_pages: int) -> tuple:
-    """(B, T, P): the padded batch, chunk length and pages per sequence of one runner call."""
+    """(B, T, P): the padded batch, chunk length and pages per sequence of one runner call.
+
+    The one definition of the runner's buckets: ModelRunner.pack uses it, so the cost model
+    sees exactly the shapes the device runs.
+    """
     n = len(chunk_lens)
     B = bucket(n) if n > max_batch else min(bucket(n), bucket(max_batch))
     T = bucket(max(chunk_lens))
