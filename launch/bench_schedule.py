@@ -10,7 +10,6 @@ The last line printed is one JSON object: per backend, policy and load, the aver
 and p99 JCT and TTFT (seconds), TPOT and goodput.
 """
 import copy
-import dataclasses
 import json
 import os
 import time

@@ -1,6 +1,5 @@
 """SpotServe on 8 fake CPU devices: every (data, model) shape, preemption with and without grace."""
 import jax
-import numpy as np
 import pytest
 
 from jaxserve import Engine, EngineConfig, SamplingParams

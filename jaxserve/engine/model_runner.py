@@ -14,7 +14,6 @@ import os
 from typing import Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxserve import sampling
@@ -109,7 +108,6 @@ class ModelRunner:
 
     def pack(self, chunks: Sequence[Chunk]) -> tuple:
         """The bucketed host arrays of `_paged_step` for these chunks (padding rows: position -1)."""
-        n = len(chunks)
         B, T, P = call_shape([len(c.tokens) for c in chunks], [len(c.pages) for c in chunks],
                              self.max_batch, self.max_pages_per_seq)
         if T == 1:

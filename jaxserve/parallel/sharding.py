@@ -11,7 +11,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jaxserve.model.params import ParamSpec, is_spec, param_specs
+from jaxserve.model.params import is_spec, param_specs
 
 MESH_AXES = ("data", "model")
 
