@@ -50,3 +50,19 @@ def tiny_config():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config()
+
+
+@pytest.fixture(scope="session")
+def tiny_host(tiny_config):
+    """(ModelConfig, host numpy params, Tokenizer) of configs/tiny.py."""
+    from jaxserve.checkpoint.load import load_host
+    return load_host(tiny_config.checkpoint, tiny_config.model)
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_host):
+    """(ModelConfig, params on a 1x1 mesh, the mesh, Tokenizer) of configs/tiny.py."""
+    from jaxserve.parallel.sharding import make_mesh, shard_params
+    cfg, params, tokenizer = tiny_host
+    mesh = make_mesh(1, 1)
+    return cfg, shard_params(params, cfg, mesh), mesh, tokenizer

@@ -5,19 +5,11 @@ import numpy as np
 import pytest
 
 from jaxserve import Engine, EngineConfig, SamplingParams
-from jaxserve.checkpoint.load import load_host
 from jaxserve.dense_generate import generate as dense_generate
 from jaxserve.engine import model_runner
 from jaxserve.parallel.sharding import make_mesh, shard_params
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_config):
-    cfg, params, tokenizer = load_host(tiny_config.checkpoint, tiny_config.model)
-    mesh = make_mesh(1, 1)
-    return cfg, shard_params(params, cfg, mesh), mesh, tokenizer
 
 
 def make_engine(tiny, **kw):

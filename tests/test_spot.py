@@ -4,7 +4,6 @@ import pytest
 
 from jaxserve import Engine, EngineConfig, SamplingParams
 from jaxserve.checkpoint import store
-from jaxserve.checkpoint.load import load_host
 from jaxserve.parallel import matching, planner
 from jaxserve.parallel.cluster import ServingCluster
 from jaxserve.parallel.sharding import make_mesh, shard_params
@@ -17,20 +16,14 @@ CONFIG = EngineConfig(num_pages=128, max_batch=8, token_budget=64, max_chunk=32)
 
 
 @pytest.fixture(scope="module")
-def tiny(tiny_config):
-    cfg, params, tokenizer = load_host(tiny_config.checkpoint, tiny_config.model)
-    return cfg, params, tokenizer
-
-
-@pytest.fixture(scope="module")
 def requests():
     return [(f"r{i}", p, GREEDY if i % 2 else SEEDED) for i, p in enumerate(mixed_prompts(6, seed=21))]
 
 
 @pytest.fixture(scope="module")
-def reference(tiny, requests):
+def reference(tiny_host, requests):
     """Outputs of one device, uninterrupted."""
-    cfg, params, tok = tiny
+    cfg, params, tok = tiny_host
     mesh = make_mesh(1, 1)
     engine = Engine(cfg, shard_params(params, cfg, mesh), mesh, tok, CONFIG)
     return drain(engine, requests)
@@ -51,15 +44,15 @@ def drain(server, requests, steps_before=None, event=None):
 
 
 @pytest.mark.parametrize("shape", [(1, 2), (2, 1), (2, 2), (1, 4), (4, 1), (1, 8), (2, 4), (4, 2), (8, 1)])
-def test_every_mesh_shape_gives_the_single_device_outputs(tiny, requests, reference, shape):
-    cfg, params, tok = tiny
+def test_every_mesh_shape_gives_the_single_device_outputs(tiny_host, requests, reference, shape):
+    cfg, params, tok = tiny_host
     cluster = ServingCluster(cfg, params, jax.devices()[:shape[0] * shape[1]], *shape, CONFIG, tok)
     assert cluster.shape == shape
     assert drain(cluster, requests) == reference
 
 
-def test_preempting_4_of_8_with_grace_loses_and_recomputes_nothing(tiny, requests, reference):
-    cfg, params, tok = tiny
+def test_preempting_4_of_8_with_grace_loses_and_recomputes_nothing(tiny_host, requests, reference):
+    cfg, params, tok = tiny_host
     devices = jax.devices()
     cluster = ServingCluster(cfg, params, devices, 2, 4, CONFIG, tok)
     events = []
@@ -74,8 +67,8 @@ def test_preempting_4_of_8_with_grace_loses_and_recomputes_nothing(tiny, request
     assert e.param_bytes_moved < cluster.param_bytes * cluster.shape[0]
 
 
-def test_preemption_without_grace_restores_params_from_the_checkpoint_and_recomputes_kv(tiny, requests, reference, tmp_path):
-    cfg, params, tok = tiny
+def test_preemption_without_grace_restores_params_from_the_checkpoint_and_recomputes_kv(tiny_host, requests, reference, tmp_path):
+    cfg, params, tok = tiny_host
     store.save(str(tmp_path), cfg, params)
     devices = jax.devices()
     cluster = ServingCluster(cfg, params, devices, 1, 8, CONFIG, tok, checkpoint_path=str(tmp_path))
@@ -88,8 +81,8 @@ def test_preemption_without_grace_restores_params_from_the_checkpoint_and_recomp
     assert e.tokens_recomputed > 0 and e.kv_bytes_moved == 0
 
 
-def test_acquisition_grows_the_mesh_again(tiny, requests, reference):
-    cfg, params, tok = tiny
+def test_acquisition_grows_the_mesh_again(tiny_host, requests, reference):
+    cfg, params, tok = tiny_host
     devices = jax.devices()
     cluster = ServingCluster(cfg, params, devices[:2], 1, 2, CONFIG, tok)
     events = []
@@ -124,10 +117,10 @@ def test_planner_prefers_low_latency_that_covers_the_load():
         planner.choose(2, 8, 40e9, 0, 16e9, step, 16)
 
 
-def test_swapped_out_requests_migrate_too(tiny, requests, reference):
+def test_swapped_out_requests_migrate_too(tiny_host, requests, reference):
     """Under memory pressure some requests sit in host memory when the notice comes."""
     from jaxserve.scheduling import PriorityPolicy
-    cfg, params, tok = tiny
+    cfg, params, tok = tiny_host
     devices = jax.devices()
     small = EngineConfig(num_pages=14, page_size=8, host_pages=200, max_batch=4, token_budget=64, max_chunk=32)
     cluster = ServingCluster(cfg, params, devices[:4], 2, 2, small, tok, make_policy=lambda: PriorityPolicy(watermark_pages=2))

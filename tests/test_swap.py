@@ -3,20 +3,11 @@ import numpy as np
 import pytest
 
 from jaxserve import Engine, EngineConfig, SamplingParams
-from jaxserve.checkpoint.load import load_host
-from jaxserve.parallel.sharding import make_mesh, shard_params
 from jaxserve.scheduling import FCFSPolicy, MLFQPolicy, PriorityPolicy
 from jaxserve.scheduling.cost_model import CostModel
 from jaxserve.scheduling.plan import Plan
 
 from test_engine import mixed_prompts, run_all
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_config):
-    cfg, params, tokenizer = load_host(tiny_config.checkpoint, tiny_config.model)
-    mesh = make_mesh(1, 1)
-    return cfg, shard_params(params, cfg, mesh), mesh, tokenizer
 
 
 def engine_with(tiny, policy, **kw):
