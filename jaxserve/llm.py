@@ -10,7 +10,7 @@ from typing import List, Optional, Sequence, Union
 
 from jaxserve.checkpoint.load import load
 from jaxserve.config import validate
-from jaxserve.engine.engine import Engine, EngineConfig
+from jaxserve.engine.engine import Engine, EngineConfig, engine_cost_model
 from jaxserve.engine.outputs import RequestOutput
 from jaxserve.parallel.sharding import make_mesh
 from jaxserve.sampling_params import SamplingParams
@@ -24,8 +24,7 @@ def engine_from_config(config) -> Engine:
     mesh = make_mesh(config.mesh.data, config.mesh.model)
     cfg, params, tokenizer = load(config.checkpoint, config.model, mesh)
     engine_config = EngineConfig(policy=config.scheduler.policy, **config.engine)
-    cost_model = CostModel(page_size=engine_config.page_size, max_batch=engine_config.max_batch,
-                           max_chunk=engine_config.max_chunk, max_pages=-(-cfg.max_seq_len // engine_config.page_size))
+    cost_model = engine_cost_model(cfg, engine_config)
     policy = policy_from_config(config.scheduler, cost_model)
     return Engine(cfg, params, mesh, tokenizer, engine_config, policy=policy, cost_model=cost_model)
 

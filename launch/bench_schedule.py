@@ -57,15 +57,17 @@ def engine_runs(config, loads, results):
     """Replays every (policy, load) on the engine; returns the cost model fitted to all steps."""
     from jaxserve.checkpoint.load import load as load_model
     from jaxserve.parallel.sharding import make_mesh
-    from jaxserve.scheduling.cost_model import CostModel
+    from jaxserve.engine.engine import EngineConfig, engine_cost_model
     from jaxserve.sim.engine_replay import replay
     mesh = make_mesh(config.mesh.data, config.mesh.model)
     cfg, params, tokenizer = load_model(config.checkpoint, config.model, mesh)
-    e = config.engine
-    cost = CostModel(page_size=e.page_size, max_batch=e.max_batch, max_chunk=e.max_chunk,
-                     max_pages=-(-cfg.max_seq_len // e.page_size))
+    cost = engine_cost_model(cfg, EngineConfig(**config.engine))
     log = []
-    # Warm-up: compile the bucketed shapes and profile steps, with arrivals compressed.
+    # Warm-up: compile every step shape (a compilation mid-replay would stall the clock by
+    # seconds), then profile steps with arrivals compressed.
+    t = time.perf_counter()
+    compiled = make_engine(config, "fcfs", cfg, params, mesh, tokenizer, cost).precompile()
+    print(f"compiled {compiled} step shapes in {time.perf_counter() - t:.0f} s", flush=True)
     warm = workload(max(loads) * 4)
     for name in _POLICIES.value:
         engine = make_engine(config, name, cfg, params, mesh, tokenizer, cost)
@@ -84,8 +86,7 @@ def engine_runs(config, loads, results):
             print(f"engine {name:8s} load {load:5.1f}/s: {fmt(results['engine'][name][str(load)])} "
                   f"({time.perf_counter() - t:.0f}s)", flush=True)
     cost.coef = cost.fit([f for f, _ in log], [t for _, t in log]).coef
-    from jaxserve.cache.paged_kv import pool_bytes_per_page
-    return cost, pool_bytes_per_page(cfg, e.page_size)
+    return cost, cost.page_bytes
 
 
 def fastserve_setting():
@@ -99,10 +100,11 @@ def fastserve_setting():
         1e-3, flops_token / (312e12 * 0.6), 4 * 5120 * 40 / (312e12 * 0.6),   # prefill: call, token, qk pair
         weights_s, flops_token / (312e12 * 0.3), kv_token / 2.0e12,          # decode: call, token, context token
         1 / 25e9])                                                           # swap over PCIe 4
-    cost = CostModel(coef=coef, page_size=16, max_batch=16, max_chunk=2048, max_pages=128)
+    cost = CostModel(coef=coef, page_size=16, max_batch=16, max_chunk=2048, max_pages=128, page_bytes=kv_token * 16)
     kv_pages = int((80e9 - 26e9 - 4e9) / (kv_token * 16))
     return cost, SimConfig(num_pages=kv_pages, page_size=16, host_pages=4 * kv_pages, max_batch=16,
-                           token_budget=2048, max_chunk=2048, bytes_per_page=kv_token * 16)
+                           token_budget=2048, max_chunk=2048, bytes_per_page=kv_token * 16,
+                           overlap_swaps=True)
 
 
 def sim_runs(config, loads, cost, sim_config, results, key):

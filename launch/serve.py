@@ -9,6 +9,7 @@ Endpoints: /v1/completions, /v1/chat/completions, /v1/models, /health, /metrics,
 """
 import os
 import sys
+import time
 
 from absl import flags
 from ml_collections import config_flags
@@ -24,6 +25,8 @@ _MAX_WAITING = flags.DEFINE_integer("max_waiting_requests", 1024, "Requests that
                                     "token; beyond it new requests get 429.", lower_bound=0)
 _MAX_BODY = flags.DEFINE_integer("max_body_bytes", 4 << 20, "Largest request body; beyond it 413.", lower_bound=1)
 _ACCESS_LOG = flags.DEFINE_bool("access_log", False, "Log every HTTP request.")
+_PRECOMPILE = flags.DEFINE_bool("precompile", False, "Compile every step shape before listening, so that no "
+                                "request waits on XLA (minutes on CPU for a real model; worth it on accelerators).")
 
 
 def main(argv):
@@ -37,6 +40,9 @@ def main(argv):
     name = _MODEL_NAME.value or os.path.splitext(os.path.basename(
         config_flags.get_config_filename(flags.FLAGS["config"])))[0]
     engine = engine_from_config(config)
+    if _PRECOMPILE.value:
+        t = time.perf_counter()
+        sys.stderr.write(f"compiled {engine.precompile()} step shapes in {time.perf_counter() - t:.0f} s\n")
     app = create_app(engine, name, max_waiting=_MAX_WAITING.value, max_body_bytes=_MAX_BODY.value)
     sys.stderr.write(f"serving {name!r} at http://{_HOST.value}:{_PORT.value}/v1\n")
     uvicorn.run(app, host=_HOST.value, port=_PORT.value, access_log=_ACCESS_LOG.value, log_level="info")

@@ -179,3 +179,23 @@ def test_llm_generate_on_smollm2_answers_and_matches_dense(smollm2):
                          stop_token_ids=tokenizer.eos_token_ids)
     assert [out["q0"].token_ids, out["q1"].token_ids] == ref
     assert isinstance(jaxserve.LLM, type)
+
+
+def test_precompile_covers_every_shape_a_run_reaches_and_leaves_the_cache_intact(tiny):
+    import dataclasses
+    cfg, params, mesh, tokenizer = tiny
+    small = (dataclasses.replace(cfg, max_seq_len=64), params, mesh, tokenizer)  # 4 pages a sequence
+    rng = np.random.default_rng(3)
+    requests = []
+    for i in range(6):
+        prompt = rng.integers(3, 1000, size=int(rng.integers(1, 50))).tolist()
+        requests.append((f"r{i}", prompt, SamplingParams(max_tokens=63 - len(prompt))))
+    plain = run_all(make_engine(small, token_budget=32, max_chunk=32, max_batch=2, num_pages=16), requests)
+    engine = make_engine(small, token_budget=32, max_chunk=32, max_batch=2, num_pages=16)
+    compiled = engine.precompile()
+    assert compiled > 0 and engine.precompile() == 0  # the second call finds everything compiled
+    before = model_runner.TRACE_COUNT["paged_step"]
+    out = run_all(engine, requests)
+    assert model_runner.TRACE_COUNT["paged_step"] == before  # serving compiled nothing new
+    for rid, _, _ in requests:  # the padding-only warm-up calls wrote nothing into the pool
+        assert out[rid].token_ids == plain[rid].token_ids

@@ -76,8 +76,16 @@ def test_swap_out_worst_ranked_then_preempt_when_host_is_full():
     plan = p.schedule([hi, mid, low], cache(free=1, host=10, batch=2), 0.0)
     assert plan.swap_out == ["low"] and plan.preempt == []
     assert ("hi", 48) in plan.run and ("mid", 1) in plan.run
+    # host full: a job not started yet waits rather than throw away another job's work...
     plan = p.schedule([hi, mid, low], cache(free=1, host=0, batch=2), 0.0)
-    assert plan.preempt == ["low"] and plan.swap_out == []
+    assert plan.preempt == [] and plan.swap_out == [] and plan.run == [("mid", 1), ("low", 1)]
+    # ...and a started job drops a lower-ranked cache only when nothing could run otherwise
+    grow = view("grow", prompt=32, computed=32, generated=1, pages=2, location="device", priority=0)  # next page
+    full = view("full", prompt=32, computed=32, generated=1, pages=2, location="device", priority=1)
+    plan = p.schedule([grow, full], cache(free=0, host=0, batch=2), 0.0)
+    assert plan.preempt == ["full"] and plan.run == [("grow", 1)]
+    plan = p.schedule([grow, mid], cache(free=0, host=0, batch=2), 0.0)
+    assert plan.preempt == [] and plan.run == [("mid", 1)]  # mid fits: it runs, grow waits
 
 
 def test_watermark_offloads_idle_jobs_and_prefetch_brings_back_the_next_in_line():

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 
 from jaxserve.cache.page_allocator import PageAllocator, pages_for
-from jaxserve.cache import transfer
+from jaxserve.cache import paged_kv, transfer
 from jaxserve.cache.swap import HostPagePool, write_staged
 from jaxserve.engine.model_runner import Chunk, ModelRunner
 from jaxserve.engine.outputs import RequestOutput
@@ -46,15 +46,20 @@ class EngineConfig:
             raise ValueError(f"engine.host_pages must be an integer >= 0, got {self.host_pages!r}")
 
 
+def engine_cost_model(cfg: ModelConfig, config: EngineConfig) -> CostModel:
+    """A cost model (default coefficients until calibrated) for this model and these engine limits."""
+    return CostModel(page_size=config.page_size, max_batch=config.max_batch, max_chunk=config.max_chunk,
+                     max_pages=-(-cfg.max_seq_len // config.page_size),
+                     page_bytes=paged_kv.pool_bytes_per_page(cfg, config.page_size))
+
+
 class Engine:
     def __init__(self, cfg: ModelConfig, params, mesh, tokenizer: Optional[Tokenizer] = None,
                  config: EngineConfig = EngineConfig(), policy=None,
                  clock: Callable[[], float] = time.monotonic, seed: int = 0,
                  cost_model: Optional[CostModel] = None):
         self.cfg, self.config, self.tokenizer, self.clock = cfg, config, tokenizer, clock
-        self.cost_model = cost_model or CostModel(
-            page_size=config.page_size, max_batch=config.max_batch, max_chunk=config.max_chunk,
-            max_pages=-(-cfg.max_seq_len // config.page_size))
+        self.cost_model = cost_model or engine_cost_model(cfg, config)
         self.policy = policy or make_policy(config.policy)
         self.allocator = PageAllocator(config.num_pages)
         self.host_pool = HostPagePool(config.host_pages, mesh)
@@ -224,6 +229,10 @@ class Engine:
     @property
     def host_pages_in_use(self) -> int:
         return self.host_pool.used
+
+    def precompile(self) -> int:
+        """Compiles every step shape up front (see ModelRunner.precompile); returns how many."""
+        return self.runner.precompile(self.config.max_chunk, self.config.token_budget)
 
     def calibrate(self) -> CostModel:
         """Refits the cost model (shared with the policy) to the steps run so far."""

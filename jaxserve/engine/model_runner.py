@@ -20,7 +20,7 @@ from jaxserve import sampling
 from jaxserve.cache import attention_kernels, paged_kv
 from jaxserve.model import llama
 from jaxserve.model.config import ModelConfig
-from jaxserve.scheduling.cost_model import call_shape
+from jaxserve.scheduling.cost_model import call_shape, step_shapes
 
 TRACE_COUNT = {"paged_step": 0}  # incremented only when jax traces (i.e. compiles) a new shape
 
@@ -105,6 +105,27 @@ class ModelRunner:
                                                         **self.step_kwargs())
         n = len(chunks)
         return np.asarray(next_tokens)[:n], np.asarray(logprobs)[:n]
+
+    def precompile(self, max_chunk: int, token_budget: int) -> int:
+        """Compiles every step shape serving can reach, so that no request ever waits on XLA.
+
+        Each shape runs once with padding rows only (position -1), which write nothing to the
+        cache. Returns the number of shapes compiled now (0 when all were compiled already).
+        """
+        before = TRACE_COUNT["paged_step"]
+        seen = set()
+        for B, T, P in step_shapes(self.max_batch, max_chunk, token_budget, self.max_pages_per_seq):
+            if T == 1:
+                B = max(B, self.min_decode_rows)
+            if (B, T, P) in seen:
+                continue
+            seen.add((B, T, P))
+            host = (np.zeros((B, T), np.int32), np.full((B, T), -1, np.int32), np.zeros((B, P), np.int32),
+                    np.zeros(B, np.int32), np.zeros(B, np.float32), np.zeros(B, np.int32),
+                    np.ones(B, np.float32), np.zeros(B, np.uint32), np.zeros(B, np.int32))
+            next_tokens, _, self.cache = _paged_step(self.params, self.cache, *host, **self.step_kwargs())
+        jax.block_until_ready(self.cache)
+        return TRACE_COUNT["paged_step"] - before
 
     def pack(self, chunks: Sequence[Chunk]) -> tuple:
         """The bucketed host arrays of `_paged_step` for these chunks (padding rows: position -1)."""

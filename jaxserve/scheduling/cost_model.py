@@ -37,6 +37,27 @@ def call_shape(chunk_lens: Sequence[int], chunk_pages: Sequence[int], max_batch:
     return B, T, P
 
 
+def step_shapes(max_batch: int, max_chunk: int, token_budget: int, max_pages: int) -> list:
+    """Every (B, T, P) that `call_shape` can produce under these engine limits.
+
+    A call holds either decodes (T == 1) or prefill chunks of 2..max_chunk tokens whose sum is
+    at most token_budget; shapes no such call can reach (e.g. 8 rows of 128 under a budget of
+    128) are left out.
+    """
+    pages = sorted({min(bucket(p), bucket(max_pages)) for p in range(1, max_pages + 1)})
+    rows = sorted({call_shape([1] * n, [1], max_batch, max_pages)[0] for n in range(1, max_batch + 1)})
+    shapes = [(B, 1, P) for B in rows for P in pages]
+    for B in rows:
+        n_min = B // 2 + 1 if B > 1 else 1        # fewest chunks that bucket to B rows
+        if n_min > max_batch:
+            n_min = max_batch
+        for T in sorted({call_shape([L], [1], max_batch, max_pages)[1] for L in range(2, max_chunk + 1)}):
+            L_min = T // 2 + 1 if T > 16 else 2   # shortest longest-chunk that buckets to T
+            if L_min + 2 * (n_min - 1) <= token_budget:
+                shapes += [(B, T, P) for P in pages]
+    return shapes
+
+
 def call_features(B: int, T: int, P: int, page_size: int) -> np.ndarray:
     """[calls, padded tokens, query x key pairs] of one runner call."""
     return np.array([1.0, B * T, B * T * P * page_size])
@@ -51,6 +72,11 @@ class CostModel:
     max_batch: int = 32
     max_pages: int = 128
     max_chunk: int = 256
+    page_bytes: int = 0      # KV bytes of one page (device and host pools alike), for swap times
+
+    def swap_time(self, pages: int) -> float:
+        """Seconds to move `pages` pages between device and host memory."""
+        return float(pages * self.page_bytes * self.coef[-1])
 
     def step_time(self, chunks: Sequence[tuple], swap_bytes: int = 0) -> float:
         """chunks: (num_tokens, pages_after) per scheduled request. Mirrors the engine's calls."""

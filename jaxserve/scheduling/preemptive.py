@@ -8,7 +8,8 @@ pages are short. Memory is managed ahead of need:
     (worst rank first);
   * prefetch: upload the host-resident jobs that rank next after the running set, so that their
     transfer overlaps this step and they never wait on their own upload;
-  * only when the host pool is full too is a job's cache dropped (recomputed later; counted).
+  * only when the host pool is full too, and nothing could run otherwise, is a job's cache
+    dropped (recomputed later; counted).
 """
 from __future__ import annotations
 
@@ -34,48 +35,21 @@ class PreemptivePolicy:
     def ran(self, plan: Plan, now: float) -> None:
         """Told which jobs run in the step that starts at `now`; default: nothing."""
 
+    def may_evict_for(self, r: RequestView) -> bool:
+        """Whether r may evict lower-ranked jobs' caches to get pages; default: yes."""
+        return True
+
     # -- the shared mechanism ----------------------------------------------------------------
     def schedule(self, requests: Sequence[RequestView], cache: CacheState, now: float = 0.0) -> Plan:
         self.observe(requests, now)
         ordered = sorted(requests, key=self.rank)
-        plan = Plan()
-        free, host_free = cache.free_pages, cache.free_host_pages
-        slots = cache.max_batch
-        loc: Dict[str, str] = {r.request_id: r.location for r in ordered}
-        chosen: List[RequestView] = []
-
-        def evict(victim: RequestView) -> int:
-            nonlocal host_free
-            if victim.num_pages <= host_free:
-                plan.swap_out.append(victim.request_id)
-                host_free -= victim.num_pages
-            else:
-                plan.preempt.append(victim.request_id)
-            loc[victim.request_id] = "gone"
-            return victim.num_pages
-
-        # Membership of the batch goes by rank (slots and pages); then the token budget goes to
-        # decodes first (a decode token costs little beside the others) and prefill chunks after.
-        for i, r in enumerate(ordered):
-            if slots < 1:
-                break
-            if loc[r.request_id] == "gone":  # evicted earlier in this plan
-                continue
-            n = min(r.num_remaining, cache.max_chunk)
-            need = cache.pages_needed(r, n) + (r.num_pages if r.location == "host" else 0)
-            # free pages by evicting device-resident jobs that rank below r, worst first
-            for victim in reversed(ordered[i + 1:]):
-                if need <= free:
-                    break
-                if loc[victim.request_id] == "device" and victim.num_pages:
-                    free += evict(victim)
-            if need > free:
-                continue
-            chosen.append(r)
-            if r.location == "host":
-                plan.swap_in.append(r.request_id)
-                host_free += r.num_pages
-            free, slots = free - need, slots - 1
+        # Dropping a cache throws away work, so a first pass only moves caches to host memory;
+        # only if that runs nothing at all (device and host full) may caches be dropped.
+        plan, chosen, free, host_free, loc = self._admit(ordered, cache, allow_drop=False)
+        if not chosen:
+            plan, chosen, free, host_free, loc = self._admit(ordered, cache, allow_drop=True)
+        # The token budget goes to decodes first (a decode token costs little beside the others)
+        # and to prefill chunks after.
         budget = cache.token_budget
         for r in chosen:
             if r.num_remaining == 1 and budget >= 1:
@@ -93,7 +67,9 @@ class PreemptivePolicy:
             if free >= self.watermark_pages:
                 break
             if loc[victim.request_id] == "device" and victim.num_pages and victim.num_pages <= host_free:
-                free += evict(victim)
+                plan.swap_out.append(victim.request_id)
+                loc[victim.request_id] = "host"
+                free, host_free = free + victim.num_pages, host_free - victim.num_pages
         # prefetch the host-resident jobs next in line, while the watermark still holds
         if self.prefetch and not plan.swap_out and not plan.preempt:
             for r in idle:
@@ -105,3 +81,47 @@ class PreemptivePolicy:
                 free -= r.num_pages
         self.ran(plan, now)
         return plan
+
+    def _admit(self, ordered: Sequence[RequestView], cache: CacheState, allow_drop: bool):
+        """Batch membership by rank, under the slots and pages: (plan, chosen, free, host_free, loc).
+
+        A job that lacks pages evicts device-resident jobs ranked below it, worst first, to host
+        memory (its own upload frees its host pages first) or, if `allow_drop`, by dropping
+        their caches; nothing is evicted for a job that would not fit anyway.
+        """
+        plan = Plan()
+        free, host_free, slots = cache.free_pages, cache.free_host_pages, cache.max_batch
+        loc: Dict[str, str] = {r.request_id: r.location for r in ordered}
+        chosen: List[RequestView] = []
+        for i, r in enumerate(ordered):
+            if slots < 1:
+                break
+            if loc[r.request_id] == "gone":  # evicted earlier in this plan
+                continue
+            n = min(r.num_remaining, cache.max_chunk)
+            on_host = r.num_pages if r.location == "host" else 0
+            need = cache.pages_needed(r, n) + on_host
+            room, victims, gain = host_free + on_host, [], 0
+            for victim in (reversed(ordered[i + 1:]) if self.may_evict_for(r) else ()):
+                if need <= free + gain:
+                    break
+                if loc[victim.request_id] != "device" or not victim.num_pages:
+                    continue
+                to_host = victim.num_pages <= room
+                if not to_host and not allow_drop:
+                    continue
+                room -= victim.num_pages if to_host else 0
+                victims.append((victim, to_host))
+                gain += victim.num_pages
+            if need > free + gain:
+                continue
+            host_free += on_host
+            for victim, to_host in victims:
+                (plan.swap_out if to_host else plan.preempt).append(victim.request_id)
+                host_free -= victim.num_pages if to_host else 0
+                loc[victim.request_id] = "gone"
+            if on_host:
+                plan.swap_in.append(r.request_id)
+            chosen.append(r)
+            free, slots = free + gain - need, slots - 1
+        return plan, chosen, free, host_free, loc

@@ -26,6 +26,10 @@ class SimConfig:
     token_budget: int = 256
     max_chunk: int = 256
     bytes_per_page: int = 0   # KV bytes of one page, for swap costs
+    # True: swaps ride a DMA link beside compute (GPU/TPU), and only the uploads of jobs that
+    # run in the same step hold it up; a step lasts max(compute + those uploads, all transfers).
+    # False: transfers add to the step (the CPU engine, whose cost model is fitted that way).
+    overlap_swaps: bool = False
 
 
 @dataclasses.dataclass
@@ -63,7 +67,8 @@ class Simulator:
                                  s.generated, s.job.output_len, s.pages, s.location) for s in active.values()]
             cache = CacheState(c.page_size, free, c.num_pages, host_free, c.max_batch, c.token_budget, c.max_chunk)
             plan = self.policy.schedule(views, cache, now)
-            swap_pages = 0
+            swap_pages, blocking_pages = 0, 0
+            running = {rid for rid, _ in plan.run}
             for rid in plan.preempt:
                 s = active[rid]
                 if s.location == "host":
@@ -81,6 +86,7 @@ class Simulator:
                 s = active[rid]
                 free, host_free, s.location = free - s.pages, host_free + s.pages, "device"
                 swap_pages += s.pages
+                blocking_pages += s.pages if rid in running else 0
                 self.stats["swap_ins"] += 1
             chunks = []
             for rid, n in plan.run:
@@ -97,7 +103,12 @@ class Simulator:
                 continue
             swap_bytes = swap_pages * c.bytes_per_page
             self.stats["swap_bytes"] += swap_bytes
-            now += self.cost.step_time([(n, s.pages) for s, n in chunks], swap_bytes)
+            chunks_cost = [(n, s.pages) for s, n in chunks]
+            if c.overlap_swaps:
+                link = self.cost.step_time([], swap_bytes)
+                now += max(self.cost.step_time(chunks_cost, blocking_pages * c.bytes_per_page), link)
+            else:
+                now += self.cost.step_time(chunks_cost, swap_bytes)
             self.stats["steps"] += 1
             for s, n in chunks:
                 s.computed += n
