@@ -181,13 +181,12 @@ def part_jax(config, res: Results, deadline: float, variant: bool = False):
         @jax.jit
         def stream(params, x):
             def body(h, lp):
-                q = jnp.einsum("be,ehd->bhd", h, lp["wq"])
-                kv = jnp.einsum("be,ekd->bkd", h, lp["wk"]).sum() + jnp.einsum("be,ekd->bkd", h, lp["wv"]).sum()
+                qkv = jnp.einsum("be,ekgd->bkgd", h, lp["wqkv"])
+                q = qkv[:, :, :-2].reshape(h.shape[0], cfg.num_heads, cfg.head_dim)
                 o = jnp.einsum("bhd,hde->be", q, lp["wo"])
-                g = h @ lp["w_gate"]
-                u = h @ lp["w_up"]
-                d = (g * u) @ lp["w_down"]
-                return (h + o + d + 1e-6 * kv.astype(h.dtype)).astype(h.dtype), None
+                gu = jnp.einsum("be,ecf->bcf", h, lp["w_gate_up"])
+                d = (gu[:, 0] * gu[:, 1]) @ lp["w_down"]
+                return (h + o + d + 1e-6 * qkv[:, :, -2:].sum().astype(h.dtype)).astype(h.dtype), None
             h, _ = jax.lax.scan(body, x, params["layers"])
             return h @ (params["lm_head"] if "lm_head" in params else params["embed"].T)
         rows = []

@@ -30,9 +30,9 @@ def test_restore_into_any_mesh(tiny_checkpoint, shape):
     for (kp, want), got in zip(jax.tree.flatten_with_path(params)[0], jax.tree.leaves(restored)):
         np.testing.assert_array_equal(np.asarray(got), want, err_msg=jax.tree_util.keystr(kp))
         assert got.sharding.mesh.shape == mesh.shape
-    # heads (4) split over `model` where it divides them
-    expect = "model" if 4 % shape[1] == 0 else None
-    assert restored["layers"]["wq"].sharding.spec[2] == expect
+    # q, k and v are split by kv head (2) over `model` where it divides them
+    expect = "model" if cfg.num_kv_heads % shape[1] == 0 else None
+    assert restored["layers"]["wqkv"].sharding.spec[2] == expect
 
 
 def test_restore_casts_dtype_and_keeps_tokenizer(tiny_checkpoint):
@@ -72,4 +72,4 @@ def test_convert_launcher_writes_a_servable_checkpoint(tmp_path):
     cfg = store.load_config(str(out))
     assert cfg.dtype == "bfloat16" and cfg.num_layers == 2
     params = store.restore(str(out), cfg, make_mesh(1, 1))
-    assert params["layers"]["wq"].dtype == jax.numpy.bfloat16
+    assert params["layers"]["wqkv"].dtype == jax.numpy.bfloat16

@@ -61,7 +61,7 @@ def test_mesh_2x4_logits_equal_single_device(smollm2, device_params):
     cfg, params, tok = smollm2
     mesh = make_mesh(2, 4)
     sharded = shard_params(params, cfg, mesh)
-    assert sharded["layers"]["w_gate"].sharding.spec[2] == "model"  # the MLP is really split
+    assert sharded["layers"]["w_gate_up"].sharding.spec[3] == "model"  # the MLP is really split
     assert len(sharded["embed"].addressable_shards) == 8
     prompts = [tok.encode(PROMPTS[0]), tok.encode(PROMPTS[2])]
     n = max(map(len, prompts))

@@ -11,7 +11,7 @@ from typing import Callable
 import numpy as np
 
 from jaxserve.model.config import ModelConfig
-from jaxserve.model.params import check_params
+from jaxserve.model.params import check_params, fuse_projections
 
 # per-layer HF suffix -> (jaxserve name, converter from the HF matrix)
 _LAYER_TENSORS = {
@@ -64,7 +64,7 @@ def params_from_hf_tensors(get: Callable[[str], np.ndarray], names: set, cfg: Mo
             for i in range(cfg.num_layers)])
     params = {
         "embed": need("model.embed_tokens.weight"),
-        "layers": per_layer,
+        "layers": fuse_projections(per_layer, cfg),
         "final_norm": need("model.norm.weight"),
     }
     if not cfg.tie_embeddings:

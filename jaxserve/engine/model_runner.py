@@ -30,7 +30,7 @@ TRACE_COUNT = {"paged_step": 0}  # incremented only when jax traces (i.e. compil
 # docs/benchmarks.md): cuBLAS rather than XLA's Triton GEMMs for the skinny matrix products
 # (batch 1: 16.1 -> 8.2 ms/step, batch 64: 25.7 -> 16.2); and no dot merging, which copied
 # wq|wk|wv into one fresh buffer every layer of every step to save two GEMM launches
-# (batch 1: 8.2 -> 7.6 ms, batch 64: 16.2 -> 15.5).
+# (batch 1: 8.2 -> 7.6 ms, batch 64: 16.2 -> 15.5), before the params stored them fused.
 GPU_XLA_FLAGS = ("--xla_gpu_enable_triton_gemm=false", "--xla_gpu_dot_merger_threshold_mb=0")
 # On GPU, decode steps run at least this many rows: with a single row XLA rewrites the
 # projections as vector products (a reduction fusion over a transposed copy of all layers'

@@ -97,20 +97,21 @@ def dense_attend(q, k, v, cache, layer, positions):
 
 
 def _layer(x, lp, cache, layer, positions, inv_freq, cfg: ModelConfig, attend: AttendFn):
+    B, T = x.shape[:2]
+    G = cfg.num_heads // cfg.num_kv_heads
     h = rms_norm(x, lp["attn_norm"], cfg.rms_eps)
-    q = jnp.einsum("bte,ehd->bthd", h, lp["wq"])
-    k = jnp.einsum("bte,ekd->btkd", h, lp["wk"])
-    v = jnp.einsum("bte,ekd->btkd", h, lp["wv"])
+    qkv = jnp.einsum("bte,ekgd->btkgd", h, lp["wqkv"])  # per kv head: its G query heads, k, v
     if cfg.qkv_bias:
-        q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
+        qkv = qkv + lp["bqkv"]
+    q = qkv[:, :, :, :G].reshape(B, T, cfg.num_heads, cfg.head_dim)  # head k*G + g reads kv head k
+    k, v = qkv[:, :, :, G], qkv[:, :, :, G + 1]
     q = apply_rope(q, positions, inv_freq)
     k = apply_rope(k, positions, inv_freq)
     attn, cache = attend(q, k, v, cache, layer, positions)
     x = x + jnp.einsum("bthd,hde->bte", attn, lp["wo"])
     h = rms_norm(x, lp["mlp_norm"], cfg.rms_eps)
-    gate = jnp.einsum("bte,ef->btf", h, lp["w_gate"])
-    up = jnp.einsum("bte,ef->btf", h, lp["w_up"])
-    x = x + jnp.einsum("btf,fe->bte", jax.nn.silu(gate) * up, lp["w_down"])
+    gate_up = jnp.einsum("bte,ecf->btcf", h, lp["w_gate_up"])
+    x = x + jnp.einsum("btf,fe->bte", jax.nn.silu(gate_up[:, :, 0]) * gate_up[:, :, 1], lp["w_down"])
     return x, cache
 
 

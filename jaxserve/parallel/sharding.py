@@ -25,6 +25,8 @@ RULES = (
     ("mlp", "model"),
     ("embed", None),
     ("head_dim", None),
+    ("qkv", None),
+    ("gate_up", None),
     ("norm", None),
     ("layers", None),
     ("seq", None),
