@@ -26,12 +26,13 @@ TRACE_COUNT = {"paged_step": 0}  # incremented only when jax traces (i.e. compil
 
 # XLA flags the decode step wants, applied unless the user's XLA_FLAGS already set them (or
 # JAXSERVE_XLA_FLAGS=0). They only take effect if set before JAX starts its GPU backend, hence
-# at import. Decode streams every weight once per step, so (Llama-3-8B, 2k context, H100; see
-# docs/benchmarks.md): cuBLAS rather than XLA's Triton GEMMs for the skinny matrix products
-# (batch 1: 16.1 -> 8.2 ms/step, batch 64: 25.7 -> 16.2); and no dot merging, which copied
-# wq|wk|wv into one fresh buffer every layer of every step to save two GEMM launches
-# (batch 1: 8.2 -> 7.6 ms, batch 64: 16.2 -> 15.5), before the params stored them fused.
-GPU_XLA_FLAGS = ("--xla_gpu_enable_triton_gemm=false", "--xla_gpu_dot_merger_threshold_mb=0")
+# at import. Decode streams every weight once per step, so cuBLAS rather than XLA's Triton GEMMs
+# for the skinny matrix products (Llama-3-8B, 2k context, H100, docs/benchmarks.md: batch 1
+# 16.1 -> 8.2 ms/step, batch 64 25.7 -> 16.2). XLA's dot merger is left on: before the params
+# stored wq|wk|wv fused it copied them into a fresh buffer every step (turning it off then saved
+# 0.6 ms); now on and off differ by less than run-to-run noise (mean of 3 vs 2 H100 runs:
+# batch 1 6.82 vs 6.89 ms, batch 64 14.79 vs 15.04 ms).
+GPU_XLA_FLAGS = ("--xla_gpu_enable_triton_gemm=false",)
 # On GPU, decode steps run at least this many rows: with a single row XLA rewrites the
 # projections as vector products (a reduction fusion over a transposed copy of all layers'
 # wk/wv, and an f32 copy of the LM head, every step); a padding row keeps them plain GEMMs with
