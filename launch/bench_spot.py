@@ -1,10 +1,14 @@
-"""Spot-preemption benchmark on the real engine at small scale: SpotServe recovery vs restart vs reroute.
+"""Spot-preemption benchmark: SpotServe recovery vs restart vs reroute, simulated and on the engine.
 
-One trace node = one CPU device (of 8 fake ones); the availability trace is replayed faster than
-real time (--time_scale trace seconds per second) together with a request trace; every event
-is noticed --grace_s (trace seconds) before it happens.
+--backend=sim: the spot simulator (jaxserve.sim.spot_simulator) in SpotServe's own setting
+(--sim_config, default GPT-20B on 4 x T4 nodes with the artifact's measured step profile), one
+trace node = one node of devices, for the paper's workload (512/128 tokens, 0.35 req/s) and the
+Azure conversation trace. --backend=engine: the real engine at small scale, one trace node = one
+CPU device (of 8 fake ones), the trace replayed --time_scale times faster than real time. Every
+removal is noticed --grace_s (trace seconds) before it happens.
 
-    python launch/bench_spot.py --availability=../shared/data/spotserve/trace_AS.jsonl
+    python launch/bench_spot.py --backend=sim --availability=../shared/data/spotserve/trace_AS.jsonl
+    python launch/bench_spot.py --backend=engine --availability=../shared/data/spotserve/trace_AS.jsonl
 
 The last line printed is one JSON object with each method's P50/P90/P99 latency (s), requests
 lost, device-hours (in trace time) and the re-parallelization events.
@@ -32,6 +36,10 @@ _RATE = flags.DEFINE_float("rate", 3.0, "Request arrivals per real second.")
 _N = flags.DEFINE_integer("num_requests", 60, "Requests taken from the request trace.")
 _SCALE = flags.DEFINE_float("length_scale", 0.1, "Multiply prompt and output lengths by this.")
 _OUT = flags.DEFINE_string("out", "docs/bench_spot.json", "Where to write the results.")
+_BACKEND = flags.DEFINE_enum("backend", "both", ["sim", "engine", "both"], "Where to replay.")
+_SIM_CONFIG = config_flags.DEFINE_config_file("sim_config", "configs/spotserve_gpt20b.py", "Spot simulator setting.")
+_WORKLOADS = flags.DEFINE_list("workloads", ["paper", "azure"], "Simulator workloads: the paper's, the Azure trace.")
+_SIM_REQUESTS = flags.DEFINE_integer("sim_requests", 0, "Simulated requests (0 = the sim config's).")
 _WARMUP = flags.DEFINE_bool("warmup", True, "Replay each method once untimed first, so that the measured "
                             "run does not include XLA compilation for the meshes the trace visits.")
 
@@ -96,25 +104,83 @@ def run_method(method, config, cfg, params, tokenizer, ckpt, events, jobs):
                     finish[o.request_id] = o.finish_time - o.arrival_time
         else:
             time.sleep(0.01)
-    lat = np.array(list(finish.values()))
+    for j in jobs:
+        j.finish = j.arrival + finish[j.request_id] if j.request_id in finish else None
+    r = latency_summary(jobs)
+    r.update(device_hours=device_seconds * _TIME_SCALE.value / 3600, events=records)
+    return r
+
+
+def latency_summary(jobs) -> dict:
+    done = [j.finish - j.arrival for j in jobs if j.finish is not None]
+    lat = np.array(done) if done else np.zeros(1)
     return {"p50_s": float(np.percentile(lat, 50)), "p90_s": float(np.percentile(lat, 90)),
-            "p99_s": float(np.percentile(lat, 99)), "avg_s": float(lat.mean()),
-            "requests_lost": len(jobs) - len(finish),
-            "device_hours": device_seconds * _TIME_SCALE.value / 3600, "events": records}
+            "p99_s": float(np.percentile(lat, 99)), "avg_s": float(lat.mean()), "requests_lost": len(jobs) - len(done)}
+
+
+def sim_jobs(workload, sim_cfg, events):
+    """The simulator's requests: the paper's (Gamma arrivals, fixed lengths) or the Azure trace's,
+    starting once the trace has devices enough for one replica."""
+    from jaxserve.parallel.availability import node_counts
+    from jaxserve.sim.spot_simulator import gamma_arrivals
+    from jaxserve.sim.workload import read_trace, rescale
+    w = sim_cfg.workload
+    n = _SIM_REQUESTS.value or w.num_requests
+    if workload == "paper":
+        jobs = gamma_arrivals(n, w.rate, w.cv, w.prompt_len, w.output_len, w.seed)
+    else:  # Azure conversation lengths (capped to the model's 2k window), arrivals rescaled to the rate
+        jobs = rescale(read_trace(_TRACE.value, limit=n), w.azure_rate, 1.0, 1536, 512)
+    need = sim_cfg.min_replica_devices / sim_cfg.devices_per_node
+    start = next((t for t, count in node_counts(events) if count >= need), 0.0)
+    for j in jobs:
+        j.arrival += start
+    return jobs
+
+
+def sim_runs(events) -> dict:
+    from jaxserve.sim.spot_simulator import SpotSimulator, setting_from_config
+    sim_cfg = _SIM_CONFIG.value
+    setting = setting_from_config(sim_cfg)
+    out = {}
+    for workload in _WORKLOADS.value:
+        for method in _METHODS.value:
+            jobs = sim_jobs(workload, sim_cfg, events)
+            sim = SpotSimulator(setting, method, grace_s=_GRACE.value)
+            t = time.perf_counter()
+            sim.run(jobs, events)
+            r = latency_summary(jobs)
+            r.update(requests_restarted=sim.restarted, device_hours=sim.device_seconds / 3600, events=sim.events)
+            out.setdefault(workload, {})[method] = r
+            print(f"sim {workload:6s} {method:9s} avg {r['avg_s']:.1f}s P50 {r['p50_s']:.1f}s P90 {r['p90_s']:.1f}s "
+                  f"P99 {r['p99_s']:.1f}s lost {r['requests_lost']} restarted {sim.restarted} "
+                  f"device-hours {r['device_hours']:.1f} ({time.perf_counter() - t:.1f}s wall)", flush=True)
+    return out
 
 
 def main(argv):
     del argv
+    from jaxserve.parallel.availability import read_availability
+    events = read_availability(_AVAIL.value)
+    results = {}
+    if _BACKEND.value in ("sim", "both"):
+        results["sim"] = sim_runs(events)
+    if _BACKEND.value in ("engine", "both"):
+        results["engine"] = engine_runs(events)
+    if _OUT.value:
+        with open(_OUT.value, "w") as f:
+            json.dump(results, f, indent=1)
+    print(json.dumps(results))
+
+
+def engine_runs(events) -> dict:
     import tempfile
     from jaxserve.checkpoint import store
     from jaxserve.checkpoint.load import load_host
-    from jaxserve.parallel.availability import read_availability
     from jaxserve.sim.workload import read_trace, rescale
     config = _CONFIG.value
     cfg, params, tokenizer = load_host(config.checkpoint, config.model)
     ckpt = tempfile.mkdtemp(prefix="jaxserve_spot_")
     store.save(ckpt, cfg, params)
-    events = read_availability(_AVAIL.value)
     results = {}
     for method in _METHODS.value:
         if _WARMUP.value:
@@ -124,12 +190,10 @@ def main(argv):
         t = time.perf_counter()
         results[method] = run_method(method, config, cfg, params, tokenizer, ckpt, events, jobs)
         r = results[method]
-        print(f"{method:9s} P50 {r['p50_s']:.2f}s P90 {r['p90_s']:.2f}s P99 {r['p99_s']:.2f}s lost {r['requests_lost']} "
-              f"device-hours {r['device_hours']:.2f} events {len(r['events'])} ({time.perf_counter() - t:.0f}s)", flush=True)
-    if _OUT.value:
-        with open(_OUT.value, "w") as f:
-            json.dump(results, f, indent=1)
-    print(json.dumps(results))
+        print(f"engine {method:9s} P50 {r['p50_s']:.2f}s P90 {r['p90_s']:.2f}s P99 {r['p99_s']:.2f}s lost "
+              f"{r['requests_lost']} device-hours {r['device_hours']:.2f} events {len(r['events'])} "
+              f"({time.perf_counter() - t:.0f}s)", flush=True)
+    return results
 
 
 if __name__ == "__main__":

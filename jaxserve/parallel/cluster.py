@@ -128,7 +128,7 @@ class ServingCluster:
         cost = self.replicas[0].cost_model
         pages = max(1, self.cfg.max_seq_len // self.engine_config.page_size // 4)
 
-        def step_time(model, batch):  # tensor parallelism splits the work, plus a per-layer all-reduce
+        def step_time(model, batch, pipe=1):  # tensor parallelism splits the work, plus a per-layer all-reduce
             t = cost.step_time([(1, pages)] * batch)
             return t / model + (0 if model == 1 else 2 * self.cfg.num_layers * 20e-6)
         return planner.choose(num_devices, self.cfg.num_kv_heads, self.param_bytes, kv_bytes, self.device_bytes,
@@ -164,7 +164,10 @@ class ServingCluster:
             mesh = make_mesh(1, new.model, group)
             shardings = param_shardings(self.cfg, mesh)
             params = None
-            for e in self.replicas:  # take the params from a replica whose devices all survive
+            # take the params from a replica whose devices all survive, preferring the one that
+            # shares the most devices with this group (what is resident there does not move)
+            by_overlap = sorted(self.replicas, key=lambda e: -len(set(e.runner.mesh.devices.flat) & set(group)))
+            for e in by_overlap:
                 if not (set(e.runner.mesh.devices.flat) & lost):
                     params, moved = reshard_tree(e.runner.params, shardings)
                     event.param_bytes_moved += moved

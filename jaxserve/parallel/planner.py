@@ -1,8 +1,9 @@
 """Choosing a parallel configuration for the devices at hand (SpotServe's objective).
 
-Among (data, model) shapes that fit the devices and whose per-device memory holds the params
-plus the in-flight KV, pick the lowest estimated latency whose throughput covers the arrival
-rate; if none does, the highest throughput.
+Among (data, model, pipe) shapes that fit the devices and whose per-device memory holds the
+params plus the in-flight KV, pick the lowest estimated latency whose throughput covers the
+demand; if none does, the highest throughput. The engine serves without pipeline stages
+(pipe = 1); the spot simulator also plans pipelined replicas, as SpotServe does.
 """
 from __future__ import annotations
 
@@ -14,39 +15,58 @@ from typing import Callable, List, Optional
 class ParallelConfig:
     data: int
     model: int
-    latency_s: float = 0.0       # estimated time of one decode step
-    throughput: float = 0.0      # estimated output tokens per second
+    latency_s: float = 0.0       # the estimate `step_time` gave
+    throughput: float = 0.0      # data * batch / latency_s
+    pipe: int = 1
 
     @property
     def num_devices(self) -> int:
-        return self.data * self.model
+        return self.data * self.model * self.pipe
+
+    @property
+    def replica_devices(self) -> int:
+        return self.model * self.pipe
 
 
-def candidate_shapes(num_devices: int, num_kv_heads: int) -> List[tuple]:
-    """(data, model) with model a power of two dividing the KV heads (or 1), data*model <= devices."""
+def candidate_shapes(num_devices: int, num_kv_heads: int, max_pipe: int = 1, max_model: Optional[int] = None,
+                     min_replica_devices: int = 1) -> List[tuple]:
+    """(data, model, pipe): model a power of two dividing the KV heads (or 1), at most max_model;
+    pipe up to max_pipe; each replica at least min_replica_devices; data*model*pipe <= devices."""
     shapes = []
     model = 1
-    while model <= num_devices:
+    while model <= num_devices and (max_model is None or model <= max_model):
         if num_kv_heads % model == 0 or model == 1:
-            for data in range(1, num_devices // model + 1):
-                shapes.append((data, model))
+            for pipe in range(1, max_pipe + 1):
+                if model * pipe < min_replica_devices:
+                    continue
+                for data in range(1, num_devices // (model * pipe) + 1):
+                    shapes.append((data, model, pipe))
         model *= 2
     return shapes
 
 
 def choose(num_devices: int, num_kv_heads: int, param_bytes: float, kv_bytes: float, device_bytes: float,
-           step_time: Callable[[int, int], float], batch_per_replica: int, arrival_tokens_per_s: float = 0.0,
-           fixed: Optional[tuple] = None) -> ParallelConfig:
-    """step_time(model, batch): estimated decode step seconds of one replica with `model`-way TP."""
+           step_time: Callable[..., float], batch_per_replica: int, arrival_tokens_per_s: float = 0.0,
+           fixed: Optional[tuple] = None, max_pipe: int = 1, max_model: Optional[int] = None,
+           min_replica_devices: int = 1) -> ParallelConfig:
+    """step_time(model, batch, pipe): estimated seconds of one replica's unit of work (a decode
+    step, or a whole batch); the demand `arrival_tokens_per_s` is in units of batch per that.
+
+    fixed: a (data, model) or (data, model, pipe) shape to evaluate instead of searching.
+    """
     if num_devices < 1:
         raise ValueError("no devices left to serve on")
+    if fixed is not None:
+        shapes = [tuple(fixed) + (1,) * (3 - len(fixed))]
+    else:
+        shapes = candidate_shapes(num_devices, num_kv_heads, max_pipe, max_model, min_replica_devices)
     best_fit, best_any = None, None
-    for data, model in ([fixed] if fixed else candidate_shapes(num_devices, num_kv_heads)):
-        per_device = param_bytes / model + kv_bytes / (data * model)
+    for data, model, pipe in shapes:
+        per_device = param_bytes / (model * pipe) + kv_bytes / (data * model * pipe)
         if per_device > device_bytes:
             continue
-        t = step_time(model, batch_per_replica)
-        cfg = ParallelConfig(data, model, t, data * batch_per_replica / t)
+        t = step_time(model, batch_per_replica, pipe)
+        cfg = ParallelConfig(data, model, t, data * batch_per_replica / t, pipe)
         if cfg.throughput >= arrival_tokens_per_s:
             if best_fit is None or (cfg.latency_s, -cfg.throughput) < (best_fit.latency_s, -best_fit.throughput):
                 best_fit = cfg
