@@ -25,6 +25,13 @@ _MAX_WAITING = flags.DEFINE_integer("max_waiting_requests", 1024, "Requests that
                                     "token; beyond it new requests get 429.", lower_bound=0)
 _MAX_BODY = flags.DEFINE_integer("max_body_bytes", 4 << 20, "Largest request body; beyond it 413.", lower_bound=1)
 _ACCESS_LOG = flags.DEFINE_bool("access_log", False, "Log every HTTP request.")
+_JOURNAL = flags.DEFINE_string("journal", "", "File recording every request's progress; on start, unfinished "
+                               "requests in it are resumed (their clients reconnect at /v1/requests/ID/stream).")
+_FSYNC_EVERY = flags.DEFINE_integer("journal_fsync_every", 16, "fsync the journal every N token records (0: leave "
+                                    "it to the OS).", lower_bound=0)
+_GRACE = flags.DEFINE_float("shutdown_grace_s", 25.0, "On SIGTERM/SIGINT (a spot VM's notice: 30 s), stop "
+                            "admitting and let in-flight requests run this long; the rest stay in the journal.",
+                            lower_bound=0)
 _PRECOMPILE = flags.DEFINE_bool("precompile", False, "Compile every step shape before listening, so that no "
                                 "request waits on XLA (minutes on CPU for a real model; worth it on accelerators).")
 
@@ -40,12 +47,31 @@ def main(argv):
     name = _MODEL_NAME.value or os.path.splitext(os.path.basename(
         config_flags.get_config_filename(flags.FLAGS["config"])))[0]
     engine = engine_from_config(config)
+    if _JOURNAL.value:
+        from jaxserve.engine.journal import TokenJournal, replay
+        pending = replay(_JOURNAL.value)
+        engine.journal = TokenJournal(_JOURNAL.value, _FSYNC_EVERY.value)
+        if pending:
+            sys.stderr.write(f"resumed {engine.resume(pending)} unfinished requests from {_JOURNAL.value}\n")
     if _PRECOMPILE.value:
         t = time.perf_counter()
         sys.stderr.write(f"compiled {engine.precompile()} step shapes in {time.perf_counter() - t:.0f} s\n")
     app = create_app(engine, name, max_waiting=_MAX_WAITING.value, max_body_bytes=_MAX_BODY.value)
     sys.stderr.write(f"serving {name!r} at http://{_HOST.value}:{_PORT.value}/v1\n")
-    uvicorn.run(app, host=_HOST.value, port=_PORT.value, access_log=_ACCESS_LOG.value, log_level="info")
+    class DrainingServer(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            # a spot VM's notice: stop admitting; requests cut off at the end of the grace stay
+            # in the journal (which the app syncs as it shuts down) instead of being aborted
+            app.state.server.engine_loop.drain()
+            super().handle_exit(sig, frame)
+
+    # uvicorn re-raises SIGTERM once shut down (the exit status says what ended it); Ctrl-C exits 0
+    server = DrainingServer(uvicorn.Config(app, host=_HOST.value, port=_PORT.value, access_log=_ACCESS_LOG.value,
+                                           log_level="info", timeout_graceful_shutdown=_GRACE.value))
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        pass
 
 
 if __name__ == "__main__":

@@ -42,3 +42,16 @@ def test_missing_and_corrupt_gguf_name_the_file(tmp_path):
     corrupt.write_bytes(b"GGUF" + os.urandom(1000))
     proc = launch("launch/generate.py", "--config=configs/smollm2_135m.py", f"--config.checkpoint.path={corrupt}")
     assert proc.returncode == 2 and str(corrupt) in proc.stderr and "not a readable GGUF" in proc.stderr
+
+
+def test_spot_tpu_dry_run_prints_the_whole_recipe():
+    proc = subprocess.run([sys.executable, "launch/tpu/spot_tpu.py", "--dry_run", "--action=all", "--name=t",
+                           "--checkpoint=gs://b/ckpt", "--journal_dir=/mnt/j"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    cmds = [line[2:] for line in proc.stdout.splitlines() if line.startswith("$ ")]
+    assert cmds[0].startswith("gcloud compute tpus tpu-vm create t ") and "--spot" in cmds[0]
+    assert "--worker=all" in cmds[1] and "pip install" in cmds[1]
+    assert "launch/serve.py" in cmds[2] and "--journal=/mnt/j/journal.jsonl" in cmds[2]
+    assert "checkpoint.path=gs://b/ckpt" in cmds[2]
+    assert "describe t" in cmds[3]

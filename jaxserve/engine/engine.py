@@ -16,6 +16,7 @@ import numpy as np
 from jaxserve.cache.page_allocator import PageAllocator, pages_for
 from jaxserve.cache import paged_kv, transfer
 from jaxserve.cache.swap import HostPagePool, write_staged
+from jaxserve.engine.journal import JournaledRequest, TokenJournal
 from jaxserve.engine.model_runner import Chunk, ModelRunner
 from jaxserve.engine.outputs import RequestOutput
 from jaxserve.engine.request import Request, Status
@@ -57,8 +58,10 @@ class Engine:
     def __init__(self, cfg: ModelConfig, params, mesh, tokenizer: Optional[Tokenizer] = None,
                  config: EngineConfig = EngineConfig(), policy=None,
                  clock: Callable[[], float] = time.monotonic, seed: int = 0,
-                 cost_model: Optional[CostModel] = None):
+                 cost_model: Optional[CostModel] = None, journal: Optional[TokenJournal] = None):
+        """journal: where each request's progress is recorded durably (see `resume`)."""
         self.cfg, self.config, self.tokenizer, self.clock = cfg, config, tokenizer, clock
+        self.journal = journal
         self.cost_model = cost_model or engine_cost_model(cfg, config)
         self.policy = policy or make_policy(config.policy)
         self.allocator = PageAllocator(config.num_pages)
@@ -112,6 +115,30 @@ class Engine:
                                             prompt_text=prompt_text)
         if self.tokenizer is not None:
             self._decoders[request_id] = IncrementalDecoder(self.tokenizer)
+        if self.journal is not None:
+            self.journal.added(request_id, prompt, params, seed, now, priority)
+
+    def resume(self, journaled: Sequence[JournaledRequest]) -> int:
+        """Takes back requests a journal recorded as unfinished (after a crash or kill -9).
+
+        Each keeps its committed tokens, which are never generated again: its cache is recomputed
+        from prompt + committed tokens and decoding goes on from there, with the same sampling
+        keys (seed, token index), so the output equals an uninterrupted run. Returns how many.
+        """
+        for j in journaled:
+            r = Request(j.request_id, list(j.prompt_ids), j.params, j.seed, j.arrival_time, j.priority,
+                        output_ids=list(j.output_ids), logprobs=list(j.logprobs) if j.params.logprobs else [])
+            decoder = IncrementalDecoder(self.tokenizer) if self.tokenizer is not None else None
+            if decoder is not None:
+                r.text = decoder.push(list(r.output_ids))
+            self.import_request(r, None, decoder)
+            last = r.output_ids[-1] if r.output_ids else None
+            if last is not None and ((last in self.eos_token_ids and not j.params.ignore_eos)
+                                     or last in j.params.stop_token_ids):
+                self._finish(r, "stop")  # it ended before its end was recorded
+            elif len(r.output_ids) >= j.params.max_tokens:
+                self._finish(r, "length")
+        return len(journaled)
 
     def abort(self, request_id: str) -> None:
         r = self.requests.get(request_id)
@@ -300,6 +327,8 @@ class Engine:
 
     def _commit(self, r: Request, token: int, logprob: float, now: float) -> None:
         r.output_ids.append(token)
+        if self.journal is not None:
+            self.journal.committed(r.request_id, [token], [logprob])
         if r.params.logprobs:
             r.logprobs.append(logprob)
         if r.first_token_time is None:
@@ -319,6 +348,8 @@ class Engine:
             return self._finish(r, "length", now)
 
     def _finish(self, r: Request, reason: str, now: Optional[float] = None) -> None:
+        if self.journal is not None:
+            self.journal.finished(r.request_id, reason)
         self._staged.pop(r.request_id, None)
         self.host_pool.drop(r.request_id)
         self.allocator.free(r.pages)

@@ -61,7 +61,7 @@ class TokenJournal:
 
     def finished(self, request_id: str, reason: str) -> None:
         self._write({"op": "end", "id": request_id, "reason": reason})
-        self._unsynced += 1
+        self.sync()  # an end lost in a crash would resume a finished request
 
     def sync(self) -> None:
         """Makes everything written so far durable."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.metadata
+import logging
 import time
 import uuid
 from typing import List, Optional
@@ -182,6 +183,22 @@ class OpenAIServer:
             final.cancel()
             self.engine_loop.abort(request_id)
 
+    async def reconnect(self, request_id: str) -> StreamingResponse:
+        """The rest of a request resumed from the journal after a crash, as server-sent events
+        (the first event carries every token committed so far)."""
+        try:
+            stream = self.engine_loop.attach(request_id)
+        except KeyError:
+            raise APIError(404, f"request_id={request_id!r}: no request resumed from the journal has this id",
+                           "request_id", "not_found") from None
+        except ValueError as e:
+            raise APIError(409, str(e), "request_id", "already_attached") from None
+        reply = responses.Reply(request_id, self.model_name, self.tokenizer)
+        events = responses.chat_events if request_id.startswith("chatcmpl-") else responses.completion_events
+        return StreamingResponse(self._aborting_when_closed(request_id, events(reply, stream)),
+                                 media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
     # -- assembly -----------------------------------------------------------------------------
     def routes(self, app: FastAPI) -> None:
         both = {200: {"content": _SSE}, **_ERRORS}
@@ -191,6 +208,8 @@ class OpenAIServer:
                           response_model=p.ChatCompletionResponse, responses=both, tags=["openai"])
         app.add_api_route("/v1/models", self.models, methods=["GET"], response_model=p.ModelList,
                           tags=["openai"])
+        app.add_api_route("/v1/requests/{request_id}/stream", self.reconnect, methods=["GET"],
+                          responses={200: {"content": _SSE}, **_ERRORS}, tags=["jaxserve"])
         app.add_api_route("/health", self.health, methods=["GET"],
                           responses={503: _ERRORS[503]})
         app.add_api_route("/metrics", self.prometheus, methods=["GET"], response_class=PlainTextResponse)
@@ -212,6 +231,10 @@ def create_app(engine, model_name: str, *, max_waiting: int = 1024,
             yield
         finally:
             await asyncio.to_thread(server.engine_loop.stop)
+            if getattr(engine, "journal", None) is not None:  # the engine thread is done: sync it
+                engine.journal.close()
+                logging.getLogger(__name__).warning("journal synced; %d unfinished requests in it",
+                                                    len(engine.requests))
 
     app = FastAPI(title="jaxserve", version=importlib.metadata.version("jaxserve"),
                   description="OpenAI-compatible serving of one model.", lifespan=lifespan)

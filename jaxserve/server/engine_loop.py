@@ -71,6 +71,11 @@ class EngineLoop:
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._thread: Optional[threading.Thread] = None
         self._dead = False
+        # Requests the engine already holds when serving starts were resumed from a journal after
+        # a crash: their clients may reconnect (`attach`); until then their latest output is kept.
+        self._resumed = set(engine.requests)
+        self._detached: Dict[str, RequestOutput] = {}
+        self._draining = False
 
     # -- event-loop side ----------------------------------------------------------------------
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -91,10 +96,17 @@ class EngineLoop:
     def num_waiting(self) -> int:
         return self._num_waiting
 
+    def drain(self) -> None:
+        """The server is shutting down (SIGTERM): admit nothing more, and let requests whose
+        clients are cut off stay unfinished (in the journal) instead of aborting them."""
+        self._draining = True
+
     async def add(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams,
                   priority: int = 0) -> RequestStream:
         """Queues a request; raises ValueError (bad input, naming the field), Overloaded or
         EngineUnavailable. Returns once the engine has accepted it."""
+        if self._draining:
+            raise EngineUnavailable("the server is shutting down")
         if not self.alive:
             raise EngineUnavailable("the engine is not running")
         if self._num_waiting >= self.max_waiting:
@@ -111,9 +123,26 @@ class EngineLoop:
         assert first is _ACCEPTED, first
         return stream
 
+    def attach(self, request_id: str) -> RequestStream:
+        """A stream of a request resumed from the journal, for its reconnecting client: first its
+        latest output (every token committed so far), then the rest. KeyError if there is no
+        such resumed request; ValueError if a client is attached already."""
+        if request_id not in self._resumed:
+            raise KeyError(request_id)
+        if request_id in self._streams:
+            raise ValueError(f"request_id={request_id!r}: a client is already attached")
+        stream = RequestStream(request_id)
+        stream.started = True
+        last = self._detached.pop(request_id, None)
+        if last is not None:
+            stream._items.put_nowait(last)
+        if last is None or not last.finished:
+            self._streams[request_id] = stream
+        return stream
+
     def abort(self, request_id: str) -> None:
         """Stops a request (its client went away) and frees its pages; a no-op once it ended."""
-        if self._release(request_id):
+        if self._release(request_id) and not self._draining:
             self._inbox.put(("abort", request_id))
 
     def _release(self, request_id: str) -> bool:
@@ -126,13 +155,16 @@ class EngineLoop:
         for request_id, item in batch:
             stream = self._streams.get(request_id)
             if stream is None:
-                continue   # aborted by its handler: nobody is listening
+                if request_id in self._resumed and isinstance(item, RequestOutput):
+                    self._detached[request_id] = item   # kept for its client's reconnect
+                continue   # otherwise aborted by its handler: nobody is listening
             if isinstance(item, RequestOutput):
                 if item.token_ids and not stream.started:
                     stream.started = True
                     self._num_waiting -= 1
                 if item.finished:
                     self._release(request_id)
+                    self._resumed.discard(request_id)   # delivered to its reconnected client: done
             elif isinstance(item, BaseException):
                 self._release(request_id)
             stream._items.put_nowait(item)

@@ -1,0 +1,185 @@
+"""The token journal: a crashed engine's requests finish on a new one without regenerating tokens."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from jaxserve.engine.engine import Engine, EngineConfig
+from jaxserve.engine.journal import TokenJournal, replay
+from jaxserve.sampling_params import SamplingParams
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def requests():
+    rng = np.random.default_rng(5)
+    out = []
+    for i in range(5):
+        params = SamplingParams(max_tokens=24, temperature=0.0 if i % 2 else 0.8, seed=100 + i, logprobs=True)
+        out.append((f"r{i}", rng.integers(3, 1000, size=int(rng.integers(4, 40))).tolist(), params))
+    return out
+
+
+def run(engine, reqs, steps=None):
+    for rid, prompt, params in reqs:
+        engine.add_request(rid, prompt, params)
+    done, n = {}, 0
+    while engine.has_unfinished() and (steps is None or n < steps):
+        for o in engine.step():
+            if o.finished:
+                done[o.request_id] = o
+        n += 1
+    return done
+
+
+def test_resume_from_journal_equals_uninterrupted_and_regenerates_nothing(tiny, tmp_path):
+    cfg, params, mesh, tokenizer = tiny
+    config = EngineConfig(token_budget=32, max_chunk=16, max_batch=4)
+    reference = run(Engine(cfg, params, mesh, tokenizer, config), requests())
+    path = str(tmp_path / "journal.jsonl")
+    crashed = Engine(cfg, params, mesh, tokenizer, config, journal=TokenJournal(path, fsync_every=1))
+    early = run(crashed, requests(), steps=12)  # then the process "dies": nothing is closed
+    pending = replay(path)
+    assert pending and {p.request_id for p in pending} | set(early) == {rid for rid, _, _ in requests()}
+    committed = {p.request_id: list(p.output_ids) for p in pending}
+    assert any(committed.values())  # some had tokens when it died
+    fresh = Engine(cfg, params, mesh, tokenizer, config, journal=TokenJournal(path, fsync_every=1))
+    assert fresh.resume(pending) == len(pending)
+    done = run(fresh, [])
+    for rid in committed:
+        assert done[rid].token_ids == reference[rid].token_ids, rid
+        assert done[rid].token_ids[:len(committed[rid])] == committed[rid]
+        assert done[rid].text == reference[rid].text
+    assert replay(path) == []  # every request ended
+    # each token is in the journal exactly once: nothing committed before the crash was redone
+    counts = {}
+    with open(path) as f:
+        for line in f:
+            rec = json.loads(line)
+            if rec["op"] == "tokens":
+                counts[rec["id"]] = counts.get(rec["id"], 0) + len(rec["ids"])
+    for rid, ref in reference.items():
+        assert counts[rid] == len(ref.token_ids), rid
+
+
+def test_replay_skips_a_torn_last_line_and_names_a_bad_one(tmp_path):
+    path = str(tmp_path / "j.jsonl")
+    j = TokenJournal(path)
+    j.added("a", [5, 6], SamplingParams(max_tokens=4, seed=1), 1, 0.0)
+    j.committed("a", [7], [-0.5])
+    j.added("b", [5], SamplingParams(max_tokens=4, seed=2), 2, 1.0)
+    j.finished("b", "length")
+    j.sync()
+    with open(path, "a") as f:
+        f.write('{"op":"tokens","id":"a","ids":[8')  # the crash cut this write short
+    (a,) = replay(path)
+    assert (a.request_id, a.output_ids, a.logprobs) == ("a", [7], [-0.5])
+    with open(path, "a") as f:
+        f.write('\n{"op":"end","id":"a","reason":"stop"}\n')
+    with pytest.raises(ValueError, match="j.jsonl:5"):
+        replay(path)
+    with pytest.raises(ValueError, match="fsync_every"):
+        TokenJournal(str(tmp_path / "k.jsonl"), fsync_every=-1)
+
+
+def _start_server(port, journal, log):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
+    with open(log, "a") as out:
+        return subprocess.Popen([sys.executable, "launch/serve.py", "--config=configs/tiny.py", f"--port={port}",
+                                 f"--journal={journal}", "--journal_fsync_every=1"],
+                                cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+
+def _sse_chunks(response):
+    for line in response.iter_lines():
+        if line.startswith("data: ") and line != "data: [DONE]":
+            yield json.loads(line[len("data: "):])
+
+
+def test_kill_9_mid_stream_then_restart_finishes_the_request(tmp_path):
+    """A real server process is killed with SIGKILL mid-generation; a restarted one (same journal)
+    resumes the request, the client reconnects with its id and gets the rest; no token is
+    generated twice and the text equals an uninterrupted run's."""
+    import httpx
+    from test_server import free_port, wait_healthy
+    journal, log = str(tmp_path / "journal.jsonl"), str(tmp_path / "serve.log")
+    body = {"model": "tiny", "prompt": "The history of the printing press", "max_tokens": 300,
+            "temperature": 0, "stream": True}
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = _start_server(port, journal, log)
+    try:
+        wait_healthy(url, proc)
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as r:
+            chunks = _sse_chunks(r)
+            first = next(chunks)
+            request_id, before = first["id"], first["choices"][0]["text"]
+            for _ in range(10):
+                before += next(chunks)["choices"][0]["text"]
+            os.kill(proc.pid, signal.SIGKILL)   # mid-generation, no chance to clean up
+        proc.wait(30)
+        (pending,) = replay(journal)
+        assert pending.request_id == request_id and 11 <= len(pending.output_ids) < 300
+        proc = _start_server(port, journal, log)
+        wait_healthy(url, proc)
+        text = ""
+        with httpx.stream("GET", f"{url}/v1/requests/{request_id}/stream", timeout=300) as r:
+            assert r.status_code == 200
+            finish = None
+            for chunk in _sse_chunks(r):
+                text += chunk["choices"][0]["text"]
+                finish = chunk["choices"][0]["finish_reason"] or finish
+        assert text.startswith(before) and finish == "length"
+        assert httpx.get(f"{url}/v1/requests/{request_id}/stream").status_code == 404  # finished: gone
+        assert httpx.get(f"{url}/v1/requests/nobody/stream").json()["error"]["param"] == "request_id"
+        # every token was generated once: the journal holds exactly max_tokens of them
+        with open(journal) as f:
+            tokens = sum(len(rec["ids"]) for rec in map(json.loads, f) if rec["op"] == "tokens")
+        assert tokens == 300 and replay(journal) == []
+        # the same request without a crash gives the same text
+        uninterrupted = httpx.post(url + "/v1/completions", json={**body, "stream": False}, timeout=300).json()
+        assert uninterrupted["choices"][0]["text"] == text
+    finally:
+        proc.kill()
+        proc.wait(30)
+
+
+def test_sigterm_stops_within_the_grace_and_leaves_in_flight_work_in_the_journal(tmp_path):
+    import httpx
+    from test_server import free_port, wait_healthy
+    journal, log = str(tmp_path / "journal.jsonl"), str(tmp_path / "serve.log")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "launch/serve.py", "--config=configs/tiny.py", f"--port={port}",
+                                 f"--journal={journal}", "--journal_fsync_every=0", "--shutdown_grace_s=0.2"],
+                                cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_healthy(url, proc)
+        body = {"model": "tiny", "prompt": "Spot VMs", "max_tokens": 480, "temperature": 0, "stream": True}
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as r:
+            chunks = _sse_chunks(r)
+            request_id = next(chunks)["id"]
+            for _ in range(5):
+                next(chunks)
+            t = time.time()
+            proc.send_signal(signal.SIGTERM)
+            with pytest.raises(httpx.HTTPError):  # cut off at the end of the grace, not finished
+                for _ in chunks:
+                    pass
+        assert proc.wait(30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once shut down
+        assert time.time() - t < 20
+        (pending,) = replay(journal)   # fsync left to the OS, yet the exit synced it
+        assert pending.request_id == request_id and 6 <= len(pending.output_ids) < 480
+        assert "journal synced; 1 unfinished requests in it" in open(log).read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
