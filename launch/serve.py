@@ -32,6 +32,12 @@ _FSYNC_EVERY = flags.DEFINE_integer("journal_fsync_every", 16, "fsync the journa
 _GRACE = flags.DEFINE_float("shutdown_grace_s", 25.0, "On SIGTERM/SIGINT (a spot VM's notice: 30 s), stop "
                             "admitting and let in-flight requests run this long; the rest stay in the journal.",
                             lower_bound=0)
+_COORDINATOR = flags.DEFINE_string("coordinator", "", "Serve over several processes (hosts): host:port of process "
+                                   "0, for jax.distributed. Process 0 serves HTTP; the others follow its steps.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 1, "Processes in a multi-process run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", 0, "This process's index in a multi-process run.")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Initialize jax.distributed from the environment "
+                                 "(Cloud TPU pods, SLURM) instead of --coordinator.")
 _PRECOMPILE = flags.DEFINE_bool("precompile", False, "Compile every step shape before listening, so that no "
                                 "request waits on XLA (minutes on CPU for a real model; worth it on accelerators).")
 
@@ -41,12 +47,21 @@ def main(argv):
     config = _CONFIG.value
     import uvicorn
 
+    if _COORDINATOR.value or _DISTRIBUTED.value:  # before anything starts JAX's backend
+        from jaxserve.parallel import multihost
+        multihost.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    import jax
+
     from jaxserve.llm import engine_from_config
     from jaxserve.server import create_app
 
     name = _MODEL_NAME.value or os.path.splitext(os.path.basename(
         config_flags.get_config_filename(flags.FLAGS["config"])))[0]
     engine = engine_from_config(config)
+    if jax.process_index() != 0:  # a follower: run process 0's steps until it stops serving
+        from jaxserve.parallel import multihost
+        sys.stderr.write(f"process {jax.process_index()} followed {multihost.follow(engine.runner)} steps\n")
+        return
     if _JOURNAL.value:
         from jaxserve.engine.journal import TokenJournal, replay
         pending = replay(_JOURNAL.value)

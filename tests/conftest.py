@@ -43,13 +43,18 @@ def hf_smollm2(smollm2_path):
     return model.eval()
 
 
-@pytest.fixture(scope="session")
-def tiny_config():
+def load_tiny_config():
+    """configs/tiny.py's config (also for helper processes that are not pytest)."""
     import importlib.util
     spec = importlib.util.spec_from_file_location("tiny_config", os.path.join(REPO, "configs", "tiny.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config()
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    return load_tiny_config()
 
 
 @pytest.fixture(scope="session")

@@ -63,6 +63,9 @@ class Engine:
         self.cfg, self.config, self.tokenizer, self.clock = cfg, config, tokenizer, clock
         self.journal = journal
         self.cost_model = cost_model or engine_cost_model(cfg, config)
+        if jax.process_count() > 1:
+            from jaxserve.parallel.multihost import check_supported
+            check_supported(config)
         self.policy = policy or make_policy(config.policy)
         self.allocator = PageAllocator(config.num_pages)
         self.host_pool = HostPagePool(config.host_pages, mesh)

@@ -91,6 +91,18 @@ class ModelRunner:
         self.min_decode_rows = MIN_DECODE_ROWS_GPU if mesh.devices.flat[0].platform == "gpu" else 1
         # a caller-made pool (benchmarks fill one with random keys and values) or zeros
         self.cache = paged_kv.init_pool(cfg, num_pages, page_size, mesh) if cache is None else cache
+        # serving over several processes: process 0 sends each step's inputs to the others first
+        self.mirror = None
+        if jax.process_count() > 1 and jax.process_index() == 0:
+            from jaxserve.parallel.multihost import StepMirror
+            self.mirror = StepMirror()
+
+    def _step(self, host: Sequence[np.ndarray]):
+        """Runs `_paged_step` on packed host arrays (mirrored to the other processes, if any)."""
+        if self.mirror is not None:
+            host = self.mirror.lead(host)
+        next_tokens, logprobs, self.cache = _paged_step(self.params, self.cache, *host, **self.step_kwargs())
+        return next_tokens, logprobs
 
     def step_kwargs(self) -> dict:
         """The static arguments of `_paged_step` for this runner."""
@@ -102,8 +114,7 @@ class ModelRunner:
 
         Returns (next token [n], logprob [n]) as numpy, one per chunk.
         """
-        next_tokens, logprobs, self.cache = _paged_step(self.params, self.cache, *self.pack(chunks),
-                                                        **self.step_kwargs())
+        next_tokens, logprobs = self._step(self.pack(chunks))
         n = len(chunks)
         return np.asarray(next_tokens)[:n], np.asarray(logprobs)[:n]
 
@@ -124,7 +135,7 @@ class ModelRunner:
             host = (np.zeros((B, T), np.int32), np.full((B, T), -1, np.int32), np.zeros((B, P), np.int32),
                     np.zeros(B, np.int32), np.zeros(B, np.float32), np.zeros(B, np.int32),
                     np.ones(B, np.float32), np.zeros(B, np.uint32), np.zeros(B, np.int32))
-            next_tokens, _, self.cache = _paged_step(self.params, self.cache, *host, **self.step_kwargs())
+            self._step(host)
         jax.block_until_ready(self.cache)
         return TRACE_COUNT["paged_step"] - before
 

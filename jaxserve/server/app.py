@@ -231,6 +231,9 @@ def create_app(engine, model_name: str, *, max_waiting: int = 1024,
             yield
         finally:
             await asyncio.to_thread(server.engine_loop.stop)
+            mirror = getattr(getattr(engine, "runner", None), "mirror", None)
+            if mirror is not None:  # serving over several processes: release the followers
+                mirror.stop()
             if getattr(engine, "journal", None) is not None:  # the engine thread is done: sync it
                 engine.journal.close()
                 logging.getLogger(__name__).warning("journal synced; %d unfinished requests in it",

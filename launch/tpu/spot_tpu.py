@@ -6,8 +6,8 @@ after preemption. Every step is a `gcloud` command; --dry_run prints them instea
         --action=all --dry_run
 
 Actions: create (a spot TPU VM), install (jaxserve and JAX[tpu] on every worker), start (the
-server; single-host slices such as v5litepod-8 only: multi-host serving, where process 0 serves
-HTTP and the others follow its step plans, is not built yet),
+server on every worker with --distributed: jax.distributed reads the TPU environment, process 0
+serves HTTP and schedules, the other hosts follow its steps),
 watch (poll the VM; when it is preempted, recreate it, reinstall and restart: the server
 restores params from the checkpoint into the new mesh and resumes unfinished requests from the
 journal), all (create, install, start, watch). The VM's SIGTERM (30 s before preemption) makes
@@ -59,7 +59,7 @@ def install_cmd() -> list:
 
 
 def start_cmd() -> list:
-    flags_ = [f"--config={_CONFIG.value}", "--host=0.0.0.0", f"--port={_PORT.value}",
+    flags_ = [f"--config={_CONFIG.value}", "--host=0.0.0.0", f"--port={_PORT.value}", "--distributed",
               f"--journal={_JOURNAL_DIR.value}/journal.jsonl", "--precompile"]
     if _CHECKPOINT.value:
         flags_ += ["--config.checkpoint.format=orbax", f"--config.checkpoint.path={_CHECKPOINT.value}"]
