@@ -38,6 +38,8 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 1, "Processes in a multi-
 _PROCESS_ID = flags.DEFINE_integer("process_id", 0, "This process's index in a multi-process run.")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Initialize jax.distributed from the environment "
                                  "(Cloud TPU pods, SLURM) instead of --coordinator.")
+_PEER = flags.DEFINE_string("peer", "", "URL of another jaxserve server to hand unfinished requests to on "
+                            "SIGTERM (their clients reconnect there at /v1/requests/ID/stream).")
 _PRECOMPILE = flags.DEFINE_bool("precompile", False, "Compile every step shape before listening, so that no "
                                 "request waits on XLA (minutes on CPU for a real model; worth it on accelerators).")
 
@@ -71,7 +73,8 @@ def main(argv):
     if _PRECOMPILE.value:
         t = time.perf_counter()
         sys.stderr.write(f"compiled {engine.precompile()} step shapes in {time.perf_counter() - t:.0f} s\n")
-    app = create_app(engine, name, max_waiting=_MAX_WAITING.value, max_body_bytes=_MAX_BODY.value)
+    app = create_app(engine, name, max_waiting=_MAX_WAITING.value, max_body_bytes=_MAX_BODY.value,
+                     peer_url=_PEER.value)
     sys.stderr.write(f"serving {name!r} at http://{_HOST.value}:{_PORT.value}/v1\n")
     class DrainingServer(uvicorn.Server):
         def handle_exit(self, sig, frame):

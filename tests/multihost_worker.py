@@ -26,19 +26,13 @@ def main(process_id: int, port: int, out: str) -> None:
     from jaxserve.checkpoint.load import load_host
     from jaxserve.engine.engine import Engine, EngineConfig
     from jaxserve.parallel.sharding import make_mesh, shard_params
-    from test_multihost import ENGINE, requests
+    from test_multihost import ENGINE, requests, serve_all
     config = load_tiny_config()
     cfg, params, tokenizer = load_host(config.checkpoint, config.model)
     mesh = make_mesh(1, 4)
     engine = Engine(cfg, shard_params(params, cfg, mesh), mesh, tokenizer, EngineConfig(**ENGINE))
     if jax.process_index() == 0:
-        for rid, prompt, params_ in requests():
-            engine.add_request(rid, prompt, params_)
-        done = {}
-        while engine.has_unfinished():
-            for o in engine.step():
-                if o.finished:
-                    done[o.request_id] = o.token_ids
+        done = serve_all(engine, requests())
         engine.runner.mirror.stop()
         result = {"outputs": done, "devices": len(jax.devices()), "local": len(jax.local_devices())}
     else:

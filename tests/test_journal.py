@@ -69,10 +69,11 @@ def test_resume_from_journal_equals_uninterrupted_and_regenerates_nothing(tiny, 
 
 def test_replay_skips_a_torn_last_line_and_names_a_bad_one(tmp_path):
     path = str(tmp_path / "j.jsonl")
+    from jaxserve.engine.request import Request
     j = TokenJournal(path)
-    j.added("a", [5, 6], SamplingParams(max_tokens=4, seed=1), 1, 0.0)
+    j.added(Request("a", [5, 6], SamplingParams(max_tokens=4, seed=1), 1, 0.0))
     j.committed("a", [7], [-0.5])
-    j.added("b", [5], SamplingParams(max_tokens=4, seed=2), 2, 1.0)
+    j.added(Request("b", [5], SamplingParams(max_tokens=4, seed=2), 2, 1.0))
     j.finished("b", "length")
     j.sync()
     with open(path, "a") as f:
@@ -87,12 +88,30 @@ def test_replay_skips_a_torn_last_line_and_names_a_bad_one(tmp_path):
         TokenJournal(str(tmp_path / "k.jsonl"), fsync_every=-1)
 
 
-def _start_server(port, journal, log):
+ORBAX_CONFIG = """
+from jaxserve.config import default_config
+
+
+def get_config():
+    c = default_config()
+    c.checkpoint.format = "orbax"
+    c.checkpoint.path = {path!r}
+    c.model = dict(dtype="float32", max_seq_len=512)
+    return c
+"""
+
+
+def _start_server(port, journal, log, checkpoint, model_axis):
+    """launch/serve.py on the tiny model's orbax checkpoint, over `model_axis` of 2 CPU devices."""
+    config = os.path.join(os.path.dirname(checkpoint), "tiny_orbax.py")
+    with open(config, "w") as f:
+        f.write(ORBAX_CONFIG.format(path=checkpoint))
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env.update(PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
+    env.update(PYTHONPATH=REPO, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
     with open(log, "a") as out:
-        return subprocess.Popen([sys.executable, "launch/serve.py", "--config=configs/tiny.py", f"--port={port}",
-                                 f"--journal={journal}", "--journal_fsync_every=1"],
+        return subprocess.Popen([sys.executable, "launch/serve.py", f"--config={config}", "--served_model_name=tiny",
+                                 f"--port={port}", f"--config.mesh.model={model_axis}", f"--journal={journal}",
+                                 "--journal_fsync_every=1"],
                                 cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
 
 
@@ -102,18 +121,22 @@ def _sse_chunks(response):
             yield json.loads(line[len("data: "):])
 
 
-def test_kill_9_mid_stream_then_restart_finishes_the_request(tmp_path):
-    """A real server process is killed with SIGKILL mid-generation; a restarted one (same journal)
-    resumes the request, the client reconnects with its id and gets the rest; no token is
-    generated twice and the text equals an uninterrupted run's."""
+def test_kill_9_mid_stream_then_restart_finishes_the_request(tiny_host, tmp_path):
+    """A real server process is killed with SIGKILL mid-generation; a restarted one (same journal,
+    params restored from the orbax checkpoint onto a different mesh) resumes the request, the
+    client reconnects with its id and gets the rest; no token is generated twice and the text
+    equals an uninterrupted run's."""
     import httpx
+    from jaxserve.checkpoint import store
     from test_server import free_port, wait_healthy
     journal, log = str(tmp_path / "journal.jsonl"), str(tmp_path / "serve.log")
+    checkpoint = str(tmp_path / "ckpt")
+    store.save(checkpoint, *tiny_host)
     body = {"model": "tiny", "prompt": "The history of the printing press", "max_tokens": 300,
             "temperature": 0, "stream": True}
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = _start_server(port, journal, log)
+    proc = _start_server(port, journal, log, checkpoint, model_axis=1)
     try:
         wait_healthy(url, proc)
         with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as r:
@@ -126,7 +149,7 @@ def test_kill_9_mid_stream_then_restart_finishes_the_request(tmp_path):
         proc.wait(30)
         (pending,) = replay(journal)
         assert pending.request_id == request_id and 11 <= len(pending.output_ids) < 300
-        proc = _start_server(port, journal, log)
+        proc = _start_server(port, journal, log, checkpoint, model_axis=2)  # the new machine's mesh
         wait_healthy(url, proc)
         text = ""
         with httpx.stream("GET", f"{url}/v1/requests/{request_id}/stream", timeout=300) as r:
@@ -183,3 +206,51 @@ def test_sigterm_stops_within_the_grace_and_leaves_in_flight_work_in_the_journal
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_sigterm_hands_in_flight_work_to_a_peer(tmp_path):
+    """A server told to stop (SIGTERM) hands its unfinished request to its --peer, where the client
+    reconnects and gets the rest; neither journal is left with unfinished work."""
+    import httpx
+    from test_server import free_port, wait_healthy
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
+    ports = free_port(), free_port()
+    urls = [f"http://127.0.0.1:{p}" for p in ports]
+    procs = []
+    for i, extra in ((0, [f"--peer={urls[1]}", "--shutdown_grace_s=0.2"]), (1, [])):
+        with open(tmp_path / f"serve{i}.log", "w") as out:
+            procs.append(subprocess.Popen(
+                [sys.executable, "launch/serve.py", "--config=configs/tiny.py", f"--port={ports[i]}",
+                 f"--journal={tmp_path}/journal{i}.jsonl", *extra],
+                cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT))
+    try:
+        for url, proc in zip(urls, procs):
+            wait_healthy(url, proc)
+        body = {"model": "tiny", "prompt": "Hand over", "max_tokens": 480, "temperature": 0, "stream": True}
+        with httpx.stream("POST", urls[0] + "/v1/completions", json=body, timeout=120) as r:
+            chunks = _sse_chunks(r)
+            first = next(chunks)
+            request_id, before = first["id"], first["choices"][0]["text"]
+            for _ in range(5):
+                before += next(chunks)["choices"][0]["text"]
+            procs[0].send_signal(signal.SIGTERM)
+            with pytest.raises(httpx.HTTPError):
+                for _ in chunks:
+                    pass
+        assert procs[0].wait(30) in (0, -signal.SIGTERM)
+        assert "handed 1 unfinished requests" in (tmp_path / "serve0.log").read_text()
+        assert replay(str(tmp_path / "journal0.jsonl")) == []   # ended there: "handed_over"
+        text = ""
+        with httpx.stream("GET", f"{urls[1]}/v1/requests/{request_id}/stream", timeout=300) as r:
+            for chunk in _sse_chunks(r):
+                text += chunk["choices"][0]["text"]
+        assert text.startswith(before)
+        uninterrupted = httpx.post(urls[1] + "/v1/completions", json={**body, "stream": False}, timeout=300).json()
+        assert uninterrupted["choices"][0]["text"] == text
+        assert replay(str(tmp_path / "journal1.jsonl")) == []
+        bad = httpx.post(urls[1] + "/v1/requests/import", json={"requests": [{"id": "x"}]})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "requests"
+    finally:
+        for p in procs:
+            p.kill()

@@ -20,6 +20,18 @@ def requests():
              SamplingParams(max_tokens=12, temperature=0.0 if i % 2 else 0.7, seed=i)) for i in range(6)]
 
 
+def serve_all(engine, reqs) -> dict:
+    """Adds reqs, steps until all finish; request id -> token ids."""
+    for rid, prompt, params in reqs:
+        engine.add_request(rid, prompt, params)
+    done = {}
+    while engine.has_unfinished():
+        for o in engine.step():
+            if o.finished:
+                done[o.request_id] = o.token_ids
+    return done
+
+
 def test_two_processes_serve_like_one(tiny_host, tmp_path):
     from test_server import free_port
     port = free_port()
@@ -39,14 +51,7 @@ def test_two_processes_serve_like_one(tiny_host, tmp_path):
     cfg, params, tokenizer = tiny_host
     mesh = make_mesh(1, 1)
     engine = Engine(cfg, shard_params(params, cfg, mesh), mesh, tokenizer, EngineConfig(**ENGINE))
-    for rid, prompt, p in requests():
-        engine.add_request(rid, prompt, p)
-    alone = {}
-    while engine.has_unfinished():
-        for o in engine.step():
-            if o.finished:
-                alone[o.request_id] = o.token_ids
-    assert leader["outputs"] == alone
+    assert leader["outputs"] == serve_all(engine, requests())
 
 
 def test_serve_py_over_two_processes_answers_like_one_engine(tiny_host, tmp_path):

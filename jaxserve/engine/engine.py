@@ -16,7 +16,7 @@ import numpy as np
 from jaxserve.cache.page_allocator import PageAllocator, pages_for
 from jaxserve.cache import paged_kv, transfer
 from jaxserve.cache.swap import HostPagePool, write_staged
-from jaxserve.engine.journal import JournaledRequest, TokenJournal
+from jaxserve.engine.journal import TokenJournal
 from jaxserve.engine.model_runner import Chunk, ModelRunner
 from jaxserve.engine.outputs import RequestOutput
 from jaxserve.engine.request import Request, Status
@@ -119,35 +119,43 @@ class Engine:
         if self.tokenizer is not None:
             self._decoders[request_id] = IncrementalDecoder(self.tokenizer)
         if self.journal is not None:
-            self.journal.added(request_id, prompt, params, seed, now, priority)
+            self.journal.added(self.requests[request_id])
 
-    def resume(self, journaled: Sequence[JournaledRequest]) -> int:
-        """Takes back requests a journal recorded as unfinished (after a crash or kill -9).
+    def resume(self, journaled: Sequence[Request], journal_them: bool = False) -> int:
+        """Takes back requests a journal recorded as unfinished (after a crash or kill -9), or
+        that a peer handed over (then `journal_them`: this engine's journal records them).
 
         Each keeps its committed tokens, which are never generated again: its cache is recomputed
         from prompt + committed tokens and decoding goes on from there, with the same sampling
         keys (seed, token index), so the output equals an uninterrupted run. Returns how many.
         """
-        for j in journaled:
-            r = Request(j.request_id, list(j.prompt_ids), j.params, j.seed, j.arrival_time, j.priority,
-                        output_ids=list(j.output_ids), logprobs=list(j.logprobs) if j.params.logprobs else [])
+        for r in journaled:
+            if r.request_id in self.requests:
+                raise ValueError(f"request_id={r.request_id!r}: already in use")
+            # another process's clock: keep its order among this engine's requests, never ahead
+            r.arrival_time = min(r.arrival_time, self.clock())
+            if journal_them and self.journal is not None:
+                self.journal.added(r)
+            if not r.params.logprobs:
+                r.logprobs = []
             decoder = IncrementalDecoder(self.tokenizer) if self.tokenizer is not None else None
             if decoder is not None:
                 r.text = decoder.push(list(r.output_ids))
             self.import_request(r, None, decoder)
             last = r.output_ids[-1] if r.output_ids else None
-            if last is not None and ((last in self.eos_token_ids and not j.params.ignore_eos)
-                                     or last in j.params.stop_token_ids):
+            if last is not None and ((last in self.eos_token_ids and not r.params.ignore_eos)
+                                     or last in r.params.stop_token_ids):
                 self._finish(r, "stop")  # it ended before its end was recorded
-            elif len(r.output_ids) >= j.params.max_tokens:
+            elif len(r.output_ids) >= r.params.max_tokens:
                 self._finish(r, "length")
         return len(journaled)
 
-    def abort(self, request_id: str) -> None:
+    def abort(self, request_id: str, reason: str = "abort") -> None:
+        """Ends a request now (its client went away; or `reason="handed_over"` to a peer)."""
         r = self.requests.get(request_id)
         if r is None:
             raise ValueError(f"request_id={request_id!r}: no such unfinished request")
-        self._finish(r, "abort")
+        self._finish(r, reason)
         self._aborted.append(r)
 
     def has_unfinished(self) -> bool:

@@ -15,22 +15,27 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Dict, List, Optional
+from typing import Dict, List
 
+from jaxserve.engine.request import Request
 from jaxserve.sampling_params import SamplingParams
 
 
-@dataclasses.dataclass
-class JournaledRequest:
-    request_id: str
-    prompt_ids: list
-    params: SamplingParams
-    seed: int
-    arrival_time: float
-    priority: int = 0
-    output_ids: list = dataclasses.field(default_factory=list)
-    logprobs: list = dataclasses.field(default_factory=list)
-    finish_reason: Optional[str] = None
+def request_record(r: Request) -> dict:
+    """A request's resumable state as JSON data: what `request_from_record` (and a peer) rebuilds."""
+    return {"id": r.request_id, "prompt": list(map(int, r.prompt_ids)), "params": dataclasses.asdict(r.params),
+            "seed": int(r.seed), "arrival": r.arrival_time, "priority": r.priority,
+            "ids": list(map(int, r.output_ids)), "logprobs": [float(x) for x in r.logprobs]}
+
+
+def request_from_record(rec: dict) -> Request:
+    """A waiting Request (no cache) from `request_record` data; KeyError/TypeError on bad data."""
+    params = rec["params"]
+    params = SamplingParams(**{**params, "stop": tuple(params.get("stop", ())),
+                               "stop_token_ids": tuple(params.get("stop_token_ids", ()))})
+    return Request(rec["id"], list(rec["prompt"]), params, int(rec["seed"]), float(rec["arrival"]),
+                   int(rec.get("priority", 0)), output_ids=list(rec.get("ids", [])),
+                   logprobs=list(rec.get("logprobs", [])))
 
 
 class TokenJournal:
@@ -45,11 +50,9 @@ class TokenJournal:
     def _write(self, record: dict) -> None:
         self._f.write(json.dumps(record, separators=(",", ":")) + "\n")
 
-    def added(self, request_id: str, prompt_ids: list, params: SamplingParams, seed: int,
-              arrival_time: float, priority: int = 0) -> None:
-        self._write({"op": "add", "id": request_id, "prompt": list(map(int, prompt_ids)),
-                     "params": dataclasses.asdict(params), "seed": int(seed), "arrival": arrival_time,
-                     "priority": priority})
+    def added(self, r: Request) -> None:
+        """A new request (or one taken over from a peer, with the tokens it already has)."""
+        self._write({"op": "add", **request_record(r)})
         self.sync()  # a request the client was told about must survive
 
     def committed(self, request_id: str, token_ids: list, logprobs: list) -> None:
@@ -75,8 +78,9 @@ class TokenJournal:
             self._f.close()
 
 
-def replay(path: str) -> List[JournaledRequest]:
-    """Every request the journal saw start and not end, in arrival order, with its committed tokens.
+def replay(path: str) -> List[Request]:
+    """Every request the journal saw start and not end, in arrival order, with its committed tokens
+    (as fresh Requests: no cache, waiting; `Engine.resume` takes them back).
 
     A torn last line (the crash came mid-write) is ignored; any other bad line is an error.
     """
@@ -84,7 +88,7 @@ def replay(path: str) -> List[JournaledRequest]:
         return []
     with open(path, encoding="utf-8") as f:
         lines = f.read().split("\n")
-    requests: Dict[str, JournaledRequest] = {}
+    requests: Dict[str, Request] = {}
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -96,8 +100,7 @@ def replay(path: str) -> List[JournaledRequest]:
             raise ValueError(f"{path}:{n}: not a journal record")
         op, rid = rec.get("op"), rec.get("id")
         if op == "add":
-            requests[rid] = JournaledRequest(rid, rec["prompt"], SamplingParams(**rec["params"]), rec["seed"],
-                                             rec["arrival"], rec.get("priority", 0))
+            requests[rid] = request_from_record(rec)
         elif op == "tokens" and rid in requests:
             requests[rid].output_ids += rec["ids"]
             requests[rid].logprobs += rec["logprobs"]

@@ -199,6 +199,21 @@ class OpenAIServer:
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
+    async def take_over(self, body: dict) -> dict:
+        """Resumes requests a peer hands over as it shuts down: {"requests": [request_record, ...]}.
+        Their clients reconnect here at /v1/requests/{id}/stream."""
+        from jaxserve.engine.journal import request_from_record
+        try:
+            requests = [request_from_record(rec) for rec in body["requests"]]
+        except (KeyError, TypeError, ValueError) as e:
+            raise APIError(400, f"requests: not a list of request records ({e})", "requests") from None
+        try:
+            return {"accepted": await self.engine_loop.take_over(requests)}
+        except ValueError as e:
+            raise APIError.from_value_error(e) from None
+        except EngineUnavailable as e:
+            raise APIError(503, str(e), code="engine_unavailable") from None
+
     # -- assembly -----------------------------------------------------------------------------
     def routes(self, app: FastAPI) -> None:
         both = {200: {"content": _SSE}, **_ERRORS}
@@ -210,17 +225,20 @@ class OpenAIServer:
                           tags=["openai"])
         app.add_api_route("/v1/requests/{request_id}/stream", self.reconnect, methods=["GET"],
                           responses={200: {"content": _SSE}, **_ERRORS}, tags=["jaxserve"])
+        app.add_api_route("/v1/requests/import", self.take_over, methods=["POST"], tags=["jaxserve"],
+                          responses={k: v for k, v in _ERRORS.items() if k in (400, 503)})
         app.add_api_route("/health", self.health, methods=["GET"],
                           responses={503: _ERRORS[503]})
         app.add_api_route("/metrics", self.prometheus, methods=["GET"], response_class=PlainTextResponse)
 
 
 def create_app(engine, model_name: str, *, max_waiting: int = 1024,
-               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, peer_url: str = "") -> FastAPI:
     """An app serving `engine` as `model_name`; its engine thread runs while the app is up.
 
     max_waiting bounds the requests waiting for their first token (429 beyond it);
-    max_body_bytes bounds request bodies (413 beyond it).
+    max_body_bytes bounds request bodies (413 beyond it); peer_url: a server to hand unfinished
+    requests to when this one shuts down (a spot VM's notice).
     """
     server = OpenAIServer(engine, model_name, max_waiting)
 
@@ -234,6 +252,8 @@ def create_app(engine, model_name: str, *, max_waiting: int = 1024,
             mirror = getattr(getattr(engine, "runner", None), "mirror", None)
             if mirror is not None:  # serving over several processes: release the followers
                 mirror.stop()
+            if peer_url and getattr(engine, "requests", None):
+                await asyncio.to_thread(_hand_over, engine, peer_url)
             if getattr(engine, "journal", None) is not None:  # the engine thread is done: sync it
                 engine.journal.close()
                 logging.getLogger(__name__).warning("journal synced; %d unfinished requests in it",
@@ -247,6 +267,26 @@ def create_app(engine, model_name: str, *, max_waiting: int = 1024,
     server.routes(app)
     app.openapi = lambda: _openapi(app)
     return app
+
+
+def _hand_over(engine, peer_url: str) -> None:
+    """Sends the stopped engine's unfinished requests to a peer server; those it accepts are
+    ended here (journal: "handed_over"); if it cannot take them they stay in the journal."""
+    import httpx
+
+    from jaxserve.engine.journal import request_record
+    log = logging.getLogger(__name__)
+    requests = list(engine.requests.values())
+    try:
+        r = httpx.post(peer_url.rstrip("/") + "/v1/requests/import",
+                       json={"requests": [request_record(x) for x in requests]}, timeout=10)
+        r.raise_for_status()
+    except httpx.HTTPError as e:
+        log.error("could not hand %d requests to %s (%s); they stay in the journal", len(requests), peer_url, e)
+        return
+    for x in requests:
+        engine.abort(x.request_id, "handed_over")  # ended here (and in the journal)
+    log.warning("handed %d unfinished requests to %s", len(requests), peer_url)
 
 
 def _openapi(app: FastAPI) -> dict:

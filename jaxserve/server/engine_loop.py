@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 
 _ACCEPTED = object()   # the engine queued the request
 _STOP = object()
+_DONE = object()       # the end of a one-reply command's stream
 
 
 class Overloaded(Exception):
@@ -140,6 +141,20 @@ class EngineLoop:
             self._streams[request_id] = stream
         return stream
 
+    async def take_over(self, requests: list) -> int:
+        """Resumes requests a peer handed over (with their committed tokens); their clients
+        reconnect with `attach`. Raises ValueError (e.g. an id in use) or EngineUnavailable."""
+        if self._draining or not self.alive:
+            raise EngineUnavailable("the server is shutting down" if self._draining else "the engine is not running")
+        stream = RequestStream("take-over")
+        key = f"take-over-{id(stream)}"
+        self._streams[key] = stream
+        stream.started = True  # not a waiting request
+        self._inbox.put(("take_over", key, requests))
+        reply = await stream.next()
+        self._resumed.update(r.request_id for r in requests)
+        return reply
+
     def abort(self, request_id: str) -> None:
         """Stops a request (its client went away) and frees its pages; a no-op once it ended."""
         if self._release(request_id) and not self._draining:
@@ -158,6 +173,9 @@ class EngineLoop:
                 if request_id in self._resumed and isinstance(item, RequestOutput):
                     self._detached[request_id] = item   # kept for its client's reconnect
                 continue   # otherwise aborted by its handler: nobody is listening
+            if item is _DONE:
+                self._streams.pop(request_id, None)
+                continue
             if isinstance(item, RequestOutput):
                 if item.token_ids and not stream.started:
                     stream.started = True
@@ -224,6 +242,13 @@ class EngineLoop:
             if command is _STOP:
                 return None
             kind, request_id, *args = command
+            if kind == "take_over":
+                try:
+                    reply = self.engine.resume(args[0], journal_them=True)
+                except ValueError as e:
+                    reply = e
+                self._post([(request_id, reply), (request_id, _DONE)])
+                continue
             if kind == "abort":
                 if request_id in self.engine.requests:
                     self.engine.abort(request_id)
