@@ -17,7 +17,7 @@ import uuid
 from typing import List, Optional
 
 import jinja2
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 
@@ -183,9 +183,10 @@ class OpenAIServer:
             final.cancel()
             self.engine_loop.abort(request_id)
 
-    async def reconnect(self, request_id: str) -> StreamingResponse:
-        """The rest of a request resumed from the journal after a crash, as server-sent events
-        (the first event carries every token committed so far)."""
+    async def reconnect(self, request_id: str, from_token: int = Query(
+            0, ge=0, description="Tokens the client already has: the stream starts after their text.")):
+        """The rest of a request resumed after a crash (or handed over by a peer), as server-sent
+        events: from token `from_token` on (0: every token committed so far, then the rest)."""
         try:
             stream = self.engine_loop.attach(request_id)
         except KeyError:
@@ -195,7 +196,7 @@ class OpenAIServer:
             raise APIError(409, str(e), "request_id", "already_attached") from None
         reply = responses.Reply(request_id, self.model_name, self.tokenizer)
         events = responses.chat_events if request_id.startswith("chatcmpl-") else responses.completion_events
-        return StreamingResponse(self._aborting_when_closed(request_id, events(reply, stream)),
+        return StreamingResponse(self._aborting_when_closed(request_id, events(reply, stream, from_token)),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 

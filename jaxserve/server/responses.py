@@ -100,10 +100,19 @@ def _new_logprobs(out: RequestOutput) -> list:
     return out.logprobs[len(out.logprobs) - len(out.new_token_ids):] if out.logprobs else []
 
 
-async def completion_events(reply: Reply, stream: RequestStream) -> AsyncIterator[bytes]:
-    deltas, offset = _TextDeltas(reply.stop), 0
+def _skip(deltas: _TextDeltas, reply: Reply, out: RequestOutput, skip_tokens: int) -> None:
+    """A reconnecting client has the text of the first skip_tokens tokens: start after it."""
+    if skip_tokens and reply.tokenizer is not None:
+        deltas.sent = len(reply.tokenizer.decode(out.token_ids[:skip_tokens]))
+
+
+async def completion_events(reply: Reply, stream: RequestStream, skip_tokens: int = 0) -> AsyncIterator[bytes]:
+    deltas, offset, first = _TextDeltas(reply.stop), 0, True
     try:
         async for out in stream:
+            if first:
+                _skip(deltas, reply, out, skip_tokens)
+                offset, first = deltas.sent, False
             text = deltas.next(out)
             if not (text or out.finished or (reply.logprobs and out.new_token_ids)):
                 continue
@@ -118,14 +127,17 @@ async def completion_events(reply: Reply, stream: RequestStream) -> AsyncIterato
     yield DONE
 
 
-async def chat_events(reply: Reply, stream: RequestStream) -> AsyncIterator[bytes]:
-    deltas = _TextDeltas(reply.stop)
+async def chat_events(reply: Reply, stream: RequestStream, skip_tokens: int = 0) -> AsyncIterator[bytes]:
+    deltas, first = _TextDeltas(reply.stop), True
 
     def chunk(choices, **kw) -> bytes:
         return _event(p.ChatCompletionChunk(id=reply.request_id, model=reply.model, choices=choices, **kw))
     try:
         yield chunk([p.ChatChunkChoice(delta=p.Delta(role="assistant", content=""))])
         async for out in stream:
+            if first:
+                _skip(deltas, reply, out, skip_tokens)
+                first = False
             text = deltas.next(out)
             if not (text or out.finished or (reply.logprobs and out.new_token_ids)):
                 continue
