@@ -122,3 +122,16 @@ def test_make_policy_names_the_field():
     assert isinstance(make_policy("mlfq"), MLFQPolicy)
     with pytest.raises(ValueError, match="scheduler.policy"):
         make_policy("lottery")
+
+
+def test_a_promoted_job_waits_for_free_pages_instead_of_evicting():
+    p = mlfq(watermark_pages=0)
+    old = view("old", prompt=64)        # 4 pages to start
+    runner = view("run", prompt=32, computed=32, generated=1, pages=3, location="device", arrival=1.0)
+    p.schedule([old, runner], cache(free=0, host=100, batch=1), 0.0)
+    p.jobs["old"].level = p.jobs["run"].level = 3           # both demoted
+    plan = p.schedule([old, runner], cache(free=0, host=100, batch=1), 2.0)  # old starved: promoted
+    assert p.jobs["old"].level == 0 and p.jobs["old"].promoted
+    assert plan.swap_out == [] and plan.preempt == [] and plan.run == [("run", 1)]
+    plan = p.schedule([old, runner], cache(free=4, host=100, batch=1), 2.1)  # pages free up: it runs
+    assert plan.run == [("old", 64)] and plan.swap_out == []
