@@ -51,9 +51,7 @@ class HostPagePool:
 
     def put(self, request_id: str, pool: dict, pages: Sequence[int]) -> int:
         """Copies `pages` of the device pool to host memory; returns the bytes moved."""
-        idx = np.zeros(bucket(len(pages)), np.int32)  # padding re-reads page 0: harmless for a gather
-        idx[:len(pages)] = pages
-        return self.store(request_id, transfer.gather(pool, idx), len(pages))
+        return self.store(request_id, gather_bucketed(pool, pages), len(pages))
 
     def store(self, request_id: str, data: dict, num_pages: int) -> int:
         """Keeps device buffers [L, >=num_pages, S, K, D] of a request in host memory."""
@@ -79,6 +77,14 @@ class HostPagePool:
         entry = self.entries.pop(request_id, None)
         if entry is not None:
             self.used -= entry.num_pages
+
+
+def gather_bucketed(pool: dict, pages: Sequence[int]) -> dict:
+    """The K and V of `pages` as [L, bucket(n), ...] device buffers: one compilation per bucket,
+    not per page count (padding re-reads page 0: harmless for a gather)."""
+    idx = np.zeros(bucket(len(pages)), np.int32)
+    idx[:len(pages)] = pages
+    return transfer.gather(pool, idx)
 
 
 def write_staged(pool: dict, pages: Sequence[int], staged: dict) -> dict:

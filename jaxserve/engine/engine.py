@@ -14,8 +14,8 @@ import jax
 import numpy as np
 
 from jaxserve.cache.page_allocator import PageAllocator, pages_for
-from jaxserve.cache import paged_kv, transfer
-from jaxserve.cache.swap import HostPagePool, write_staged
+from jaxserve.cache import paged_kv
+from jaxserve.cache.swap import HostPagePool, gather_bucketed, write_staged
 from jaxserve.engine.journal import TokenJournal
 from jaxserve.engine.model_runner import Chunk, ModelRunner
 from jaxserve.engine.outputs import RequestOutput
@@ -209,19 +209,18 @@ class Engine:
         """Removes every unfinished request, oldest first, as (Request, kv, decoder).
 
         kv is None when the request has no cache (or with_kv is False: it will be recomputed from
-        its committed tokens); otherwise {"k", "v"} device or host arrays of its pages.
+        its committed tokens); otherwise {"k", "v"} device or host arrays [L, >= its pages, ...]
+        (bucketed, so that migrations compile per bucket rather than per page count).
         """
         self._write_staged()
         out = []
         for r in sorted(self.requests.values(), key=lambda r: (r.arrival_time, r.request_id)):
             kv = None
             if with_kv and r.status is Status.RUNNING and r.pages:
-                idx = np.asarray(r.pages, np.int32)
-                kv = transfer.gather(self.runner.cache, idx)
+                kv = gather_bucketed(self.runner.cache, r.pages)
             elif with_kv and r.status is Status.SWAPPED:
-                entry = self.host_pool.entries[r.request_id]
-                on_device = self.runner.cache["k"].sharding  # slice on the device, not in host memory
-                kv = {name: jax.device_put(x, on_device)[:, :entry.num_pages] for name, x in entry.data.items()}
+                on_device = self.runner.cache["k"].sharding
+                kv = {name: jax.device_put(x, on_device) for name, x in self.host_pool.entries[r.request_id].data.items()}
             if kv is None:
                 self.stats["recomputed_tokens"] += r.num_computed
                 r.num_computed = 0
@@ -236,12 +235,12 @@ class Engine:
         """Takes over a request exported by another engine; returns KV bytes copied in."""
         if r.request_id in self.requests:
             raise ValueError(f"request_id={r.request_id!r}: already in use")
-        moved, n = 0, (0 if kv is None else kv["k"].shape[1])
+        moved, n = 0, (0 if kv is None else pages_for(r.num_computed, self.config.page_size))
         on_device = self.runner.cache["k"].sharding  # the pool's spec: only the page count differs
         if kv is not None and n <= self.allocator.num_free:
             pages = self.allocator.allocate(n)
             staged = {name: jax.device_put(x, on_device) for name, x in kv.items()}
-            moved = sum(x.nbytes for x in kv.values())
+            moved = n * sum(x.nbytes // x.shape[1] for x in kv.values())
             self.runner.cache = write_staged(self.runner.cache, pages, staged)
             r.pages, r.status = pages, Status.RUNNING
         elif kv is not None and n <= self.host_pool.num_free:  # no room on the device: wait in host memory
