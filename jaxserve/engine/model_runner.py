@@ -68,6 +68,20 @@ def _paged_step(params, cache, tokens, positions, page_table, logit_index, tempe
     return next_tokens, logprobs, cache
 
 
+def padding_arrays(B: int, T: int, P: int) -> tuple:
+    """The host arrays of one `_paged_step` call of shape (B, T, P), every row padding
+    (position -1: writes nothing, attends to nothing). `ModelRunner.pack` fills rows in."""
+    return (np.zeros((B, T), np.int32),    # tokens
+            np.full((B, T), -1, np.int32),  # positions
+            np.zeros((B, P), np.int32),     # page_table
+            np.zeros(B, np.int32),          # logit_index
+            np.zeros(B, np.float32),        # temperature
+            np.zeros(B, np.int32),          # top_k
+            np.ones(B, np.float32),         # top_p
+            np.zeros(B, np.uint32),         # seeds
+            np.zeros(B, np.int32))          # steps
+
+
 @dataclasses.dataclass
 class Chunk:
     """One request's slice of work in a step: run `tokens` starting at `start` with `pages`."""
@@ -132,10 +146,7 @@ class ModelRunner:
             if (B, T, P) in seen:
                 continue
             seen.add((B, T, P))
-            host = (np.zeros((B, T), np.int32), np.full((B, T), -1, np.int32), np.zeros((B, P), np.int32),
-                    np.zeros(B, np.int32), np.zeros(B, np.float32), np.zeros(B, np.int32),
-                    np.ones(B, np.float32), np.zeros(B, np.uint32), np.zeros(B, np.int32))
-            self._step(host)
+            self._step(padding_arrays(B, T, P))
         jax.block_until_ready(self.cache)
         return TRACE_COUNT["paged_step"] - before
 
@@ -145,15 +156,8 @@ class ModelRunner:
                              self.max_batch, self.max_pages_per_seq)
         if T == 1:
             B = max(B, self.min_decode_rows)
-        tokens = np.zeros((B, T), np.int32)
-        positions = np.full((B, T), -1, np.int32)
-        page_table = np.zeros((B, P), np.int32)
-        logit_index = np.zeros(B, np.int32)
-        temperature = np.zeros(B, np.float32)
-        top_k = np.zeros(B, np.int32)
-        top_p = np.ones(B, np.float32)
-        seeds = np.zeros(B, np.uint32)
-        steps = np.zeros(B, np.int32)
+        arrays = padding_arrays(B, T, P)
+        tokens, positions, page_table, logit_index, temperature, top_k, top_p, seeds, steps = arrays
         for i, c in enumerate(chunks):
             L = len(c.tokens)
             tokens[i, :L] = c.tokens
@@ -162,4 +166,4 @@ class ModelRunner:
             logit_index[i] = L - 1
             temperature[i], top_k[i], top_p[i] = c.temperature, c.top_k, c.top_p
             seeds[i], steps[i] = c.seed, c.step
-        return tokens, positions, page_table, logit_index, temperature, top_k, top_p, seeds, steps
+        return arrays

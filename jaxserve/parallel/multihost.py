@@ -16,9 +16,6 @@ import jax
 import numpy as np
 
 _STEP, _STOP = 1, 2
-# dtypes of ModelRunner.pack's arrays, in order: tokens, positions, page_table, logit_index,
-# temperature, top_k, top_p, seeds, steps
-_DTYPES = (np.int32, np.int32, np.int32, np.int32, np.float32, np.int32, np.float32, np.uint32, np.int32)
 
 
 def initialize(coordinator: str = "", num_processes: int = 0, process_id: int = -1) -> None:
@@ -61,14 +58,13 @@ def follow(runner, max_steps: Optional[int] = None) -> int:
 
     Returns the number of steps run.
     """
-    from jaxserve.engine.model_runner import _paged_step
+    from jaxserve.engine.model_runner import _paged_step, padding_arrays
     n = 0
     while max_steps is None or n < max_steps:
         op, B, T, P = (int(v) for v in _broadcast(np.zeros(4, np.int32)))
         if op == _STOP:
             break
-        shapes = [(B, T), (B, T), (B, P)] + [(B,)] * 6
-        arrays = _broadcast(tuple(np.zeros(s, d) for s, d in zip(shapes, _DTYPES)))
+        arrays = _broadcast(padding_arrays(B, T, P))  # receive buffers of the leader's shapes
         _, _, runner.cache = _paged_step(runner.params, runner.cache, *arrays, **runner.step_kwargs())
         n += 1
     return n
