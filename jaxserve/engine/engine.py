@@ -129,9 +129,10 @@ class Engine:
         from prompt + committed tokens and decoding goes on from there, with the same sampling
         keys (seed, token index), so the output equals an uninterrupted run. Returns how many.
         """
+        taken = [r.request_id for r in journaled if r.request_id in self.requests]
+        if taken:  # checked first: either all are taken back or none
+            raise ValueError(f"request_id={taken[0]!r}: already in use")
         for r in journaled:
-            if r.request_id in self.requests:
-                raise ValueError(f"request_id={r.request_id!r}: already in use")
             # another process's clock: keep its order among this engine's requests, never ahead
             r.arrival_time = min(r.arrival_time, self.clock())
             if journal_them and self.journal is not None:

@@ -20,7 +20,6 @@ log = logging.getLogger(__name__)
 
 _ACCEPTED = object()   # the engine queued the request
 _STOP = object()
-_DONE = object()       # the end of a one-reply command's stream
 
 
 class Overloaded(Exception):
@@ -150,10 +149,17 @@ class EngineLoop:
         key = f"take-over-{id(stream)}"
         self._streams[key] = stream
         stream.started = True  # not a waiting request
+        ids = {r.request_id for r in requests} - self._resumed
+        # before the engine resumes them: their outputs must be kept for their clients from the first
+        self._resumed |= ids
         self._inbox.put(("take_over", key, requests))
-        reply = await stream.next()
-        self._resumed.update(r.request_id for r in requests)
-        return reply
+        try:
+            return await stream.next()
+        except ValueError:
+            self._resumed -= ids
+            raise
+        finally:
+            self._streams.pop(key, None)
 
     def abort(self, request_id: str) -> None:
         """Stops a request (its client went away) and frees its pages; a no-op once it ended."""
@@ -173,9 +179,6 @@ class EngineLoop:
                 if request_id in self._resumed and isinstance(item, RequestOutput):
                     self._detached[request_id] = item   # kept for its client's reconnect
                 continue   # otherwise aborted by its handler: nobody is listening
-            if item is _DONE:
-                self._streams.pop(request_id, None)
-                continue
             if isinstance(item, RequestOutput):
                 if item.token_ids and not stream.started:
                     stream.started = True
@@ -247,7 +250,7 @@ class EngineLoop:
                     reply = self.engine.resume(args[0], journal_them=True)
                 except ValueError as e:
                     reply = e
-                self._post([(request_id, reply), (request_id, _DONE)])
+                self._post([(request_id, reply)])
                 continue
             if kind == "abort":
                 if request_id in self.engine.requests:
