@@ -72,11 +72,7 @@ class CostModel:
     max_batch: int = 32
     max_pages: int = 128
     max_chunk: int = 256
-    page_bytes: int = 0      # KV bytes of one page (device and host pools alike), for swap times
-
-    def swap_time(self, pages: int) -> float:
-        """Seconds to move `pages` pages between device and host memory."""
-        return float(pages * self.page_bytes * self.coef[-1])
+    page_bytes: int = 0      # KV bytes of one page (device and host pools alike), for swap costs
 
     def step_time(self, chunks: Sequence[tuple], swap_bytes: int = 0) -> float:
         """chunks: (num_tokens, pages_after) per scheduled request. Mirrors the engine's calls."""

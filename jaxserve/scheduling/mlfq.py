@@ -44,16 +44,13 @@ class MLFQPolicy(PreemptivePolicy):
         self._running: Sequence[str] = ()
         self._step_start: Optional[float] = None
 
-    def level_for(self, seconds: float) -> int:
-        """The highest-priority queue whose quantum covers `seconds`."""
+    def join_level(self, r: RequestView) -> int:
+        """Skip-join: the highest-priority queue whose quantum covers the job's first-token time."""
+        t = self.cost_model.prefill_time(r.num_remaining)
         for level, q in enumerate(self.quanta):
-            if q >= seconds:
+            if q >= t:
                 return level
         return len(self.quanta) - 1
-
-    def join_level(self, r: RequestView) -> int:
-        """Skip-join: the queue whose quantum covers the job's first-token time."""
-        return self.level_for(self.cost_model.prefill_time(r.num_remaining))
 
     def observe(self, requests: Sequence[RequestView], now: float) -> None:
         live = {r.request_id for r in requests}
