@@ -64,7 +64,7 @@ def variant_flags(name: str) -> list:
 ROOFLINE_BW = 2.67e12   # B/s: device copy bandwidth measured on the H100 (issue 7)
 LINK_BW = 52e9          # B/s: host<->device link, the swap target's reference
 PAGE = 16
-DATE = "2026-11-25"
+DATE = "2026-11-26"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -330,7 +330,8 @@ def part_jax(config, res: Results, deadline: float, variant: bool = False):
     del pool
 
     def decode(B, ctx, impl, synced=True, check_against=None, exact_rows=False):
-        """Decode steps of B sequences at context ctx, bucketed as the engine does (or exactly B rows)."""
+        """Decode steps of B sequences at context ctx, bucketed as the engine does (exact_rows: the
+        layers run on exactly B rows, without the GEMM padding rows of GEMM_ROWS_GPU)."""
         runner = model_runner.ModelRunner(cfg, params, mesh, num_pages, PAGE, max_batch, attention_impl=impl,
                                           cache=state["pool"])
         table = tables(B, ctx)
@@ -339,10 +340,11 @@ def part_jax(config, res: Results, deadline: float, variant: bool = False):
         chunks = [model_runner.Chunk([int(tokens[i, 0])], ctx - 1, table[i].tolist(), 0.0, 0, 1.0, 0, 1)
                   for i in range(B)]
         packed = runner.pack(chunks)
-        if exact_rows:  # B rows, no minimum: what MIN_DECODE_ROWS_GPU avoids
-            packed = [a[:B] for a in packed]
-        args = [jnp.asarray(a) for a in packed]
-        rows = args[0].shape[0]
+        if exact_rows:
+            runner.gemm_rows = 1
+        # sampling settings stay host arrays: the step picks its sampling mode from them
+        args = [jnp.asarray(a) for a in packed[:4]] + list(packed[4:])
+        rows = args[0].shape[0] + (-args[0].shape[0] % runner.gemm_rows)  # the layers' rows
         kw = runner.step_kwargs()
         traces = model_runner.TRACE_COUNT["paged_step"]
         t = time.time()
@@ -537,6 +539,7 @@ def part_jax(config, res: Results, deadline: float, variant: bool = False):
                                           np.full((B, 1), ctx - 1, np.int32), table, np.zeros(B, np.int32),
                                           np.zeros(B, np.float32), np.zeros(B, np.int32), np.ones(B, np.float32),
                                           np.zeros(B, np.uint32), np.zeros(B, np.int32))]
+        args = args[:4] + [np.asarray(a) for a in args[4:]]  # sampling settings: host arrays
         kw = runner.step_kwargs()
         n_steps = 10
         n = sizes[-1]

@@ -190,12 +190,14 @@ def test_precompile_covers_every_shape_a_run_reaches_and_leaves_the_cache_intact
     for i in range(6):
         prompt = rng.integers(3, 1000, size=int(rng.integers(1, 50))).tolist()
         requests.append((f"r{i}", prompt, SamplingParams(max_tokens=63 - len(prompt))))
+    requests[1] = (*requests[1][:2], SamplingParams(max_tokens=10, temperature=0.0))
+    requests[2] = (*requests[2][:2], SamplingParams(max_tokens=10, temperature=0.8, top_p=0.9, seed=2))
     plain = run_all(make_engine(small, token_budget=32, max_chunk=32, max_batch=2, num_pages=16), requests)
     engine = make_engine(small, token_budget=32, max_chunk=32, max_batch=2, num_pages=16)
     compiled = engine.precompile()
     assert compiled > 0 and engine.precompile() == 0  # the second call finds everything compiled
-    before = model_runner.TRACE_COUNT["paged_step"]
+    before = dict(model_runner.TRACE_COUNT)
     out = run_all(engine, requests)
-    assert model_runner.TRACE_COUNT["paged_step"] == before  # serving compiled nothing new
+    assert model_runner.TRACE_COUNT == before  # nothing new compiled: shapes nor sampling modes
     for rid, _, _ in requests:  # the padding-only warm-up calls wrote nothing into the pool
         assert out[rid].token_ids == plain[rid].token_ids

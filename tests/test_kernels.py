@@ -151,20 +151,35 @@ def test_runner_with_interpreted_kernel_gives_the_reference_tokens():
     np.testing.assert_allclose(outs["pallas"][1], outs["reference"][1], rtol=1e-4, atol=1e-5)
 
 
-def test_gpu_decode_steps_run_at_least_two_rows_and_prefill_chunks_are_not_padded():
-    cfg = ModelConfig(vocab_size=64, embed_dim=32, num_layers=1, num_heads=4, num_kv_heads=2,
+def test_decode_steps_padded_to_gemm_rows_give_the_same_tokens_and_leave_the_cache_alone():
+    cfg = ModelConfig(vocab_size=64, embed_dim=32, num_layers=2, num_heads=4, num_kv_heads=2,
                       head_dim=8, mlp_dim=64, max_seq_len=64)
-    runner = model_runner.ModelRunner(cfg, init_random_on_device(cfg, make_mesh(1, 1)), make_mesh(1, 1),
-                                      num_pages=8, page_size=4, max_batch=8)
-    assert runner.min_decode_rows == (2 if jax.default_backend() == "gpu" else 1)
-    runner.min_decode_rows = model_runner.MIN_DECODE_ROWS_GPU  # the GPU rule, checked on any backend
-    decode = runner.pack([model_runner.Chunk([5], 3, [0], 0.0, 0, 1.0, 0, 0)])
-    assert decode[0].shape == (2, 1)
-    assert (decode[1][1:] == -1).all()  # the extra row is padding
-    prefill = runner.pack([model_runner.Chunk(list(range(20)), 0, [0, 1, 2, 3, 4], 0.0, 0, 1.0, 0, 0)])
-    assert prefill[0].shape == (1, 32)
-    tokens, _ = runner.run([model_runner.Chunk([5], 0, [0], 0.0, 0, 1.0, 0, 0)])
-    assert tokens.shape == (1,)
+    mesh = make_mesh(1, 1)
+    params = init_random_on_device(cfg, mesh)
+    assert model_runner.ModelRunner(cfg, params, mesh, 8, 4, 8).gemm_rows == (
+        model_runner.GEMM_ROWS_GPU if jax.default_backend() == "gpu" else 1)
+    outs = {}
+    for gemm_rows in (1, model_runner.GEMM_ROWS_GPU):  # the GPU rule, checked on any backend
+        runner = model_runner.ModelRunner(cfg, params, mesh, num_pages=16, page_size=4, max_batch=8)
+        runner.gemm_rows = gemm_rows
+        prompts = [[3, 5, 7, 9, 11], [2, 4, 6]]
+        pages = [[0, 1], [2]]
+        first, _ = runner.run([model_runner.Chunk(p, 0, pg, 0.0, 0, 1.0, 0, 0) for p, pg in zip(prompts, pages)])
+        assert runner.pack([model_runner.Chunk([5], 3, [0], 0.0, 0, 1.0, 0, 0)])[0].shape == (1, 1)
+        toks, lps = [first], []
+        for step in range(3):  # 2 rows, then 1: padded to gemm_rows inside the step
+            live = prompts[:2 - step // 2]
+            chunks = [model_runner.Chunk([int(t)], len(p) + step, pg + [8 + i], 0.0, 0, 1.0, 0, step + 1)
+                      for i, (t, p, pg) in enumerate(zip(toks[-1], live, pages))]
+            t, lp = runner.run(chunks)
+            assert t.shape == (len(live),)
+            toks.append(t)
+            lps.append(lp)
+        outs[gemm_rows] = (np.concatenate(toks), np.concatenate(lps), np.asarray(runner.cache["k"]))
+    one, padded = outs[1], outs[model_runner.GEMM_ROWS_GPU]
+    np.testing.assert_array_equal(one[0], padded[0])
+    np.testing.assert_allclose(one[1], padded[1], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(one[2], padded[2])  # padding rows wrote nothing
 
 
 def test_random_weights_on_device_have_the_param_shapes_dtypes_and_shardings():

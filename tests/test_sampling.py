@@ -208,3 +208,23 @@ def test_logprobs_are_of_the_unmodified_distribution():
     hot = (temperature == 2.5) & (top_k == 0) & (top_p == 1.0)
     tempered = log_softmax(logits / 2.5)[np.arange(B), tokens]
     assert not np.allclose(logprobs[hot], tempered[hot], atol=1e-3)
+
+
+def test_the_mode_the_host_picks_samples_exactly_as_the_device_deciding():
+    from jaxserve.sampling import mode_for
+    rng = np.random.default_rng(0)
+    logits = jnp.asarray(rng.normal(size=(4, 50)), jnp.float32)
+    keys = _keys(jnp.arange(4, dtype=jnp.uint32), jnp.zeros(4, jnp.uint32))
+    static = jax.jit(sample, static_argnames=("mode",))
+    cases = {"greedy": ([0, 0, 0, 0], [5, 0, 0, 0], [1, 1, 0.5, 1]),
+             "sample": ([0, 0.7, 1.3, 0], [0, 0, 0, 0], [1, 1, 1, 1]),
+             "filter": ([0, 0.7, 1.3, 1.0], [0, 3, 0, 0], [1, 1, 0.8, 1])}
+    for want, (t, k, p) in cases.items():
+        t, k, p = np.float32(t), np.int32(k), np.float32(p)
+        assert mode_for(t, k, p) == want
+        on_device = _sample(logits, t, k, p, keys)
+        on_host = static(logits, t, k, p, keys, mode=want)
+        np.testing.assert_array_equal(on_device[0], on_host[0])
+        np.testing.assert_allclose(on_device[1], on_host[1], rtol=1e-6)
+    with pytest.raises(ValueError, match="mode"):
+        sample(logits, t, k, p, keys, mode="beam")

@@ -49,8 +49,15 @@ def paged_attend(q, k, v, cache, layer, positions, *, page_table, impl: str = "r
     impl: "reference" or "pallas" (decode steps, T == 1, only; longer chunks use the reference);
     mesh: where the pool lives, for the kernel's per-shard call.
     """
-    _, num_pages, page_size = cache["k"].shape[:3]
     B, P = page_table.shape
+    extra = q.shape[0] - B
+    if extra > 0:
+        # Rows past the page table's are the step's GEMM padding (model_runner.GEMM_ROWS_GPU):
+        # they write nothing and their outputs are unused, so attention never sees them.
+        out, cache = paged_attend(q[:B], k[:B], v[:B], cache, layer, positions[:B], page_table=page_table,
+                                  impl=impl, mesh=mesh)
+        return jnp.pad(out, ((0, extra),) + ((0, 0),) * (out.ndim - 1)), cache
+    _, num_pages, page_size = cache["k"].shape[:3]
     page = jnp.take_along_axis(page_table, jnp.maximum(positions, 0) // page_size, axis=1)
     page = jnp.where(positions >= 0, page, num_pages)  # padding: out of range, dropped
     offset = positions % page_size

@@ -1,8 +1,10 @@
 """Device work of one engine step: pack scheduled chunks into bucketed arrays, run, sample.
 
-The only jitted function is `_paged_step`; its shapes are bucketed (batch, chunk length and
-pages per sequence round up to powers of two) so that a long mixed run compiles a bounded
-number of times. The cache pool is donated so that steps update it in place.
+A step is two jitted functions: `_paged_forward` (the model over the packed chunks, to logits)
+and `_sample` (in the sampling mode the host picks from the requests' settings). Their shapes
+are bucketed (batch, chunk length and pages per sequence round up to powers of two) so that a
+long mixed run compiles a bounded number of times. The cache pool is donated so that steps
+update it in place.
 Decode steps attend through the Pallas kernel on GPU (`attention_impl`, see
 jaxserve.cache.attention_kernels); prefill chunks always use the pure-JAX reference.
 """
@@ -14,6 +16,7 @@ import os
 from typing import Optional, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxserve import sampling
@@ -22,7 +25,7 @@ from jaxserve.model import llama
 from jaxserve.model.config import ModelConfig
 from jaxserve.scheduling.cost_model import call_shape, step_shapes
 
-TRACE_COUNT = {"paged_step": 0}  # incremented only when jax traces (i.e. compiles) a new shape
+TRACE_COUNT = {"paged_step": 0, "sample": 0}  # incremented only when jax traces (compiles) a new shape
 
 # XLA flags the decode step wants, applied unless the user's XLA_FLAGS already set them (or
 # JAXSERVE_XLA_FLAGS=0). They only take effect if set before JAX starts its GPU backend, hence
@@ -33,12 +36,13 @@ TRACE_COUNT = {"paged_step": 0}  # incremented only when jax traces (i.e. compil
 # 0.6 ms); now on and off differ by less than run-to-run noise (mean of 3 vs 2 H100 runs:
 # batch 1 6.82 vs 6.89 ms, batch 64 14.79 vs 15.04 ms).
 GPU_XLA_FLAGS = ("--xla_gpu_enable_triton_gemm=false",)
-# On GPU, decode steps run at least this many rows: with a single row XLA rewrites the
-# projections as vector products (a reduction fusion over a transposed copy of all layers'
-# wk/wv, and an f32 copy of the LM head, every step); a padding row keeps them plain GEMMs with
-# no more weight reads (batch 1, 2k context: 9.0 -> 7.6 ms/step). Prefill chunks are not padded,
-# nor is anything on CPU, where the extra row is only extra arithmetic.
-MIN_DECODE_ROWS_GPU = 2
+# On GPU, decode steps run their layers on a multiple of this many rows (padding rows inside the
+# step; attention and sampling see only the real ones). cuBLAS wants bf16 GEMM dimensions in
+# multiples of 8: with 2 rows XLA padded every projection's input to 8 and sliced its output (7
+# small kernels a layer, 0.3 ms a step at batch 1 on an H100); with 1 row it rewrote the
+# projections as vector products over transposed copies of the weights (batch 1, 2k context:
+# 9.0 -> 7.6 ms/step with a second row). Prefill chunks are not padded, nor anything on CPU.
+GEMM_ROWS_GPU = 8
 
 
 def _apply_xla_flags() -> None:
@@ -53,18 +57,39 @@ def _apply_xla_flags() -> None:
 _apply_xla_flags()
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "attention_impl", "mesh"), donate_argnames=("cache",))
-def _paged_step(params, cache, tokens, positions, page_table, logit_index, temperature, top_k, top_p,
-                seeds, steps, cfg: ModelConfig, attention_impl: str = "reference", mesh=None):
-    """One bucketed step: tokens [B,T] at positions [B,T] (-1 = pad) -> (next token [B], logprob [B], cache).
+@functools.partial(jax.jit, static_argnames=("cfg", "attention_impl", "mesh", "gemm_rows"),
+                   donate_argnames=("cache",))
+def _paged_forward(params, cache, tokens, positions, page_table, logit_index, cfg: ModelConfig,
+                   attention_impl: str = "reference", mesh=None, gemm_rows: int = 1):
+    """The model over tokens [B,T] at positions [B,T] (-1 = pad) -> (logits [B,V] float32, cache).
 
     attention_impl: "reference" or "pallas" (resolved; decode shapes T == 1 use the kernel).
+    gemm_rows: decode steps run the layers on a multiple of this many rows (GEMM_ROWS_GPU).
     """
     TRACE_COUNT["paged_step"] += 1
+    rows = tokens.shape[0]
+    extra = -rows % gemm_rows if tokens.shape[1] == 1 else 0
+    if extra:  # padding rows: position -1 (write nothing); paged_attend skips them (page_table has B rows)
+        tokens = jnp.pad(tokens, ((0, extra), (0, 0)))
+        positions = jnp.pad(positions, ((0, extra), (0, 0)), constant_values=-1)
+        logit_index = jnp.pad(logit_index, (0, extra))
     attend = functools.partial(paged_kv.paged_attend, page_table=page_table, impl=attention_impl, mesh=mesh)
     logits, cache = llama.forward(params, tokens, positions, cache, cfg, attend, logit_index=logit_index)
-    keys = sampling.request_keys(seeds, steps)
-    next_tokens, logprobs = sampling.sample(logits, temperature, top_k, top_p, keys)
+    return logits[:rows], cache
+
+
+@functools.partial(jax.jit, static_argnames=("mode",))
+def _sample(logits, temperature, top_k, top_p, seeds, steps, mode: str):
+    TRACE_COUNT["sample"] += 1
+    return sampling.sample(logits, temperature, top_k, top_p, sampling.request_keys(seeds, steps), mode=mode)
+
+
+def _paged_step(params, cache, tokens, positions, page_table, logit_index, temperature, top_k, top_p,
+                seeds, steps, **forward_kwargs):
+    """One bucketed step on packed arrays (`padding_arrays`) -> (next token [B], logprob [B], cache)."""
+    logits, cache = _paged_forward(params, cache, tokens, positions, page_table, logit_index, **forward_kwargs)
+    mode = sampling.mode_for(temperature, top_k, top_p)
+    next_tokens, logprobs = _sample(logits, temperature, top_k, top_p, seeds, steps, mode=mode)
     return next_tokens, logprobs, cache
 
 
@@ -102,7 +127,7 @@ class ModelRunner:
         self.page_size, self.max_batch = page_size, max_batch
         self.max_pages_per_seq = -(-cfg.max_seq_len // page_size)
         self.attention_impl = attention_kernels.resolve_impl(attention_impl)
-        self.min_decode_rows = MIN_DECODE_ROWS_GPU if mesh.devices.flat[0].platform == "gpu" else 1
+        self.gemm_rows = GEMM_ROWS_GPU if mesh.devices.flat[0].platform == "gpu" else 1
         # a caller-made pool (benchmarks fill one with random keys and values) or zeros
         self.cache = paged_kv.init_pool(cfg, num_pages, page_size, mesh) if cache is None else cache
         # serving over several processes: process 0 sends each step's inputs to the others first
@@ -119,9 +144,10 @@ class ModelRunner:
         return next_tokens, logprobs
 
     def step_kwargs(self) -> dict:
-        """The static arguments of `_paged_step` for this runner."""
+        """The static arguments of `_paged_forward` for this runner."""
         pallas = self.attention_impl == "pallas"
-        return dict(cfg=self.cfg, attention_impl=self.attention_impl, mesh=self.mesh if pallas else None)
+        return dict(cfg=self.cfg, attention_impl=self.attention_impl, mesh=self.mesh if pallas else None,
+                    gemm_rows=self.gemm_rows)
 
     def run(self, chunks: Sequence[Chunk]):
         """Runs chunks (all of similar length: decodes, or prefill chunks) in one call.
@@ -139,14 +165,16 @@ class ModelRunner:
         cache. Returns the number of shapes compiled now (0 when all were compiled already).
         """
         before = TRACE_COUNT["paged_step"]
-        seen = set()
+        rows = set()
         for B, T, P in step_shapes(self.max_batch, max_chunk, token_budget, self.max_pages_per_seq):
-            if T == 1:
-                B = max(B, self.min_decode_rows)
-            if (B, T, P) in seen:
-                continue
-            seen.add((B, T, P))
-            self._step(padding_arrays(B, T, P))
+            # Padding rows sample greedily; at each row count, one sampled (and one filtered)
+            # padding row compiles the other sampling modes, through `_step` like any step.
+            for mode in sampling.MODES if B not in rows else ("greedy",):
+                host = padding_arrays(B, T, P)
+                host[4][0] = 1.0 if mode != "greedy" else 0.0   # temperature
+                host[5][0] = 2 if mode == "filter" else 0        # top_k
+                self._step(host)
+            rows.add(B)
         jax.block_until_ready(self.cache)
         return TRACE_COUNT["paged_step"] - before
 
@@ -154,8 +182,6 @@ class ModelRunner:
         """The bucketed host arrays of `_paged_step` for these chunks (padding rows: position -1)."""
         B, T, P = call_shape([len(c.tokens) for c in chunks], [len(c.pages) for c in chunks],
                              self.max_batch, self.max_pages_per_seq)
-        if T == 1:
-            B = max(B, self.min_decode_rows)
         arrays = padding_arrays(B, T, P)
         tokens, positions, page_table, logit_index, temperature, top_k, top_p, seeds, steps = arrays
         for i, c in enumerate(chunks):
