@@ -68,12 +68,14 @@ def _paged_forward(params, cache, tokens, positions, page_table, logit_index, cf
     """
     TRACE_COUNT["paged_step"] += 1
     rows = tokens.shape[0]
+    slots = paged_kv.token_slots(positions, page_table, cache)  # once, not in every layer
     extra = -rows % gemm_rows if tokens.shape[1] == 1 else 0
     if extra:  # padding rows: position -1 (write nothing); paged_attend skips them (page_table has B rows)
         tokens = jnp.pad(tokens, ((0, extra), (0, 0)))
         positions = jnp.pad(positions, ((0, extra), (0, 0)), constant_values=-1)
         logit_index = jnp.pad(logit_index, (0, extra))
-    attend = functools.partial(paged_kv.paged_attend, page_table=page_table, impl=attention_impl, mesh=mesh)
+    attend = functools.partial(paged_kv.paged_attend, page_table=page_table, impl=attention_impl, mesh=mesh,
+                               slots=slots)
     logits, cache = llama.forward(params, tokens, positions, cache, cfg, attend, logit_index=logit_index)
     return logits[:rows], cache
 
