@@ -94,16 +94,16 @@ def test_matching_reuses_resident_shards_known_optimum():
     A, B, C, D = "A", "B", "C", "D"
     # old (1,4) on A..D; the survivors come in shuffled order: the identity mapping keeps everything
     old = {A: (0, 0, 4), B: (0, 1, 4), C: (0, 2, 4), D: (0, 3, 4)}
-    groups = matching.match(old, [D, B, A, C], 1, 4, param_bytes=400.0, kv_bytes={0: 100.0})
-    assert groups == [[A, B, C, D]]
+    groups, heirs = matching.match(old, [D, B, A, C], 1, 4, param_bytes=400.0, kv_bytes={0: 100.0})
+    assert groups == [[A, B, C, D]] and heirs == [0]
     assert matching.resident_bytes(groups, old, 400.0, 4) == 400.0
     # old (2,2): replica 1 (C, D) holds far more KV; with B, C, D left and a (1,2) mesh, keep C, D
     old = {A: (0, 0, 2), B: (0, 1, 2), C: (1, 0, 2), D: (1, 1, 2)}
-    groups = matching.match(old, [B, C, D], 1, 2, param_bytes=100.0, kv_bytes={0: 10.0, 1: 1000.0})
-    assert groups == [[C, D]]
+    groups, heirs = matching.match(old, [B, C, D], 1, 2, param_bytes=100.0, kv_bytes={0: 10.0, 1: 1000.0})
+    assert groups == [[C, D]] and heirs == [1]  # the new replica inherits replica 1's requests
     # shrinking (1,4) -> (1,2): each survivor is given the half that contains its quarter
     old = {A: (0, 0, 4), B: (0, 1, 4), C: (0, 2, 4), D: (0, 3, 4)}
-    groups = matching.match(old, [D, A], 1, 2, param_bytes=400.0, kv_bytes={})
+    groups, _ = matching.match(old, [D, A], 1, 2, param_bytes=400.0, kv_bytes={})
     assert groups == [[A, D]]
 
 
@@ -111,11 +111,11 @@ def test_matching_of_pipelined_replicas():
     A, B, C, D = "A", "B", "C", "D"
     # (pipe 2, model 2) on A..D, survivors shuffled: the identity keeps every byte
     old = {A: (0, (0, 0), (2, 2)), B: (0, (0, 1), (2, 2)), C: (0, (1, 0), (2, 2)), D: (0, (1, 1), (2, 2))}
-    groups = matching.match(old, [C, A, D, B], 1, 2, param_bytes=400.0, kv_bytes={0: 40.0}, pipe=2)
+    groups, _ = matching.match(old, [C, A, D, B], 1, 2, param_bytes=400.0, kv_bytes={0: 40.0}, pipe=2)
     assert groups == [[A, B, C, D]]
     # two stages (A first half of the layers, B second) -> four: each keeps a quarter it holds
     old = {A: (0, (0, 0), (2, 1)), B: (0, (1, 0), (2, 1))}
-    groups = matching.match(old, [B, C, A, D], 1, 1, param_bytes=400.0, kv_bytes={}, pipe=4)
+    groups, _ = matching.match(old, [B, C, A, D], 1, 1, param_bytes=400.0, kv_bytes={}, pipe=4)
     stage = {d: i for i, d in enumerate(groups[0])}
     assert stage[A] in (0, 1) and stage[B] in (2, 3)
     assert matching.resident_bytes(groups, old, 400.0, 1, pipe=4) == 200.0

@@ -17,6 +17,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import jax
 import numpy as np
 
+from jaxserve.cache.page_allocator import pages_for
 from jaxserve.cache.paged_kv import pool_bytes_per_page
 from jaxserve.checkpoint import store
 from jaxserve.engine.engine import Engine, EngineConfig
@@ -148,25 +149,27 @@ class ServingCluster:
             for m, d in enumerate(devs):
                 placement[d] = (r_idx, m, len(devs))
             kv_bytes[r_idx] = sum(len(r.pages) for r in e.requests.values()) * self._page_bytes()
-        groups = matching.match(placement, survivors, new.data, new.model, self.param_bytes, kv_bytes)
+        groups, heirs = matching.match(placement, survivors, new.data, new.model, self.param_bytes, kv_bytes)
         event = ReparallelizationEvent(kind, grace, old_shape, (new.data, new.model), devices_lost)
         # Export every in-flight request; KV survives where all of its replica's devices do.
-        exported = []
-        for e in self.replicas:
+        exported = []  # (request, kv, decoder, old replica)
+        for r_idx, e in enumerate(self.replicas):
             intact = not (set(e.runner.mesh.devices.flat) & lost)
             before = e.stats["recomputed_tokens"]
-            exported += e.export_requests(with_kv=intact)
+            exported += [(*x, r_idx) for x in e.export_requests(with_kv=intact)]
             event.tokens_recomputed += e.stats["recomputed_tokens"] - before
         if self.method == "restart":
-            exported = [(self._from_scratch(r), None, None) for r, _, _ in exported]
+            exported = [(self._from_scratch(r), None, None, old) for r, _, _, old in exported]
         replicas = []
-        for group in groups:
+        for group, heir in zip(groups, heirs):
             mesh = make_mesh(1, new.model, group)
             shardings = param_shardings(self.cfg, mesh)
             params = None
-            # take the params from a replica whose devices all survive, preferring the one that
-            # shares the most devices with this group (what is resident there does not move)
-            by_overlap = sorted(self.replicas, key=lambda e: -len(set(e.runner.mesh.devices.flat) & set(group)))
+            # take the params from a replica whose devices all survive: the one this group
+            # inherits, else the one sharing the most devices with it (what is resident stays)
+            inherited = self.replicas[heir] if heir is not None else None
+            by_overlap = sorted(self.replicas, key=lambda e: (e is not inherited,
+                                                              -len(set(e.runner.mesh.devices.flat) & set(group))))
             for e in by_overlap:
                 if not (set(e.runner.mesh.devices.flat) & lost):
                     params, moved = reshard_tree(e.runner.params, shardings)
@@ -179,10 +182,15 @@ class ServingCluster:
                 event.checkpoint_bytes_read += self.param_bytes
             replicas.append(self._engine(params, mesh))
         self.replicas, self.devices = replicas, list(survivors)
-        # Resume the most urgent (oldest) requests first, spreading them over the new replicas.
+        # Resume the most urgent (oldest) requests first: each on the replica that inherits its old
+        # one (where its KV mostly is already) while its pages last, else on the least loaded.
         self._route = {}
-        for r, kv, decoder in sorted(exported, key=lambda x: x[0].arrival_time):
-            k = min(range(len(replicas)), key=lambda j: len(replicas[j].requests))
+        inherited_by = {old: k for k, old in enumerate(heirs) if old is not None}
+        for r, kv, decoder, old in sorted(exported, key=lambda x: x[0].arrival_time):
+            k = inherited_by.get(old)
+            if k is None or (kv is not None and pages_for(r.num_computed, replicas[k].config.page_size)
+                             > replicas[k].allocator.num_free):
+                k = min(range(len(replicas)), key=lambda j: len(replicas[j].requests))
             event.kv_bytes_moved += replicas[k].import_request(r, kv, decoder)
             self._route[r.request_id] = k
             event.requests_migrated += 1

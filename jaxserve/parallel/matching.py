@@ -10,7 +10,7 @@ simulator's SpotServe setting): a stage holds a slice of the layers, an index a 
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+from typing import Dict, List, NamedTuple, Optional, Sequence
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
@@ -41,14 +41,20 @@ def position_overlap(old_index, old_size, new_index, new_size) -> float:
     return frac
 
 
+class Mapping(NamedTuple):
+    """A new mesh on the surviving devices."""
+    groups: List[List[object]]   # per new replica, its devices in (stage-major) position order
+    heirs: List[Optional[int]]   # per new replica, the old replica it inherits (KV, requests), if any
+
+
 def match(old_placement: Dict[object, tuple], survivors: Sequence[object], data: int, model: int,
-          param_bytes: float, kv_bytes: Dict[int, float], pipe: int = 1) -> List[List[object]]:
+          param_bytes: float, kv_bytes: Dict[int, float], pipe: int = 1) -> Mapping:
     """Chooses which surviving device takes each position of a new (data, model[, pipe]) mesh.
 
     old_placement: device -> (old replica, old position, old layout) for devices that held a
     replica: position a model index and layout the model size, or (stage, index) and
     (pipe, model). kv_bytes: old replica -> bytes of KV its requests hold (split over its devices).
-    Returns `data` lists of `model * pipe` devices: the new replicas, in (stage-major) position order.
+    Returns the new replicas' devices and the old replica each inherits (matching's level 1).
     """
     per_replica = model * pipe
     if data * per_replica > len(survivors):
@@ -89,7 +95,7 @@ def match(old_placement: Dict[object, tuple], survivors: Sequence[object], data:
     for i, j in zip(rows, cols):
         r, m = positions[i]
         groups[r][slots.index(m)] = survivors[j]
-    return groups
+    return Mapping(groups, assign_old)
 
 
 def resident_bytes(groups, old_placement, param_bytes, model: int, pipe: int = 1) -> float:

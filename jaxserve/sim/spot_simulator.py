@@ -365,13 +365,13 @@ class SpotSimulator:
         for i, r in enumerate(self.replicas):
             for pos, d in enumerate(r.devices):
                 placement[d] = (i, divmod(pos, r.model), (r.pipe, r.model))
-        groups = matching.match(placement, survivors, new.data, new.model, s.param_bytes, kv, pipe=new.pipe)
+        groups, heir_of = matching.match(placement, survivors, new.data, new.model, s.param_bytes, kv, pipe=new.pipe)
         # bytes each node must receive: parameter slices it lacks, and the KV of the batch its
         # replica inherits where the devices differ
         slots = [(st, m) for st in range(new.pipe) for m in range(new.model)]
         incoming: Dict[object, float] = {}
         share = s.param_bytes / new.replica_devices
-        heirs = self._heirs(groups, placement)
+        heirs = {g: old for g, old in enumerate(heir_of) if old is not None}
         moved_params = moved_kv = 0.0
         for g, group in enumerate(groups):
             old = heirs.get(g)
@@ -418,21 +418,6 @@ class SpotSimulator:
         for r in replicas:
             if r.batch is not None:
                 self._start(r, resume)
-
-    def _heirs(self, groups, placement) -> Dict[int, int]:
-        """New replica -> the old replica whose devices it mostly took (matching's level 1)."""
-        heirs, taken = {}, set()
-        for g, group in enumerate(groups):
-            counts: Dict[int, int] = {}
-            for d in group:
-                if d in placement:
-                    counts[placement[d][0]] = counts.get(placement[d][0], 0) + 1
-            for old, _ in sorted(counts.items(), key=lambda kv: -kv[1]):
-                if old not in taken:
-                    heirs[g] = old
-                    taken.add(old)
-                    break
-        return heirs
 
     def _kv_bytes(self, r: _Replica) -> float:
         if r.batch is None:
