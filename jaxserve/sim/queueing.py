@@ -65,21 +65,26 @@ def simulate(arrivals: Sequence[float], sizes: Sequence[int], policy: str, quant
     done = np.full(len(sizes), np.nan)
     waiting = []                                     # (rank, arrival, job)
     running, now, nxt = None, 0.0, 0
+
+    def admit():  # every job that has arrived by `now` joins the queue
+        nonlocal nxt
+        while nxt < len(order) and arrivals[order[nxt]] <= now:
+            j = order[nxt]
+            heapq.heappush(waiting, (rank(j, 0.0), arrivals[j], j))
+            nxt += 1
+
     while nxt < len(order) or waiting or running is not None:
         if running is None:
             if not waiting:
                 now = max(now, arrivals[order[nxt]])
-            while nxt < len(order) and arrivals[order[nxt]] <= now:
-                i = order[nxt]
-                heapq.heappush(waiting, (rank(i, 0.0), arrivals[i], i))
-                nxt += 1
+            admit()
             running = heapq.heappop(waiting)[2]
         i = running
         until = now + sizes[i] - age[i]              # its completion, unless something comes first
         if nxt < len(order):
             until = min(until, arrivals[order[nxt]])
         if policy == "gittins" and waiting:
-            # Run until its index falls below the best waiting job's, in whole units.
+            # Run until its index falls below the best waiting job's, in whole quanta.
             a0, best = int(age[i]), waiting[0][0]
             worse = np.nonzero(table[a0 + 1:sizes[i]] > best)[0]
             if len(worse):
@@ -90,21 +95,12 @@ def simulate(arrivals: Sequence[float], sizes: Sequence[int], policy: str, quant
         if abs(age[i] - round(age[i])) < 1e-6:
             age[i] = round(age[i])
         now = until
+        admit()
         if age[i] >= sizes[i] - 1e-9:
             done[i] = now
             running = None
-        elif policy != "fcfs":
-            # Preemption point: newly arrived jobs and the running one compete on rank.
-            while nxt < len(order) and arrivals[order[nxt]] <= now:
-                j = order[nxt]
-                heapq.heappush(waiting, (rank(j, 0.0), arrivals[j], j))
-                nxt += 1
-            if waiting and waiting[0][0] < rank(i, age[i]):
-                heapq.heappush(waiting, (rank(i, age[i]), arrivals[i], i))
-                running = None
-        if running is not None and policy == "fcfs":
-            while nxt < len(order) and arrivals[order[nxt]] <= now:
-                j = order[nxt]
-                heapq.heappush(waiting, (rank(j, 0.0), arrivals[j], j))
-                nxt += 1
+        elif policy != "fcfs" and waiting and waiting[0][0] < rank(i, age[i]):
+            # preemption: a waiting job now ranks before the running one
+            heapq.heappush(waiting, (rank(i, age[i]), arrivals[i], i))
+            running = None
     return done - arrivals
