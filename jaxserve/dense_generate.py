@@ -19,11 +19,11 @@ from jaxserve.parallel.sharding import logical_sharding
 from jaxserve.scheduling.cost_model import bucket
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
-def _step(params, tokens, positions, cache, logit_index, temperature, top_k, top_p, seeds, steps, cfg):
+@functools.partial(jax.jit, static_argnames=("cfg", "mode"), donate_argnames=("cache",))
+def _step(params, tokens, positions, cache, logit_index, temperature, top_k, top_p, seeds, steps, cfg, mode):
     logits, cache = llama.forward(params, tokens, positions, cache, cfg, logit_index=logit_index)
     keys = sampling.request_keys(seeds, steps)
-    next_tokens, _ = sampling.sample(logits, temperature, top_k, top_p, keys)
+    next_tokens, _ = sampling.sample(logits, temperature, top_k, top_p, keys, mode=mode)
     return next_tokens, cache
 
 
@@ -53,10 +53,11 @@ def generate_stream(params, cfg: ModelConfig, mesh, prompts: Sequence[Sequence[i
         positions[i, : len(p)] = np.arange(len(p))
     rows = lambda v, dt: jnp.full((B,), v, dt)
     temp, tk, tp, seeds = rows(temperature, jnp.float32), rows(top_k, jnp.int32), rows(top_p, jnp.float32), rows(seed, jnp.uint32)
+    mode = sampling.mode_for([temperature], [top_k], [top_p])
     stop = np.asarray(list(stop_token_ids), np.int64)
     done = np.zeros(B, bool)
     next_tokens, cache = _step(params, tokens, positions, cache, jnp.asarray(lengths - 1), temp, tk, tp,
-                               seeds, jnp.zeros(B, jnp.int32), cfg=cfg)
+                               seeds, jnp.zeros(B, jnp.int32), cfg=cfg, mode=mode)
     pos = lengths.copy()
     for step in range(max_tokens):
         out = np.asarray(next_tokens)
@@ -67,7 +68,7 @@ def generate_stream(params, cfg: ModelConfig, mesh, prompts: Sequence[Sequence[i
             return
         next_tokens, cache = _step(params, out.clip(0)[:, None].astype(np.int32), pos[:, None].astype(np.int32),
                                    cache, jnp.zeros(B, jnp.int32), temp, tk, tp, seeds,
-                                   jnp.full(B, step + 1, jnp.int32), cfg=cfg)
+                                   jnp.full(B, step + 1, jnp.int32), cfg=cfg, mode=mode)
         pos += 1
 
 

@@ -5,8 +5,6 @@ request samples the same tokens whatever else shares its batch.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -48,35 +46,26 @@ def mode_for(temperature, top_k, top_p) -> str:
     return "sample"
 
 
-def sample(logits, temperature, top_k, top_p, keys, mode: Optional[str] = None):
+def sample(logits, temperature, top_k, top_p, keys, mode: str):
     """Samples one token per row of logits [B,V] (float32).
 
     temperature [B] (0 = greedy), top_k [B] (0 = off), top_p [B] in (0, 1], keys [B].
     Returns (tokens [B] int32, logprobs [B] of the chosen tokens under the unmodified distribution).
-    The vocabulary sort that top-k/top-p need runs only when some sampled row asks for it, and
-    nothing but an argmax runs when every row is greedy: `mode` (static, from `mode_for`) says
-    which, or, when None, the device decides with lax.cond. The engine picks the mode on the
-    host: on GPU a cond whose branch holds the sort ran on the host, reading its predicate back
-    and stalling every step (about 0.5 ms a step on an H100).
+    mode (static, from `mode_for` on the host): 'greedy' runs nothing but an argmax, 'sample'
+    draws without the vocabulary sort that only 'filter' (top-k/top-p) needs. The host picks it
+    because the device cannot do so cheaply: on GPU a lax.cond whose branch holds the sort ran on
+    the host, reading its predicate back and stalling every step (about 0.5 ms on an H100).
     """
-    if mode is not None and mode not in MODES:
+    if mode not in MODES:
         raise ValueError(f"mode={mode!r}: expected one of {MODES}")
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    sampled_rows = temperature > 0
-
-    def draw(filtered):
-        scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
-        if filtered is None:
-            needs_filter = jnp.any(sampled_rows & ((top_k > 0) | (top_p < 1)))
-            masked = jax.lax.cond(needs_filter, _filter_top_k_top_p, lambda s, k, p: s, scaled, top_k, top_p)
-        else:
-            masked = _filter_top_k_top_p(scaled, top_k, top_p) if filtered else scaled
-        drawn = jax.vmap(jax.random.categorical)(keys, masked).astype(jnp.int32)
-        return jnp.where(sampled_rows, drawn, greedy)
-
-    if mode is None:
-        tokens = jax.lax.cond(jnp.any(sampled_rows), lambda: draw(None), lambda: greedy)
+    if mode == "greedy":
+        tokens = greedy
     else:
-        tokens = greedy if mode == "greedy" else draw(mode == "filter")
+        scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
+        if mode == "filter":
+            scaled = _filter_top_k_top_p(scaled, top_k, top_p)
+        drawn = jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
+        tokens = jnp.where(temperature > 0, drawn, greedy)
     logprobs = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[:, None], axis=-1)[:, 0]
     return tokens, logprobs
