@@ -329,6 +329,11 @@ def part_jax(config, res: Results, deadline: float, variant: bool = False):
     state = {"pool": pool}
     del pool
 
+    def step_args(packed):
+        """A packed step's model inputs on the device; its sampling settings stay host arrays (the
+        step picks its sampling mode from them, and reading device arrays back would sync)."""
+        return [jnp.asarray(a) for a in packed[:4]] + list(packed[4:])
+
     def decode(B, ctx, impl, synced=True, check_against=None, exact_rows=False):
         """Decode steps of B sequences at context ctx, bucketed as the engine does (exact_rows: the
         layers run on exactly B rows, without the GEMM padding rows of GEMM_ROWS_GPU)."""
@@ -342,8 +347,7 @@ def part_jax(config, res: Results, deadline: float, variant: bool = False):
         packed = runner.pack(chunks)
         if exact_rows:
             runner.gemm_rows = 1
-        # sampling settings stay host arrays: the step picks its sampling mode from them
-        args = [jnp.asarray(a) for a in packed[:4]] + list(packed[4:])
+        args = step_args(packed)
         rows = args[0].shape[0] + (-args[0].shape[0] % runner.gemm_rows)  # the layers' rows
         kw = runner.step_kwargs()
         traces = model_runner.TRACE_COUNT["paged_step"]
@@ -535,11 +539,9 @@ def part_jax(config, res: Results, deadline: float, variant: bool = False):
         B, ctx = B_MID, min(CONTEXTS)
         runner = model_runner.ModelRunner(cfg, params, mesh, num_pages, PAGE, max_batch, cache=state["pool"])
         table = tables(B, ctx)
-        args = [jnp.asarray(a) for a in (rng.integers(0, cfg.vocab_size, (B, 1)).astype(np.int32),
-                                          np.full((B, 1), ctx - 1, np.int32), table, np.zeros(B, np.int32),
-                                          np.zeros(B, np.float32), np.zeros(B, np.int32), np.ones(B, np.float32),
-                                          np.zeros(B, np.uint32), np.zeros(B, np.int32))]
-        args = args[:4] + [np.asarray(a) for a in args[4:]]  # sampling settings: host arrays
+        tokens = rng.integers(0, cfg.vocab_size, B)
+        args = step_args(runner.pack([model_runner.Chunk([int(tokens[i])], ctx - 1, table[i].tolist(), 0.0, 0, 1.0, 0, 1)
+                                      for i in range(B)]))
         kw = runner.step_kwargs()
         n_steps = 10
         n = sizes[-1]

@@ -232,13 +232,17 @@ class Engine:
         self.requests.clear()
         return out
 
+    def has_pages_for(self, r: Request) -> bool:
+        """Whether the device pool has free pages for the KV of r's committed tokens."""
+        return pages_for(r.num_computed, self.config.page_size) <= self.allocator.num_free
+
     def import_request(self, r: Request, kv: Optional[dict], decoder=None) -> int:
         """Takes over a request exported by another engine; returns KV bytes copied in."""
         if r.request_id in self.requests:
             raise ValueError(f"request_id={r.request_id!r}: already in use")
         moved, n = 0, (0 if kv is None else pages_for(r.num_computed, self.config.page_size))
         on_device = self.runner.cache["k"].sharding  # the pool's spec: only the page count differs
-        if kv is not None and n <= self.allocator.num_free:
+        if kv is not None and self.has_pages_for(r):
             pages = self.allocator.allocate(n)
             staged = {name: jax.device_put(x, on_device) for name, x in kv.items()}
             moved = n * sum(x.nbytes // x.shape[1] for x in kv.values())

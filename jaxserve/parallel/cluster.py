@@ -17,7 +17,6 @@ from typing import Callable, Dict, List, Optional, Sequence
 import jax
 import numpy as np
 
-from jaxserve.cache.page_allocator import pages_for
 from jaxserve.cache.paged_kv import pool_bytes_per_page
 from jaxserve.checkpoint import store
 from jaxserve.engine.engine import Engine, EngineConfig
@@ -188,8 +187,7 @@ class ServingCluster:
         inherited_by = {old: k for k, old in enumerate(heirs) if old is not None}
         for r, kv, decoder, old in sorted(exported, key=lambda x: x[0].arrival_time):
             k = inherited_by.get(old)
-            if k is None or (kv is not None and pages_for(r.num_computed, replicas[k].config.page_size)
-                             > replicas[k].allocator.num_free):
+            if k is None or (kv is not None and not replicas[k].has_pages_for(r)):
                 k = min(range(len(replicas)), key=lambda j: len(replicas[j].requests))
             event.kv_bytes_moved += replicas[k].import_request(r, kv, decoder)
             self._route[r.request_id] = k

@@ -371,10 +371,8 @@ class SpotSimulator:
         slots = [(st, m) for st in range(new.pipe) for m in range(new.model)]
         incoming: Dict[object, float] = {}
         share = s.param_bytes / new.replica_devices
-        heirs = {g: old for g, old in enumerate(heir_of) if old is not None}
         moved_params = moved_kv = 0.0
-        for g, group in enumerate(groups):
-            old = heirs.get(g)
+        for group, old in zip(groups, heir_of):
             for slot, d in zip(slots, group):
                 have = 0.0
                 if d in placement:
@@ -391,7 +389,7 @@ class SpotSimulator:
             migrate_s = self._checkpoint_time(new.replica_devices)
         start = max(t, deadline - migrate_s)
         # the old replicas keep serving until the migration must start
-        old_of = {g: self.replicas[i] for g, i in heirs.items()}
+        old_of = {g: self.replicas[i] for g, i in enumerate(heir_of) if i is not None}
         self._push(start, "switch", (groups, new, start + migrate_s, old_of, list(self.replicas)))
         self.events.append(dict(t=t, kind=kind, new_shape=(new.data, new.model, new.pipe),
                                 pause_s=migrate_s, migrate_s=migrate_s, param_bytes_moved=moved_params,
