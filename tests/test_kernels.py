@@ -82,6 +82,19 @@ def test_interpreted_kernel_equals_reference(ppcb, ks):
     assert not np.asarray(got)[2].any()  # the padding row is zeros, not NaN
 
 
+@pytest.mark.parametrize("G", [3, 4])
+def test_interpreted_kernel_writes_gemm_padding_rows_as_zeros(G):
+    # out_rows > B: the step's GEMM padding rows come out of the merge kernel as zeros; a group
+    # of 3 query heads per kv head (SmolLM2's) is not a power of two, which Triton blocks must be
+    q, k_pool, v_pool, table, lengths = random_case(np.random.default_rng(G), G=G, B=3)
+    got = ak.pallas_decode_attention(q * 16 ** -0.5, k_pool, v_pool, jnp.int32(1), table, lengths,
+                                     pages_per_compute_block=2, k_splits=4, out_rows=8, interpret=True)
+    assert got.shape == (8, 2 * G, 16)
+    want = reference_decode(q, k_pool, v_pool, jnp.int32(1), table, lengths)
+    np.testing.assert_allclose(np.asarray(got)[:3], np.asarray(want), rtol=2e-5, atol=2e-5)
+    assert not np.asarray(got)[2:].any()  # the length-0 row and the 5 padding rows
+
+
 def _decode_over_layers(impl, q, k, v, cache, positions, table, mesh=None):
     """A layer scan like llama.forward's: write this token's k, v, attend, per layer."""
     attend = functools.partial(paged_attend, page_table=table, impl=impl, mesh=mesh)
@@ -131,8 +144,11 @@ def test_runner_with_interpreted_kernel_gives_the_reference_tokens():
     mesh = make_mesh(1, 1)
     params = init_random_on_device(cfg, mesh, seed=1)
     runners = {impl: model_runner.ModelRunner(cfg, params, mesh, num_pages=32, page_size=4, max_batch=4,
-                                              attention_impl=impl) for impl in ("reference", "pallas")}
+                                              attention_impl=impl.split("+")[0])
+               for impl in ("reference", "pallas", "pallas+gpu")}
     assert runners["pallas"].attention_impl == "pallas"
+    # the step as a GPU runs it (interpreted here): unrolled layers, rows padded for cuBLAS
+    runners["pallas+gpu"].unroll_layers, runners["pallas+gpu"].gemm_rows = True, model_runner.GEMM_ROWS_GPU
     prompts = [[5, 6, 7, 8, 9, 10, 11], [3, 4], [12, 13, 14, 15, 16]]
     pages = [[0, 1], [2], [5, 3]]
     outs = {}
@@ -147,8 +163,9 @@ def test_runner_with_interpreted_kernel_gives_the_reference_tokens():
             toks.append(t)
             lps.append(lp)
         outs[impl] = (np.stack(toks), np.stack(lps))
-    np.testing.assert_array_equal(outs["pallas"][0], outs["reference"][0])
-    np.testing.assert_allclose(outs["pallas"][1], outs["reference"][1], rtol=1e-4, atol=1e-5)
+    for impl in ("pallas", "pallas+gpu"):
+        np.testing.assert_array_equal(outs[impl][0], outs["reference"][0])
+        np.testing.assert_allclose(outs[impl][1], outs["reference"][1], rtol=1e-4, atol=1e-5)
 
 
 def test_decode_steps_padded_to_gemm_rows_give_the_same_tokens_and_leave_the_cache_alone():

@@ -17,11 +17,12 @@ PROMPTS = [
 ]
 
 
-def jax_logits(cfg, params, ids):
+def jax_logits(cfg, params, ids, unroll_layers=False):
     tokens = np.asarray([ids], np.int32)
     positions = np.arange(len(ids), dtype=np.int32)[None]
     cache = llama.init_dense_cache(cfg, 1, 64)
-    logits, _ = jax.jit(lambda p, t, q, c: llama.forward(p, t, q, c, cfg))(params, tokens, positions, cache)
+    fwd = jax.jit(lambda p, t, q, c: llama.forward(p, t, q, c, cfg, unroll_layers=unroll_layers))
+    logits, _ = fwd(params, tokens, positions, cache)
     return np.asarray(logits)[0]
 
 
@@ -81,6 +82,16 @@ def test_mesh_2x4_logits_equal_single_device(smollm2, device_params):
     for i, p in enumerate(prompts):
         np.testing.assert_allclose(multi[i, :len(p)], single[i, :len(p)], rtol=0, atol=2e-4)
         assert (multi[i, :len(p)].argmax(-1) == single[i, :len(p)].argmax(-1)).all()
+
+
+def test_unrolled_layers_give_the_scanned_logits(smollm2, device_params):
+    # the GPU runs the layers as a Python loop (model_runner.UNROLL_LAYERS_GPU), CPU as a scan
+    cfg, _, tok = smollm2
+    ids = tok.encode(PROMPTS[2])
+    scanned = jax_logits(cfg, device_params, ids)
+    unrolled = jax_logits(cfg, device_params, ids, unroll_layers=True)
+    np.testing.assert_allclose(unrolled, scanned, rtol=0, atol=1e-4)
+    assert (unrolled.argmax(-1) == scanned.argmax(-1)).all()
 
 
 def test_bfloat16_runs_close_to_float32(smollm2, device_params):

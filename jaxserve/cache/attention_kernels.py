@@ -6,7 +6,9 @@ pure-JAX gather path. The kernel body is JAX's GPU `paged_attention_kernel` (Tri
 grid and block specs are ours, so that it reads the engine's pool layout
 [layers, pages, page_size, kv_heads, head_dim] in place: the pool is viewed as
 [layers*pages, page_size, kv_heads, head_dim] (a free reshape), each program picks one kv head
-as a strided slice, and the layer becomes an offset added to the page table. The shipped wrapper
+as a strided slice, and the kernel adds the layer's offset to each page number it loads
+(`_LayerPages`: no per-layer op outside the kernel, and with unrolled layers a constant). After
+it, one small kernel of ours merges the sequence splits (`_combine`). The shipped wrapper
 (`paged_attention`) wants a head-major [kv_heads, pages, page_size, head_dim] array, which would
 cost a transpose of a whole layer of the pool on every step.
 """
@@ -51,19 +53,72 @@ def decode_params(batch: int, pages_per_seq: int, num_kv_heads: int) -> tuple:
     return ppcb, k_splits
 
 
-def _combine(o, l, m):
-    """Merges the k_splits partial softmax results (o unnormalized) into the final output."""
-    m_max = m.max(axis=0)
-    w = jnp.exp(m - m_max[None])
-    l_sum = (l * w).sum(axis=0)
-    o_sum = (o * w[..., None]).sum(axis=0)
-    # rows with length 0 (batch padding) have l_sum == 0 and o_sum == 0: output 0, not NaN
-    return o_sum / jnp.where(l_sum > 0, l_sum, 1.0)[..., None]
+class _LayerPages:
+    """The page-table block as the shipped kernel body reads it (`.shape`, `[slice]`), with each
+    loaded page number moved to the layer's pages of the flattened [layers*pages, ...] pool."""
+
+    def __init__(self, table_ref, offset):
+        self.table_ref, self.offset, self.shape = table_ref, offset, table_ref.shape
+
+    def __getitem__(self, idx):
+        return self.table_ref[idx] + self.offset
+
+
+def _layer_kernel(q_ref, k_ref, v_ref, table_ref, lengths_ref, layer_ref, *out_refs, num_pages, **kw):
+    """The shipped decode kernel body on one layer of the pool: `layer_ref` holds the layer."""
+    from jax.experimental.pallas.ops.gpu import paged_attention as shipped
+
+    pages = _LayerPages(table_ref, layer_ref[0] * num_pages)
+    shipped.paged_attention_kernel(q_ref, k_ref, None, v_ref, None, pages, lengths_ref, *out_refs, **kw)
+
+
+def _combine_kernel(o_ref, l_ref, m_ref, out_ref, *, batch: int):
+    """One (row, kv head): merges the k_splits partial softmax results (o unnormalized).
+
+    Rows past `batch` are the step's GEMM padding (model_runner.GEMM_ROWS_GPU): they get zeros,
+    so the padded output needs no pad op after the kernel. Rows of length 0 have l == 0 and o == 0
+    in every split: zeros too, not NaN.
+    """
+    from jax.experimental import pallas as pl
+
+    m = m_ref[...]                                     # [k_splits, G]
+    m_max = jnp.max(m, axis=0)
+    w = jnp.exp(m - m_max[None, :])
+    l_sum = jnp.sum(l_ref[...] * w, axis=0)
+    o_sum = jnp.sum(o_ref[...] * w[:, :, None], axis=0)  # [G, D]
+    out = o_sum / jnp.where(l_sum > 0, l_sum, 1.0)[:, None]
+    real = pl.program_id(0) < batch
+    out_ref[...] = jnp.where(real, out, 0.0).astype(out_ref.dtype)
+
+
+def _combine(o, l, m, out_rows: int, num_heads: int, dtype, interpret: bool):
+    """[k_splits, B, K, block_h(, D)] partials -> [out_rows, K*num_heads, D] in one small kernel
+    (as XLA ops, the merge and the row padding took three kernels a layer)."""
+    from jax.experimental import pallas as pl
+
+    ks, B, K, block_h, D = o.shape
+    g = 1 << (num_heads - 1).bit_length()  # Triton blocks are powers of two
+    last = B - 1
+    part = lambda b, h: (0, jnp.minimum(b, last), h, 0)
+    out = pl.pallas_call(
+        functools.partial(_combine_kernel, batch=B),
+        grid=(out_rows, K),
+        in_specs=[pl.BlockSpec((ks, None, None, g, D), lambda b, h: part(b, h) + (0,)),
+                  pl.BlockSpec((ks, None, None, g), part),
+                  pl.BlockSpec((ks, None, None, g), part)],
+        out_specs=pl.BlockSpec((None, None, g, D), lambda b, h: (b, h, 0, 0)),
+        out_shape=jax.ShapeDtypeStruct((out_rows, K, g, D), dtype),
+        interpret=interpret,
+        name="jaxserve_paged_decode_combine",
+    )(o, l, m)
+    if g != num_heads:
+        out = out[:, :, :num_heads]
+    return out.reshape(out_rows, K * num_heads, D)
 
 
 def pallas_decode_attention(q, k_pool, v_pool, layer, page_table, lengths, *,
-                            pages_per_compute_block: int, k_splits: int, num_warps: int = 4,
-                            num_stages: int = 2, interpret: bool = False):
+                            pages_per_compute_block: int, k_splits: int, out_rows: Optional[int] = None,
+                            num_warps: int = 4, num_stages: int = 2, interpret: bool = False):
     """Attention of one query token per sequence over its pages, for one layer.
 
     q [B,H,D] (already scaled by 1/sqrt(D): the kernel does not scale); k_pool, v_pool
@@ -91,9 +146,9 @@ def pallas_decode_attention(q, k_pool, v_pool, layer, page_table, lengths, *,
         qg = jnp.pad(qg, ((0, 0), (0, 0), (0, block_h - G), (0, 0)))
     k_flat = k_pool.reshape(L * NP, S, K, D)  # merges leading dims: a bitcast, no copy
     v_flat = v_pool.reshape(L * NP, S, K, D)
-    tables = (page_table.astype(jnp.int32) + layer * NP).reshape(B, k_splits, per_split)
+    tables = page_table.astype(jnp.int32).reshape(B, k_splits, per_split)
 
-    kernel = functools.partial(shipped.paged_attention_kernel, num_heads=G,
+    kernel = functools.partial(_layer_kernel, num_pages=NP, num_heads=G,
                                pages_per_compute_block=ppcb, mask_value=shipped.DEFAULT_MASK_VALUE,
                                attn_logits_soft_cap=None)
     # Grid (batch, kv head, split): the kernel reads its split index as program_id(2).
@@ -103,9 +158,10 @@ def pallas_decode_attention(q, k_pool, v_pool, layer, page_table, lengths, *,
         grid=(B, K, k_splits),
         in_specs=[
             pl.BlockSpec((None, None, block_h, D), lambda b, h, s: (b, h, 0, 0)),
-            pool_spec, None, pool_spec, None,
+            pool_spec, pool_spec,
             pl.BlockSpec((None, None, per_split), lambda b, h, s: (b, s, 0)),
             pl.BlockSpec((1,), lambda b, h, s: (b,)),
+            pl.BlockSpec((1,), lambda b, h, s: (0,)),
         ],
         out_specs=[
             pl.BlockSpec((None, None, None, block_h, D), lambda b, h, s: (s, b, h, 0, 0)),
@@ -119,13 +175,13 @@ def pallas_decode_attention(q, k_pool, v_pool, layer, page_table, lengths, *,
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name=f"jaxserve_paged_decode_ppcb{ppcb}_ks{k_splits}",
-    )(qg, k_flat, None, v_flat, None, tables, lengths.astype(jnp.int32))
-    out = _combine(o, l, m)[:, :, :G]
-    return out.reshape(B, H, D).astype(q.dtype)
+    )(qg, k_flat, v_flat, tables, lengths.astype(jnp.int32), jnp.reshape(layer, (1,)).astype(jnp.int32))
+    return _combine(o, l, m, out_rows or B, G, q.dtype, interpret)
 
 
 def decode_attention(q, k_pool, v_pool, layer, page_table, lengths, *, mesh: Optional[Mesh] = None,
-                     pages_per_compute_block: Optional[int] = None, k_splits: Optional[int] = None):
+                     out_rows: Optional[int] = None, pages_per_compute_block: Optional[int] = None,
+                     k_splits: Optional[int] = None):
     """`pallas_decode_attention` with shape-picked kernel parameters, per model shard.
 
     On a mesh whose `model` axis shards the kv heads, each device runs the kernel on its own
@@ -138,7 +194,7 @@ def decode_attention(q, k_pool, v_pool, layer, page_table, lengths, *, mesh: Opt
     ppcb = pages_per_compute_block or ppcb
     ks = k_splits or ks
     kernel = functools.partial(pallas_decode_attention, pages_per_compute_block=ppcb, k_splits=ks,
-                               interpret=jax.default_backend() != "gpu")
+                               out_rows=out_rows, interpret=jax.default_backend() != "gpu")
     model = 1 if mesh is None else mesh.shape.get("model", 1)
     if model == 1 or K % model:
         return kernel(q, k_pool, v_pool, layer, page_table, lengths)

@@ -77,13 +77,11 @@ def paged_attend(q, k, v, cache, layer, positions, *, page_table, impl: str = "r
     positions and page table (computed here when not given).
     """
     B, P = page_table.shape
-    extra = q.shape[0] - B
-    if extra > 0:
+    rows = q.shape[0]
+    if rows > B:
         # Rows past the page table's are the step's GEMM padding (model_runner.GEMM_ROWS_GPU):
-        # they write nothing and their outputs are unused, so attention never sees them.
-        out, cache = paged_attend(q[:B], k[:B], v[:B], cache, layer, positions[:B], page_table=page_table,
-                                  impl=impl, mesh=mesh, slots=slots)
-        return jnp.pad(out, ((0, extra),) + ((0, 0),) * (out.ndim - 1)), cache
+        # they write nothing and attention never sees them; their outputs are zeros.
+        q, k, v, positions = q[:B], k[:B], v[:B], positions[:B]
     if slots is None:
         slots = token_slots(positions, page_table, cache)
     page, offset, page_size = slots.page, slots.offset, cache["k"].shape[2]
@@ -107,7 +105,7 @@ def paged_attend(q, k, v, cache, layer, positions, *, page_table, impl: str = "r
         lengths = slots.lengths
         scaled = (q[:, 0].astype(jnp.float32) * q.shape[-1] ** -0.5).astype(q.dtype)
         out = attention_kernels.decode_attention(scaled, cache["k"], cache["v"], layer, page_table,
-                                                 lengths, mesh=mesh)
+                                                 lengths, mesh=mesh, out_rows=rows)
         return out[:, None], cache
 
     def gather(pool):
@@ -116,4 +114,5 @@ def paged_attend(q, k, v, cache, layer, positions, *, page_table, impl: str = "r
 
     kv_pos = jnp.arange(P * page_size)
     mask = kv_pos[None, None, :] <= positions[:, :, None]
-    return attention_scores_softmax(q, gather(cache["k"]), gather(cache["v"]), mask), cache
+    out = attention_scores_softmax(q, gather(cache["k"]), gather(cache["v"]), mask)
+    return jnp.pad(out, ((0, rows - B),) + ((0, 0),) * (out.ndim - 1)), cache

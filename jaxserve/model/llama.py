@@ -123,11 +123,13 @@ def logits_from_hidden(params, h, cfg: ModelConfig):
 
 
 def forward(params, tokens, positions, cache, cfg: ModelConfig, attend: AttendFn = dense_attend,
-            logit_index: Optional[jax.Array] = None):
+            logit_index: Optional[jax.Array] = None, unroll_layers: bool = False):
     """Runs the decoder over tokens [B,T] at positions [B,T] (-1 = padding).
 
     Returns (logits, cache): logits are float32 [B,T,V], or [B,V] at `logit_index` [B] when given
-    (prefill only needs each sequence's last token).
+    (prefill only needs each sequence's last token). unroll_layers: a Python loop over the layers
+    (static layer indices) instead of `lax.scan`: compiles several times longer, runs without the
+    loop's per-layer control and index kernels (see model_runner.UNROLL_LAYERS_GPU).
     """
     x = params["embed"][tokens].astype(cfg.jnp_dtype)
     inv_freq = rope_frequencies(cfg)
@@ -138,8 +140,13 @@ def forward(params, tokens, positions, cache, cfg: ModelConfig, attend: AttendFn
         x, cache = _layer(x, lp, cache, layer, positions, inv_freq, cfg, attend)
         return (x, cache), None
 
-    layers = (params["layers"], jnp.arange(cfg.num_layers))
-    (x, cache), _ = jax.lax.scan(body, (x, cache), layers)
+    if unroll_layers:
+        for i in range(cfg.num_layers):
+            lp = jax.tree.map(lambda a: a[i], params["layers"])
+            x, cache = _layer(x, lp, cache, i, positions, inv_freq, cfg, attend)
+    else:
+        layers = (params["layers"], jnp.arange(cfg.num_layers))
+        (x, cache), _ = jax.lax.scan(body, (x, cache), layers)
     if logit_index is not None:
         x = jnp.take_along_axis(x, logit_index[:, None, None], axis=1)[:, 0]
     return logits_from_hidden(params, x, cfg), cache
