@@ -185,3 +185,25 @@ def test_spot_simulator_recovers_in_place_where_baselines_start_over():
     assert moved["param_bytes_moved"] == 4e9  # n1's half moves to n2; n0 keeps its half
     assert results["restart"][0].restarted > 0  # in-flight requests started over
     assert results["spotserve"][1] < results["restart"][1]
+
+
+def test_simulated_reroute_keeps_the_shape_planned_for_the_largest_cluster():
+    """As the artifact's rerouting baseline: the replica shape is planned once for the most
+    devices the trace ever has; fewer devices serve with fewer replicas of that shape."""
+    from jaxserve.parallel.availability import AvailabilityEvent
+    from jaxserve.sim.spot_simulator import LayerProfile, SpotSimulator
+    from jaxserve.sim.workload import poisson
+    profile = LayerProfile(num_layers=4, init={m: {4: 100.0 / m} for m in (1, 2, 4)},
+                           incr={m: {4: 6.0 / m} for m in (1, 2, 4)})
+    setting = _spot_setting(profile=profile, devices_per_node=1, max_model=4, max_pipe=1, min_replica_devices=1)
+    events = [AvailabilityEvent(0.0, "add", ("n0", "n1")), AvailabilityEvent(20.0, "add", ("n2", "n3"))]
+    jobs = {m: poisson(20, 1.0, prompt_len=64, output_len=50, seed=2) for m in ("reroute", "spotserve")}
+    sims = {m: SpotSimulator(setting, m, grace_s=10.0) for m in jobs}
+    for m, sim in sims.items():
+        sim.run(jobs[m], events)
+        assert all(j.finish is not None for j in jobs[m])
+    assert sims["reroute"].plan(2).model == 2 and sims["reroute"].plan(4).model == 4
+    assert [(r.model, r.pipe) for r in sims["reroute"].replicas] == [(4, 1)]
+    # two devices are too few for a replica of 4: reroute serves nothing until the others come
+    assert min(j.first_token for j in jobs["reroute"]) > 20.0
+    assert min(j.first_token for j in jobs["spotserve"]) < 20.0  # SpotServe plans for what it has

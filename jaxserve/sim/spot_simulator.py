@@ -12,8 +12,10 @@ Methods (what happens when the devices change):
     the deadline; pause for the migration (parameter slices and KV over the network); every
     in-flight batch resumes from its last committed token on the replica that inherits it.
   * restart: re-plan and re-deploy everything from the checkpoint; in-flight requests start over.
-  * reroute: replicas keep their shape; one that loses a device is dropped when the device goes
-    and its requests start over on the others; new devices form new replicas (from checkpoint).
+  * reroute: replicas keep one shape, planned at the start for the most devices the trace ever
+    has (as the artifact's rerouting baseline plans it); one that loses a device is dropped when
+    the device goes and its requests start over on the others; free devices form new replicas
+    of that shape (from the checkpoint).
 """
 from __future__ import annotations
 
@@ -157,6 +159,15 @@ class SpotSimulator:
         for e in first:
             self.alive += [(n, g) for n in e.nodes for g in range(self.s.devices_per_node)]
         self._fixed = None
+        if self.method == "reroute":
+            # the replica shape is planned once, for the most devices the trace ever has (as the
+            # artifact's rerouting baseline does); replicas of it come and go with the devices
+            most = max(self._alive_counts(availability))
+            try:
+                plan = self.plan(most * self.s.devices_per_node)
+                self._fixed = (plan.model, plan.pipe)
+            except ValueError:
+                pass
         self._deploy(0.0, ready_at=0.0)
         for e in availability[len(first):]:
             if e.kind == "remove":
@@ -174,6 +185,14 @@ class SpotSimulator:
             getattr(self, f"_on_{kind}")(t, payload)
             self._dispatch(t)
         return list(jobs)
+
+    @staticmethod
+    def _alive_counts(availability: Sequence[AvailabilityEvent]) -> List[int]:
+        alive, counts = set(), []
+        for e in availability:
+            alive = alive | set(e.nodes) if e.kind != "remove" else alive - set(e.nodes)
+            counts.append(len(alive))
+        return counts
 
     def _push(self, t: float, kind: str, payload) -> None:
         heapq.heappush(self._heap, (t, next(self._seq), kind, payload))
