@@ -17,8 +17,10 @@ def default_config() -> config_dict.ConfigDict:
     c.sampling = dict(max_tokens=128, temperature=0.0, top_p=1.0, top_k=0, seed=0)
     # Paged KV cache and per-step limits of the iteration-level engine.
     # attention_impl: decode attention, auto (Pallas kernel on GPU) | reference | pallas.
+    # unroll_layers: decode steps run the layers unrolled, auto (on GPU) | on | off: faster steps,
+    # slower compiles (model_runner.UNROLL_LAYERS_GPU).
     c.engine = dict(page_size=16, num_pages=512, max_batch=32, token_budget=256, max_chunk=256,
-                    host_pages=0, attention_impl="auto")
+                    host_pages=0, attention_impl="auto", unroll_layers="auto")
     # fcfs | mlfq | priority. mlfq and priority preempt at token granularity and keep preempted
     # jobs' KV, swapping it to host memory (engine.host_pages) to keep `watermark_pages` free.
     c.scheduler = dict(policy="fcfs", watermark_pages=0, prefetch=True,

@@ -22,6 +22,9 @@ _PROMPT = flags.DEFINE_integer("prompt_len", 256, "Prompt tokens.")
 _OUT_TOKENS = flags.DEFINE_integer("max_tokens", 48, "Tokens generated per request.")
 _PREEMPT_AT = flags.DEFINE_integer("preempt_at_step", 12, "Engine step at which the notice arrives.")
 _DTYPE = flags.DEFINE_string("dtype", "float32", "Model dtype for this run.")
+_UNROLL = flags.DEFINE_enum("unroll_layers", "auto", ["auto", "on", "off"],
+                            "Decode steps' layer loop unrolled (EngineConfig.unroll_layers): faster steps, "
+                            "slower compiles, which the first step on a new mesh waits for.")
 
 
 def main(argv):
@@ -42,7 +45,7 @@ def main(argv):
     # The GPU Pallas kernel is written for 16-bit KV (float32 pages overflow its shared memory).
     attention = "reference" if cfg.dtype == "float32" else "auto"
     engine_config = EngineConfig(page_size=16, num_pages=512, max_batch=16, token_budget=512, max_chunk=256,
-                                 attention_impl=attention)
+                                 attention_impl=attention, unroll_layers=_UNROLL.value)
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, cfg.vocab_size, _PROMPT.value).tolist() for _ in range(_N.value)]
     sp = SamplingParams(max_tokens=_OUT_TOKENS.value, temperature=0.0, ignore_eos=True)
@@ -71,7 +74,7 @@ def main(argv):
     tokens_equal = sum(a == b for k in reference for a, b in zip(got[k], reference[k]))
     result = {
         "device": str(devices[0].device_kind), "model_layers": cfg.num_layers, "model_embed": cfg.embed_dim,
-        "param_bytes": cluster.param_bytes, "dtype": cfg.dtype,
+        "param_bytes": cluster.param_bytes, "dtype": cfg.dtype, "unroll_layers": _UNROLL.value,
         "old_shape": list(event.old_shape), "new_shape": list(event.new_shape),
         "time_to_resume_s": event.time_to_resume_s, "first_step_after_s": first_step_s,
         "param_bytes_moved": event.param_bytes_moved, "kv_bytes_moved": event.kv_bytes_moved,

@@ -59,6 +59,9 @@ def test_auto_picks_pallas_on_gpu_only_and_bad_names_name_the_field():
     assert ak.resolve_impl("pallas", "cpu") == "pallas"
     with pytest.raises(ValueError, match="engine.attention_impl"):
         ak.resolve_impl("flash")
+    from jaxserve.engine.engine import EngineConfig
+    with pytest.raises(ValueError, match="engine.unroll_layers"):
+        EngineConfig(unroll_layers="yes")
 
 
 @pytest.mark.parametrize("batch", [1, 2, 8, 16, 64, 128, 256])
@@ -144,11 +147,13 @@ def test_runner_with_interpreted_kernel_gives_the_reference_tokens():
     mesh = make_mesh(1, 1)
     params = init_random_on_device(cfg, mesh, seed=1)
     runners = {impl: model_runner.ModelRunner(cfg, params, mesh, num_pages=32, page_size=4, max_batch=4,
-                                              attention_impl=impl.split("+")[0])
+                                              attention_impl=impl.split("+")[0],
+                                              unroll_layers="on" if "gpu" in impl else "auto")
                for impl in ("reference", "pallas", "pallas+gpu")}
     assert runners["pallas"].attention_impl == "pallas"
+    assert not runners["pallas"].unroll_layers and runners["pallas+gpu"].unroll_layers  # auto: off on CPU
     # the step as a GPU runs it (interpreted here): unrolled layers, rows padded for cuBLAS
-    runners["pallas+gpu"].unroll_layers, runners["pallas+gpu"].gemm_rows = True, model_runner.GEMM_ROWS_GPU
+    runners["pallas+gpu"].gemm_rows = model_runner.GEMM_ROWS_GPU
     prompts = [[5, 6, 7, 8, 9, 10, 11], [3, 4], [12, 13, 14, 15, 16]]
     pages = [[0, 1], [2], [5, 3]]
     outs = {}

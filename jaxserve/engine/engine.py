@@ -17,7 +17,7 @@ from jaxserve.cache.page_allocator import PageAllocator, pages_for
 from jaxserve.cache import paged_kv
 from jaxserve.cache.swap import HostPagePool, gather_bucketed, write_staged
 from jaxserve.engine.journal import TokenJournal
-from jaxserve.engine.model_runner import Chunk, ModelRunner
+from jaxserve.engine.model_runner import UNROLL_CHOICES, Chunk, ModelRunner
 from jaxserve.engine.outputs import RequestOutput
 from jaxserve.engine.request import Request, Status
 from jaxserve.model.config import ModelConfig
@@ -37,6 +37,7 @@ class EngineConfig:
     max_chunk: int = 256      # longest prefill chunk
     host_pages: int = 0       # host (pinned) memory for swapped-out KV, in pages; 0 = none
     attention_impl: str = "auto"  # decode attention: auto (Pallas on GPU) | reference | pallas
+    unroll_layers: str = "auto"   # decode steps' layer loop unrolled: auto (on GPU) | on | off
     policy: str = "fcfs"
 
     def __post_init__(self):
@@ -45,6 +46,8 @@ class EngineConfig:
                 raise ValueError(f"engine.{name} must be a positive integer, got {getattr(self, name)!r}")
         if not isinstance(self.host_pages, int) or self.host_pages < 0:
             raise ValueError(f"engine.host_pages must be an integer >= 0, got {self.host_pages!r}")
+        if self.unroll_layers not in UNROLL_CHOICES:
+            raise ValueError(f"engine.unroll_layers={self.unroll_layers!r} is not one of {UNROLL_CHOICES}")
 
 
 def engine_cost_model(cfg: ModelConfig, config: EngineConfig) -> CostModel:
@@ -70,7 +73,7 @@ class Engine:
         self.allocator = PageAllocator(config.num_pages)
         self.host_pool = HostPagePool(config.host_pages, mesh)
         self.runner = ModelRunner(cfg, params, mesh, config.num_pages, config.page_size, config.max_batch,
-                                  attention_impl=config.attention_impl)
+                                  attention_impl=config.attention_impl, unroll_layers=config.unroll_layers)
         self._staged: Dict[str, tuple] = {}  # uploads in flight: request_id -> (pages, device buffers)
         self.step_log: List[tuple] = []      # (cost features, seconds) of recent steps, for calibration
         self.max_context = min(cfg.max_seq_len, config.num_pages * config.page_size)

@@ -51,6 +51,7 @@ GEMM_ROWS_GPU = 8
 # only: a 2k-token prefill, bound by compute, measured 76 -> 81 ms unrolled. Not on CPU, where
 # compile time is what tests and small models wait on.
 UNROLL_LAYERS_GPU = True
+UNROLL_CHOICES = ("auto", "on", "off")  # EngineConfig.unroll_layers: auto = UNROLL_LAYERS_GPU on GPU
 
 
 def _apply_xla_flags() -> None:
@@ -136,14 +137,14 @@ class Chunk:
 
 class ModelRunner:
     def __init__(self, cfg: ModelConfig, params, mesh, num_pages: int, page_size: int, max_batch: int,
-                 attention_impl: str = "auto", cache: Optional[dict] = None):
+                 attention_impl: str = "auto", cache: Optional[dict] = None, unroll_layers: str = "auto"):
         self.cfg, self.params, self.mesh = cfg, params, mesh
         self.page_size, self.max_batch = page_size, max_batch
         self.max_pages_per_seq = -(-cfg.max_seq_len // page_size)
         self.attention_impl = attention_kernels.resolve_impl(attention_impl)
         on_gpu = mesh.devices.flat[0].platform == "gpu"
         self.gemm_rows = GEMM_ROWS_GPU if on_gpu else 1
-        self.unroll_layers = UNROLL_LAYERS_GPU and on_gpu
+        self.unroll_layers = {"on": True, "off": False, "auto": UNROLL_LAYERS_GPU and on_gpu}[unroll_layers]
         # a caller-made pool (benchmarks fill one with random keys and values) or zeros
         self.cache = paged_kv.init_pool(cfg, num_pages, page_size, mesh) if cache is None else cache
         # serving over several processes: process 0 sends each step's inputs to the others first
