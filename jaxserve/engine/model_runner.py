@@ -47,9 +47,11 @@ GEMM_ROWS_GPU = 8
 # while loop cost about 7 us a layer on an H100: a gap between iterations, the counter update,
 # and copying each layer's two norm weights and its index out of the stacked arrays (4 small
 # kernels); unrolled, every index is static. Llama-3-8B shape, 2k context: batch 1 6.32 -> 6.08
-# ms/step, batch 64 14.27 -> 13.98; a step shape compiles in 5-6 s instead of 1 s. Decode steps
-# only: a 2k-token prefill, bound by compute, measured 76 -> 81 ms unrolled. Not on CPU, where
-# compile time is what tests and small models wait on.
+# ms/step, batch 64 14.27 -> 13.98; but a decode step shape compiles in about 7 s instead of under
+# 1 s, which startup precompiles and the first step on a new mesh after a re-parallelization wait
+# for (EngineConfig.unroll_layers="off" trades the other way). Decode steps only: a 2k-token
+# prefill, bound by compute, measured 76 -> 81 ms unrolled. Not on CPU, where compile time is what
+# tests and small models wait on.
 UNROLL_LAYERS_GPU = True
 UNROLL_CHOICES = ("auto", "on", "off")  # EngineConfig.unroll_layers: auto = UNROLL_LAYERS_GPU on GPU
 
