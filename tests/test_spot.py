@@ -67,6 +67,49 @@ def test_preempting_4_of_8_with_grace_loses_and_recomputes_nothing(tiny_host, re
     assert e.param_bytes_moved < cluster.param_bytes * cluster.shape[0]
 
 
+def test_deferred_preemption_compiles_the_new_mesh_while_the_old_one_serves(tiny_host, requests, reference,
+                                                                           monkeypatch):
+    """defer=True: the notice only plans; the new meshes' decode steps compile in the background
+    while the old replicas keep stepping, and the step after the switch compiles nothing."""
+    import threading
+    from jaxserve.engine import model_runner
+    cfg, params, tok = tiny_host
+    devices = jax.devices()
+    go = threading.Event()  # holds the background compile back until the old replicas have served
+    real = model_runner.compile_ahead
+    monkeypatch.setattr(model_runner, "compile_ahead", lambda *a, **k: go.wait() and real(*a, **k))
+    cluster = ServingCluster(cfg, params, devices, 2, 4, CONFIG, tok)
+    for rid, prompt, p in requests:
+        cluster.add_request(rid, prompt, p)
+    out, event, served_pending, switch_compiles = {}, None, 0, None
+
+    def step():
+        for o in cluster.step():
+            if o.finished:
+                out[o.request_id] = o.token_ids
+    while cluster.has_unfinished():
+        running = [r for e in cluster.replicas for r in e.requests.values()]
+        if event is None and len(running) == len(requests) and all(len(r.output_ids) >= 2 for r in running):
+            # every request decoding: the switch's first step is a decode step, compiled ahead
+            event = cluster.notify_preemption(devices[2:6], grace_s=600.0, defer=True)
+            for _ in range(2):
+                step()
+                assert not event.done and cluster.shape == (2, 4)  # still serving on all 8 devices
+                served_pending += 1
+            go.set()
+            cluster._pending.compiler.join()
+            traced = dict(model_runner.TRACE_COUNT)
+            step()  # switches, then steps on the new meshes
+            assert event.done
+            switch_compiles = {k: model_runner.TRACE_COUNT[k] - traced[k] for k in traced}
+        step()
+    assert out == reference
+    assert served_pending == 2 and event.requests_lost == 0 and event.tokens_recomputed == 0
+    assert event.shapes_compiled_ahead >= 1 and event.deferred_s > 0
+    assert set(cluster.devices) == set(devices[:2] + devices[6:])
+    assert switch_compiles == {"paged_step": 0, "sample": 0}  # its step shapes were ready
+
+
 def test_preemption_without_grace_restores_params_from_the_checkpoint_and_recomputes_kv(tiny_host, requests, reference, tmp_path):
     cfg, params, tok = tiny_host
     store.save(str(tmp_path), cfg, params)

@@ -137,16 +137,58 @@ class Chunk:
     step: int  # index of the token to sample (the request's number of generated tokens)
 
 
+def step_settings(mesh, attention_impl: str = "auto", unroll_layers: str = "auto") -> dict:
+    """How steps run on this mesh: the resolved attention impl, GEMM row padding, unrolling."""
+    on_gpu = mesh.devices.flat[0].platform == "gpu"
+    return dict(attention_impl=attention_kernels.resolve_impl(attention_impl),
+                gemm_rows=GEMM_ROWS_GPU if on_gpu else 1,
+                unroll_layers={"on": True, "off": False, "auto": UNROLL_LAYERS_GPU and on_gpu}[unroll_layers])
+
+
+def forward_kwargs(cfg: ModelConfig, mesh, attention_impl: str, gemm_rows: int, unroll_layers: bool) -> dict:
+    """The static arguments of `_paged_forward` (resolved settings, as `step_settings` gives)."""
+    return dict(cfg=cfg, attention_impl=attention_impl, mesh=mesh if attention_impl == "pallas" else None,
+                gemm_rows=gemm_rows, unroll_layers=unroll_layers)
+
+
+def compile_ahead(cfg: ModelConfig, mesh, num_pages: int, page_size: int, shapes: Sequence[tuple],
+                  attention_impl: str = "auto", unroll_layers: str = "auto",
+                  modes: Sequence[str] = ("greedy",)) -> int:
+    """Compiles the steps of shapes [(B, T, P)] on `mesh` before any params or pool live there.
+
+    Inputs are abstract (shapes and the shardings a runner on this mesh will use), and JAX keeps
+    the executables, so a runner made on the mesh later runs these shapes without compiling:
+    the cluster calls this during a preemption's grace period, while the old replicas serve.
+    Returns how many step shapes were compiled.
+    """
+    from jaxserve.model.params import abstract_params
+    from jaxserve.parallel.sharding import param_shardings
+
+    kw = forward_kwargs(cfg, mesh, **step_settings(mesh, attention_impl, unroll_layers))
+    params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract_params(cfg), param_shardings(cfg, mesh))
+    pool = jax.ShapeDtypeStruct(paged_kv.pool_shape(cfg, num_pages, page_size), cfg.jnp_dtype,
+                                sharding=paged_kv.pool_sharding(cfg, num_pages, page_size, mesh))
+    cache = {"k": pool, "v": pool}
+    abstract = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype)
+    for B, T, P in shapes:
+        host = padding_arrays(B, T, P)
+        forward = _paged_forward.lower(params, cache, *map(abstract, host[:4]), **kw).compile()
+        logits = jax.ShapeDtypeStruct((B, cfg.vocab_size), jnp.float32, sharding=forward.output_shardings[0])
+        for mode in modes:
+            _sample.lower(logits, *map(abstract, host[4:]), mode=mode).compile()
+    return len(shapes)
+
+
 class ModelRunner:
     def __init__(self, cfg: ModelConfig, params, mesh, num_pages: int, page_size: int, max_batch: int,
                  attention_impl: str = "auto", cache: Optional[dict] = None, unroll_layers: str = "auto"):
         self.cfg, self.params, self.mesh = cfg, params, mesh
         self.page_size, self.max_batch = page_size, max_batch
         self.max_pages_per_seq = -(-cfg.max_seq_len // page_size)
-        self.attention_impl = attention_kernels.resolve_impl(attention_impl)
-        on_gpu = mesh.devices.flat[0].platform == "gpu"
-        self.gemm_rows = GEMM_ROWS_GPU if on_gpu else 1
-        self.unroll_layers = {"on": True, "off": False, "auto": UNROLL_LAYERS_GPU and on_gpu}[unroll_layers]
+        settings = step_settings(mesh, attention_impl, unroll_layers)
+        self.attention_impl, self.gemm_rows, self.unroll_layers = (
+            settings["attention_impl"], settings["gemm_rows"], settings["unroll_layers"])
         # a caller-made pool (benchmarks fill one with random keys and values) or zeros
         self.cache = paged_kv.init_pool(cfg, num_pages, page_size, mesh) if cache is None else cache
         # serving over several processes: process 0 sends each step's inputs to the others first
@@ -164,9 +206,7 @@ class ModelRunner:
 
     def step_kwargs(self) -> dict:
         """The static arguments of `_paged_forward` for this runner."""
-        pallas = self.attention_impl == "pallas"
-        return dict(cfg=self.cfg, attention_impl=self.attention_impl, mesh=self.mesh if pallas else None,
-                    gemm_rows=self.gemm_rows, unroll_layers=self.unroll_layers)
+        return forward_kwargs(self.cfg, self.mesh, self.attention_impl, self.gemm_rows, self.unroll_layers)
 
     def run(self, chunks: Sequence[Chunk]):
         """Runs chunks (all of similar length: decodes, or prefill chunks) in one call.

@@ -11,20 +11,24 @@ from __future__ import annotations
 
 import dataclasses
 import signal
+import threading
 import time
 from typing import Callable, Dict, List, Optional, Sequence
 
 import jax
 import numpy as np
 
+from jaxserve import sampling
 from jaxserve.cache.paged_kv import pool_bytes_per_page
 from jaxserve.checkpoint import store
+from jaxserve.engine import model_runner
 from jaxserve.engine.engine import Engine, EngineConfig
 from jaxserve.model.config import ModelConfig
 from jaxserve.model.params import abstract_params
 from jaxserve.parallel import matching, planner
 from jaxserve.parallel.migration import reshard_tree
 from jaxserve.parallel.sharding import make_mesh, param_shardings
+from jaxserve.scheduling.cost_model import call_shape
 
 
 @dataclasses.dataclass
@@ -41,6 +45,27 @@ class ReparallelizationEvent:
     tokens_recomputed: int = 0
     requests_migrated: int = 0
     requests_lost: int = 0
+    deferred_s: float = 0.0      # notice to switch: the old replicas served meanwhile (defer=True)
+    shapes_compiled_ahead: int = 0
+    done: bool = False           # False while a deferred switch is pending
+
+
+@dataclasses.dataclass
+class _Plan:
+    """Where a re-parallelization goes: the new configuration and its device groups."""
+    config: planner.ParallelConfig
+    groups: list
+    heirs: list                  # per group, the old replica it inherits (or None)
+
+
+@dataclasses.dataclass
+class _Pending:
+    args: dict
+    plan: _Plan
+    event: ReparallelizationEvent
+    compiler: threading.Thread
+    switch_by: float
+    noticed: float
 
 
 class ServingCluster:
@@ -72,6 +97,7 @@ class ServingCluster:
             placed, _ = reshard_tree(self._as_device_tree(params, mesh), param_shardings(cfg, mesh))
             self.replicas.append(self._engine(placed, mesh))
         self._route: Dict[str, int] = {}
+        self._pending: Optional[_Pending] = None
 
     # -- serving ------------------------------------------------------------------------------
     @property
@@ -94,6 +120,9 @@ class ServingCluster:
         return any(e.has_unfinished() for e in self.replicas)
 
     def step(self):
+        p = self._pending
+        if p is not None and (not p.compiler.is_alive() or self.clock() >= p.switch_by):
+            self._finish_pending()
         outputs = []
         for e in self.replicas:
             if e.has_unfinished():
@@ -104,23 +133,95 @@ class ServingCluster:
         return outputs
 
     # -- elasticity ---------------------------------------------------------------------------
-    def notify_preemption(self, devices: Sequence, grace_s: float = 30.0) -> ReparallelizationEvent:
-        """`devices` will be taken away in `grace_s` seconds (0: they are already gone)."""
+    def notify_preemption(self, devices: Sequence, grace_s: float = 30.0, defer: bool = False
+                          ) -> ReparallelizationEvent:
+        """`devices` will be taken away in `grace_s` seconds (0: they are already gone).
+
+        defer (with a grace period, method "spotserve"): only plan now. The new configuration's
+        step shapes compile in a background thread while the current replicas keep serving, and
+        `step` switches once they have compiled, or half-way through the grace period at the
+        latest; the returned event is filled in then (`event.done`). Without it the switch
+        happens here and the first steps on a new mesh wait for XLA.
+        """
+        self._finish_pending()  # one re-parallelization at a time
         gone = set(devices)
         survivors = [d for d in self.devices if d not in gone]
-        return self._reparallelize(survivors, lost=frozenset() if grace_s > 0 else frozenset(gone),
-                                   kind="preemption", grace=grace_s > 0, devices_lost=len(gone & set(self.devices)))
+        args = dict(survivors=survivors, lost=frozenset() if grace_s > 0 else frozenset(gone),
+                    kind="preemption", grace=grace_s > 0, devices_lost=len(gone & set(self.devices)))
+        if defer and grace_s > 0 and self.method == "spotserve":
+            return self._defer(args, switch_by=self.clock() + grace_s / 2)
+        return self._reparallelize(**args)
 
-    def notify_acquisition(self, devices: Sequence) -> ReparallelizationEvent:
+    def notify_acquisition(self, devices: Sequence, defer: bool = False) -> ReparallelizationEvent:
+        """New devices to grow onto; `defer` as in `notify_preemption` (no deadline: the switch
+        waits for the compiles)."""
+        self._finish_pending()
         new = [d for d in devices if d not in self.devices]
-        return self._reparallelize(self.devices + new, lost=frozenset(), kind="acquisition", grace=True,
-                                   devices_lost=0)
+        args = dict(survivors=self.devices + new, lost=frozenset(), kind="acquisition", grace=True, devices_lost=0)
+        if defer and self.method == "spotserve":
+            return self._defer(args, switch_by=float("inf"))
+        return self._reparallelize(**args)
 
     def install_sigterm_handler(self, grace_s: float = 30.0):
-        """On SIGTERM (a spot VM's notice), re-parallelize away from this process's devices."""
+        """On SIGTERM (a spot VM's notice), re-parallelize away from this process's devices.
+
+        The handler only plans (defer=True): it may run in the middle of a step, and the switch
+        itself happens at the start of the next `step`."""
         def handler(signum, frame):
-            self.notify_preemption(jax.local_devices(), grace_s)
+            self.notify_preemption(jax.local_devices(), grace_s, defer=True)
         signal.signal(signal.SIGTERM, handler)
+
+    def _plan(self, survivors) -> _Plan:
+        new = self.choose_config(len(survivors))
+        placement, kv_bytes = {}, {}
+        for r_idx, e in enumerate(self.replicas):
+            devs = list(e.runner.mesh.devices.flat)
+            for m, d in enumerate(devs):
+                placement[d] = (r_idx, m, len(devs))
+            kv_bytes[r_idx] = sum(len(r.pages) for r in e.requests.values()) * self._page_bytes()
+        groups, heirs = matching.match(placement, survivors, new.data, new.model, self.param_bytes, kv_bytes)
+        return _Plan(new, groups, heirs)
+
+    def _decode_shapes(self, plan: _Plan, group: int) -> list:
+        """The decode step shapes the group's replica will run first, most likely first: its heir's
+        requests or an even share of all in-flight ones, at their page counts one token on, then
+        at twice that (the next page bucket, which a long deferral may reach)."""
+        requests = [r for e in self.replicas for r in e.requests.values()]
+        if not requests:
+            return []
+        heir = plan.heirs[group]
+        counts = sorted({len(self.replicas[heir].requests) if heir is not None else 0,
+                         -(-len(requests) // plan.config.data)} - {0})
+        cfg = self.engine_config
+        pages = max(-(-(r.num_tokens + 1) // cfg.page_size) for r in requests)
+        max_pages = -(-self.cfg.max_seq_len // cfg.page_size)
+        shapes = [call_shape([1] * n, [p] * n, cfg.max_batch, max_pages) for p in (pages, 2 * pages) for n in counts]
+        return list(dict.fromkeys(shapes))  # unique, in order
+
+    def _defer(self, args: dict, switch_by: float) -> ReparallelizationEvent:
+        plan = self._plan(args["survivors"])
+        event = ReparallelizationEvent(args["kind"], args["grace"], self.shape,
+                                       (plan.config.data, plan.config.model), args["devices_lost"])
+        jobs = [(make_mesh(1, plan.config.model, group), self._decode_shapes(plan, g))
+                for g, group in enumerate(plan.groups)]
+        cfg = self.engine_config
+
+        def compile_all():
+            for mesh, shapes in jobs:
+                event.shapes_compiled_ahead += model_runner.compile_ahead(
+                    self.cfg, mesh, cfg.num_pages, cfg.page_size, shapes, cfg.attention_impl, cfg.unroll_layers,
+                    modes=sampling.MODES)
+        compiler = threading.Thread(target=compile_all, name="jaxserve-compile-ahead", daemon=True)
+        compiler.start()
+        self._pending = _Pending(args, plan, event, compiler, switch_by, self.clock())
+        return event
+
+    def _finish_pending(self) -> None:
+        p, self._pending = self._pending, None
+        if p is None:
+            return
+        p.event.deferred_s = self.clock() - p.noticed
+        self._reparallelize(**p.args, plan=p.plan, event=p.event)
 
     def choose_config(self, num_devices: int) -> planner.ParallelConfig:
         kv_bytes = sum(len(r.pages) for e in self.replicas for r in e.requests.values()) * \
@@ -134,22 +235,16 @@ class ServingCluster:
         return planner.choose(num_devices, self.cfg.num_kv_heads, self.param_bytes, kv_bytes, self.device_bytes,
                               step_time, self.engine_config.max_batch)
 
-    def _reparallelize(self, survivors, lost, kind, grace, devices_lost) -> ReparallelizationEvent:
+    def _reparallelize(self, survivors, lost, kind, grace, devices_lost, plan: Optional[_Plan] = None,
+                       event: Optional[ReparallelizationEvent] = None) -> ReparallelizationEvent:
         if self.method == "reroute":
             return self._reroute(survivors, lost, kind, grace, devices_lost)
         start = self.clock()
-        old_shape = self.shape
-        new = self.choose_config(len(survivors))
         if self.method == "restart":  # nothing is carried over: every byte comes from the checkpoint
             lost = frozenset(self.devices)
-        placement, kv_bytes = {}, {}
-        for r_idx, e in enumerate(self.replicas):
-            devs = list(e.runner.mesh.devices.flat)
-            for m, d in enumerate(devs):
-                placement[d] = (r_idx, m, len(devs))
-            kv_bytes[r_idx] = sum(len(r.pages) for r in e.requests.values()) * self._page_bytes()
-        groups, heirs = matching.match(placement, survivors, new.data, new.model, self.param_bytes, kv_bytes)
-        event = ReparallelizationEvent(kind, grace, old_shape, (new.data, new.model), devices_lost)
+        plan = plan or self._plan(survivors)
+        new, groups, heirs = plan.config, plan.groups, plan.heirs
+        event = event or ReparallelizationEvent(kind, grace, self.shape, (new.data, new.model), devices_lost)
         # Export every in-flight request; KV survives where all of its replica's devices do.
         exported = []  # (request, kv, decoder, old replica)
         for r_idx, e in enumerate(self.replicas):
@@ -197,6 +292,7 @@ class ServingCluster:
         jax.block_until_ready([e.runner.cache for e in replicas])
         event.requests_lost = len(exported) - event.requests_migrated
         event.time_to_resume_s = self.clock() - start
+        event.done = True
         self.events.append(event)
         return event
 
@@ -236,6 +332,7 @@ class ServingCluster:
             event.requests_migrated += 1
         event.new_shape = self.shape
         event.time_to_resume_s = self.clock() - start
+        event.done = True
         self.events.append(event)
         return event
 
