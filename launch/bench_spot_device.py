@@ -22,6 +22,8 @@ _PROMPT = flags.DEFINE_integer("prompt_len", 256, "Prompt tokens.")
 _OUT_TOKENS = flags.DEFINE_integer("max_tokens", 48, "Tokens generated per request.")
 _PREEMPT_AT = flags.DEFINE_integer("preempt_at_step", 12, "Engine step at which the notice arrives.")
 _DTYPE = flags.DEFINE_string("dtype", "float32", "Model dtype for this run.")
+_DEFER = flags.DEFINE_bool("defer", False, "Deferred switch: the notice plans, the new mesh's steps compile "
+                           "ahead while the old one serves (ServingCluster.notify_preemption(defer=True)).")
 _UNROLL = flags.DEFINE_enum("unroll_layers", "auto", ["auto", "on", "off"],
                             "Decode steps' layer loop unrolled (EngineConfig.unroll_layers): faster steps, "
                             "slower compiles, which the first step on a new mesh waits for.")
@@ -55,28 +57,36 @@ def main(argv):
         for i, p in enumerate(prompts):
             cluster.add_request(f"r{i}", p, sp)
         out, step, event, t0 = {}, 0, None, time.perf_counter()
-        resumed = None
+        resumed = pause = None
         while cluster.has_unfinished():
+            notify_s = 0.0
             if step == notice_at:
-                event = cluster.notify_preemption([devices[1]], grace_s=30.0)
-                t_notice = time.perf_counter()
+                t = time.perf_counter()
+                event = cluster.notify_preemption([devices[1]], grace_s=30.0, defer=_DEFER.value)
+                notify_s = time.perf_counter() - t
+            t = time.perf_counter()
             for o in cluster.step():
                 if o.finished:
                     out[o.request_id] = o.token_ids
-            if event is not None and resumed is None:
-                resumed = time.perf_counter() - t_notice  # first step after the switch (compiles)
+            step_s = time.perf_counter() - t
+            if event is not None and event.done and resumed is None:
+                # the step that switched (deferred) or the first one after the switch: it waits for
+                # the new mesh's step to compile unless that was compiled ahead
+                resumed = step_s - (event.time_to_resume_s if _DEFER.value else 0.0)
+                pause = notify_s + step_s  # how long decoding stopped around the switch
             step += 1
-        return out, event, time.perf_counter() - t0, resumed, cluster
+        return out, event, time.perf_counter() - t0, (resumed, pause), cluster
 
     reference, _, t_ref, _, _ = serve()
-    got, event, t_run, first_step_s, cluster = serve(_PREEMPT_AT.value)
+    got, event, t_run, (first_step_s, pause_s), cluster = serve(_PREEMPT_AT.value)
     same = sum(got[k] == reference[k] for k in reference)
     tokens_equal = sum(a == b for k in reference for a, b in zip(got[k], reference[k]))
     result = {
         "device": str(devices[0].device_kind), "model_layers": cfg.num_layers, "model_embed": cfg.embed_dim,
         "param_bytes": cluster.param_bytes, "dtype": cfg.dtype, "unroll_layers": _UNROLL.value,
         "old_shape": list(event.old_shape), "new_shape": list(event.new_shape),
-        "time_to_resume_s": event.time_to_resume_s, "first_step_after_s": first_step_s,
+        "defer": _DEFER.value, "deferred_s": event.deferred_s, "shapes_compiled_ahead": event.shapes_compiled_ahead,
+        "time_to_resume_s": event.time_to_resume_s, "first_step_after_s": first_step_s, "decode_pause_s": pause_s,
         "param_bytes_moved": event.param_bytes_moved, "kv_bytes_moved": event.kv_bytes_moved,
         "checkpoint_bytes_read": event.checkpoint_bytes_read, "tokens_recomputed": event.tokens_recomputed,
         "requests_lost": event.requests_lost, "requests_identical": f"{same}/{len(reference)}",

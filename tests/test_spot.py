@@ -97,7 +97,7 @@ def test_deferred_preemption_compiles_the_new_mesh_while_the_old_one_serves(tiny
                 assert not event.done and cluster.shape == (2, 4)  # still serving on all 8 devices
                 served_pending += 1
             go.set()
-            cluster._pending.compiler.join()
+            cluster._pending.ready.wait()
             traced = dict(model_runner.TRACE_COUNT)
             step()  # switches, then steps on the new meshes
             assert event.done

@@ -64,6 +64,7 @@ class _Pending:
     plan: _Plan
     event: ReparallelizationEvent
     compiler: threading.Thread
+    ready: threading.Event       # the shapes needed right after the switch are compiled
     switch_by: float
     noticed: float
 
@@ -117,12 +118,16 @@ class ServingCluster:
         self.replicas[self._route[request_id]].abort(request_id)
 
     def has_unfinished(self) -> bool:
-        return any(e.has_unfinished() for e in self.replicas)
+        """Requests to serve, or a deferred switch still to make (its devices are going away)."""
+        return self._pending is not None or any(e.has_unfinished() for e in self.replicas)
 
     def step(self):
         p = self._pending
-        if p is not None and (not p.compiler.is_alive() or self.clock() >= p.switch_by):
-            self._finish_pending()
+        if p is not None:
+            if not any(e.has_unfinished() for e in self.replicas):  # nothing to serve meanwhile
+                p.ready.wait(None if p.switch_by == float("inf") else max(0.0, p.switch_by - self.clock()))
+            if p.ready.is_set() or self.clock() >= p.switch_by:
+                self._finish_pending()
         outputs = []
         for e in self.replicas:
             if e.has_unfinished():
@@ -182,21 +187,22 @@ class ServingCluster:
         groups, heirs = matching.match(placement, survivors, new.data, new.model, self.param_bytes, kv_bytes)
         return _Plan(new, groups, heirs)
 
-    def _decode_shapes(self, plan: _Plan, group: int) -> list:
-        """The decode step shapes the group's replica will run first, most likely first: its heir's
-        requests or an even share of all in-flight ones, at their page counts one token on, then
-        at twice that (the next page bucket, which a long deferral may reach)."""
+    def _decode_shapes(self, plan: _Plan, group: int) -> tuple:
+        """(now, later): the decode step shapes the group's replica will run first (its heir's
+        requests or an even share of all in-flight ones, at their page counts one token on), and
+        those at twice the pages (the next page bucket, which the requests grow into)."""
         requests = [r for e in self.replicas for r in e.requests.values()]
         if not requests:
-            return []
+            return [], []
         heir = plan.heirs[group]
         counts = sorted({len(self.replicas[heir].requests) if heir is not None else 0,
                          -(-len(requests) // plan.config.data)} - {0})
         cfg = self.engine_config
         pages = max(-(-(r.num_tokens + 1) // cfg.page_size) for r in requests)
         max_pages = -(-self.cfg.max_seq_len // cfg.page_size)
-        shapes = [call_shape([1] * n, [p] * n, cfg.max_batch, max_pages) for p in (pages, 2 * pages) for n in counts]
-        return list(dict.fromkeys(shapes))  # unique, in order
+        now, later = ([call_shape([1] * n, [p] * n, cfg.max_batch, max_pages) for n in counts]
+                      for p in (pages, 2 * pages))
+        return sorted(set(now)), sorted(set(later) - set(now))
 
     def _defer(self, args: dict, switch_by: float) -> ReparallelizationEvent:
         plan = self._plan(args["survivors"])
@@ -205,15 +211,21 @@ class ServingCluster:
         jobs = [(make_mesh(1, plan.config.model, group), self._decode_shapes(plan, g))
                 for g, group in enumerate(plan.groups)]
         cfg = self.engine_config
+        ready = threading.Event()
 
-        def compile_all():
-            for mesh, shapes in jobs:
-                event.shapes_compiled_ahead += model_runner.compile_ahead(
-                    self.cfg, mesh, cfg.num_pages, cfg.page_size, shapes, cfg.attention_impl, cfg.unroll_layers,
-                    modes=sampling.MODES)
-        compiler = threading.Thread(target=compile_all, name="jaxserve-compile-ahead", daemon=True)
+        def compile_all():  # the shapes needed at the switch first; the switch need not wait for the rest
+            try:
+                for phase in (0, 1):
+                    for mesh, shapes in jobs:
+                        event.shapes_compiled_ahead += model_runner.compile_ahead(
+                            self.cfg, mesh, cfg.num_pages, cfg.page_size, shapes[phase], cfg.attention_impl,
+                            cfg.unroll_layers, modes=sampling.MODES)
+                    ready.set()
+            finally:  # a failed compile must not hold the switch back: its steps compile on demand
+                ready.set()
+        compiler = threading.Thread(target=compile_all, name="jaxserve-compile-ahead")
         compiler.start()
-        self._pending = _Pending(args, plan, event, compiler, switch_by, self.clock())
+        self._pending = _Pending(args, plan, event, compiler, ready, switch_by, self.clock())
         return event
 
     def _finish_pending(self) -> None:
