@@ -20,6 +20,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/llama3_8b.py", "Mod
 _N = flags.DEFINE_integer("num_requests", 8, "Requests in flight.")
 _PROMPT = flags.DEFINE_integer("prompt_len", 256, "Prompt tokens.")
 _OUT_TOKENS = flags.DEFINE_integer("max_tokens", 48, "Tokens generated per request.")
+_MAX_LEN = flags.DEFINE_integer("max_seq_len", 1024, "Longest sequence (prompt + output); the pool holds "
+                                "every request at this length.")
 _PREEMPT_AT = flags.DEFINE_integer("preempt_at_step", 12, "Engine step at which the notice arrives.")
 _DTYPE = flags.DEFINE_string("dtype", "float32", "Model dtype for this run.")
 _DEFER = flags.DEFINE_bool("defer", False, "Deferred switch: the notice plans, the new mesh's steps compile "
@@ -42,11 +44,13 @@ def main(argv):
     devices = jax.devices()
     if len(devices) < 2:
         raise ValueError(f"needs 2 devices, found {len(devices)}")
-    cfg = model_config_from_dict({**_CONFIG.value.model.to_dict(), "dtype": _DTYPE.value, "max_seq_len": 1024})
+    cfg = model_config_from_dict({**_CONFIG.value.model.to_dict(), "dtype": _DTYPE.value,
+                                "max_seq_len": _MAX_LEN.value})
     params = init_random_on_device(cfg, make_mesh(1, 2, devices[:2]), seed=0)
     # The GPU Pallas kernel is written for 16-bit KV (float32 pages overflow its shared memory).
     attention = "reference" if cfg.dtype == "float32" else "auto"
-    engine_config = EngineConfig(page_size=16, num_pages=512, max_batch=16, token_budget=512, max_chunk=256,
+    num_pages = max(512, _N.value * -(-_MAX_LEN.value // 16))
+    engine_config = EngineConfig(page_size=16, num_pages=num_pages, max_batch=16, token_budget=512, max_chunk=256,
                                  attention_impl=attention, unroll_layers=_UNROLL.value)
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, cfg.vocab_size, _PROMPT.value).tolist() for _ in range(_N.value)]
