@@ -186,6 +186,7 @@ class ModelRunner:
         self.cfg, self.params, self.mesh = cfg, params, mesh
         self.page_size, self.max_batch = page_size, max_batch
         self.max_pages_per_seq = -(-cfg.max_seq_len // page_size)
+        self.decode_floor: Optional[tuple] = None  # see pack
         settings = step_settings(mesh, attention_impl, unroll_layers)
         self.attention_impl, self.gemm_rows, self.unroll_layers = (
             settings["attention_impl"], settings["gemm_rows"], settings["unroll_layers"])
@@ -238,9 +239,18 @@ class ModelRunner:
         return TRACE_COUNT["paged_step"] - before
 
     def pack(self, chunks: Sequence[Chunk]) -> tuple:
-        """The bucketed host arrays of `_paged_step` for these chunks (padding rows: position -1)."""
-        B, T, P = call_shape([len(c.tokens) for c in chunks], [len(c.pages) for c in chunks],
-                             self.max_batch, self.max_pages_per_seq)
+        """The bucketed host arrays of `_paged_step` for these chunks (padding rows: position -1).
+
+        Decode steps run at least `decode_floor` (rows, pages) when set: shapes compiled ahead
+        for this mesh (ServingCluster's deferred switch) that the requests grow into."""
+        lens, pages = [len(c.tokens) for c in chunks], [len(c.pages) for c in chunks]
+        if self.decode_floor and max(lens) == 1:
+            rows, floor_pages = self.decode_floor
+            if max(pages) >= floor_pages:
+                self.decode_floor = None  # the requests have grown into it
+            else:
+                lens, pages = lens + [1] * (rows - len(lens)), pages + [floor_pages]
+        B, T, P = call_shape(lens, pages, self.max_batch, self.max_pages_per_seq)
         arrays = padding_arrays(B, T, P)
         tokens, positions, page_table, logit_index, temperature, top_k, top_p, seeds, steps = arrays
         for i, c in enumerate(chunks):

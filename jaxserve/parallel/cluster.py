@@ -31,6 +31,9 @@ from jaxserve.parallel.sharding import make_mesh, param_shardings
 from jaxserve.scheduling.cost_model import call_shape
 
 
+COMPILE_AHEAD_HORIZON_S = 10.0  # the deferral a deferred switch plans for (see _defer)
+
+
 @dataclasses.dataclass
 class ReparallelizationEvent:
     kind: str                    # "preemption" or "acquisition"
@@ -56,6 +59,7 @@ class _Plan:
     config: planner.ParallelConfig
     groups: list
     heirs: list                  # per group, the old replica it inherits (or None)
+    decode_floor: Optional[list] = None  # per group, the smallest (rows, pages) decode shape to run
 
 
 @dataclasses.dataclass
@@ -187,30 +191,37 @@ class ServingCluster:
         groups, heirs = matching.match(placement, survivors, new.data, new.model, self.param_bytes, kv_bytes)
         return _Plan(new, groups, heirs)
 
-    def _decode_shapes(self, plan: _Plan, group: int) -> tuple:
-        """(now, later): the decode step shapes the group's replica will run first (its heir's
-        requests or an even share of all in-flight ones, at their page counts one token on), and
-        those at twice the pages (the next page bucket, which the requests grow into)."""
+    def _decode_floor(self, plan: _Plan, group: int, horizon_s: float) -> tuple:
+        """(rows, pages): the decode shape the group's replica will run after a switch up to
+        `horizon_s` from now: its heir's requests or an even share of all in-flight ones, with
+        the pages the longest reaches by then at the recent step rate. Compiled ahead, and run
+        from the switch on as the smallest decode shape: the requests grow into its pages."""
         requests = [r for e in self.replicas for r in e.requests.values()]
         if not requests:
-            return [], []
+            return 1, 1
         heir = plan.heirs[group]
-        counts = sorted({len(self.replicas[heir].requests) if heir is not None else 0,
-                         -(-len(requests) // plan.config.data)} - {0})
+        own = len(self.replicas[heir].requests) if heir is not None else 0
+        rows = max(own, -(-len(requests) // plan.config.data))
+        recent = sorted(t for e in self.replicas for _, t in e.step_log[-32:])
+        step_s = recent[len(recent) // 2] if recent else float("inf")
+        tokens = max(r.num_tokens for r in requests) + 1 + int(horizon_s / step_s)
         cfg = self.engine_config
-        pages = max(-(-(r.num_tokens + 1) // cfg.page_size) for r in requests)
-        max_pages = -(-self.cfg.max_seq_len // cfg.page_size)
-        now, later = ([call_shape([1] * n, [p] * n, cfg.max_batch, max_pages) for n in counts]
-                      for p in (pages, 2 * pages))
-        return sorted(set(now)), sorted(set(later) - set(now))
+        return rows, min(-(-tokens // cfg.page_size), -(-self.cfg.max_seq_len // cfg.page_size))
 
     def _defer(self, args: dict, switch_by: float) -> ReparallelizationEvent:
         plan = self._plan(args["survivors"])
         event = ReparallelizationEvent(args["kind"], args["grace"], self.shape,
                                        (plan.config.data, plan.config.model), args["devices_lost"])
-        jobs = [(make_mesh(1, plan.config.model, group), self._decode_shapes(plan, g))
-                for g, group in enumerate(plan.groups)]
         cfg = self.engine_config
+        # how far the requests grow before the switch: about as long as the compile (an unrolled
+        # 8B-shape decode step: about 7 s on an H100), never past the deadline
+        horizon = min(switch_by - self.clock(), COMPILE_AHEAD_HORIZON_S)
+        plan.decode_floor = [self._decode_floor(plan, g, horizon) for g in range(len(plan.groups))]
+        max_pages = -(-self.cfg.max_seq_len // cfg.page_size)
+        # the floor shape first (the switch waits for it), then the next page bucket up
+        jobs = [(make_mesh(1, plan.config.model, group),
+                 [[call_shape([1] * rows, [p], cfg.max_batch, max_pages)] for p in (pages, 2 * pages)])
+                for group, (rows, pages) in zip(plan.groups, plan.decode_floor)]
         ready = threading.Event()
 
         def compile_all():  # the shapes needed at the switch first; the switch need not wait for the rest
@@ -301,6 +312,8 @@ class ServingCluster:
             event.requests_migrated += 1
         for e in replicas:
             e.stats["reparallelizations"] += 1
+        for e, floor in zip(replicas, plan.decode_floor or []):
+            e.runner.decode_floor = floor  # its decode shapes were compiled ahead at least this large
         jax.block_until_ready([e.runner.cache for e in replicas])
         event.requests_lost = len(exported) - event.requests_migrated
         event.time_to_resume_s = self.clock() - start
