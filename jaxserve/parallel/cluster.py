@@ -203,7 +203,7 @@ class ServingCluster:
         own = len(self.replicas[heir].requests) if heir is not None else 0
         rows = max(own, -(-len(requests) // plan.config.data))
         recent = sorted(t for e in self.replicas for _, t in e.step_log[-32:])
-        step_s = recent[len(recent) // 2] if recent else float("inf")
+        step_s = max(recent[len(recent) // 2], 1e-4) if recent else float("inf")
         tokens = max(r.num_tokens for r in requests) + 1 + int(horizon_s / step_s)
         cfg = self.engine_config
         return rows, min(-(-tokens // cfg.page_size), -(-self.cfg.max_seq_len // cfg.page_size))
