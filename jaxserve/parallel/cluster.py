@@ -205,8 +205,7 @@ class ServingCluster:
         recent = sorted(t for e in self.replicas for _, t in e.step_log[-32:])
         step_s = max(recent[len(recent) // 2], 1e-4) if recent else float("inf")
         tokens = max(r.num_tokens for r in requests) + 1 + int(horizon_s / step_s)
-        cfg = self.engine_config
-        return rows, min(-(-tokens // cfg.page_size), -(-self.cfg.max_seq_len // cfg.page_size))
+        return rows, min(-(-tokens // self.engine_config.page_size), self.replicas[0].runner.max_pages_per_seq)
 
     def _defer(self, args: dict, switch_by: float) -> ReparallelizationEvent:
         plan = self._plan(args["survivors"])
@@ -217,10 +216,12 @@ class ServingCluster:
         # 8B-shape decode step: about 7 s on an H100), never past the deadline
         horizon = min(switch_by - self.clock(), COMPILE_AHEAD_HORIZON_S)
         plan.decode_floor = [self._decode_floor(plan, g, horizon) for g in range(len(plan.groups))]
-        max_pages = -(-self.cfg.max_seq_len // cfg.page_size)
-        # the floor shape first (the switch waits for it), then the next page bucket up
-        jobs = [(make_mesh(1, plan.config.model, group),
-                 [[call_shape([1] * rows, [p], cfg.max_batch, max_pages)] for p in (pages, 2 * pages)])
+        max_pages = self.replicas[0].runner.max_pages_per_seq
+
+        def phases(rows, pages):  # the floor shape (the switch waits for it), then the next page bucket up
+            now, later = (call_shape([1] * rows, [p], cfg.max_batch, max_pages) for p in (pages, 2 * pages))
+            return [[now], [later] if later != now else []]
+        jobs = [(make_mesh(1, plan.config.model, group), phases(rows, pages))
                 for group, (rows, pages) in zip(plan.groups, plan.decode_floor)]
         ready = threading.Event()
 
