@@ -62,7 +62,7 @@ def main(argv):
     engine = engine_from_config(config)
     if jax.process_index() != 0:  # a follower: run process 0's steps until it stops serving
         from jaxserve.parallel import multihost
-        sys.stderr.write(f"process {jax.process_index()} followed {multihost.follow(engine.runner)} steps\n")
+        sys.stderr.write(f"process {jax.process_index()} followed {engine.runner.follow()} steps\n")
         return
     if _JOURNAL.value:
         from jaxserve.engine.journal import TokenJournal, replay

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from jaxserve.cache import attention_kernels as ak
-from jaxserve.cache import transfer
+from jaxserve.cache import paged_kv, transfer
 from jaxserve.cache.paged_kv import paged_attend, pool_sharding
 from jaxserve.engine import model_runner
 from jaxserve.model.config import ModelConfig
@@ -98,9 +98,9 @@ def test_interpreted_kernel_writes_gemm_padding_rows_as_zeros(G):
     assert not np.asarray(got)[2:].any()  # the length-0 row and the 5 padding rows
 
 
-def _decode_over_layers(impl, q, k, v, cache, positions, table, mesh=None):
+def _decode_over_layers(impl, q, k, v, cache, positions, layout, mesh=None):
     """A layer scan like llama.forward's: write this token's k, v, attend, per layer."""
-    attend = functools.partial(paged_attend, page_table=table, impl=impl, mesh=mesh)
+    attend = functools.partial(paged_attend, layout=layout, impl=impl, mesh=mesh)
 
     def body(cache, layer):
         out, cache = attend(q, k, v, cache, layer, positions)
@@ -110,17 +110,23 @@ def _decode_over_layers(impl, q, k, v, cache, positions, table, mesh=None):
     return outs, cache
 
 
-def test_paged_attend_pallas_decode_equals_reference_in_a_layer_scan():
+def test_paged_attend_pallas_equals_reference_in_a_layer_scan():
     rng = np.random.default_rng(3)
-    _, k_pool, v_pool, table, _ = random_case(rng, B=3)
-    B, H, K, D = 3, 8, 2, 16
-    positions = jnp.asarray([[31], [6], [-1]], jnp.int32)  # last one is batch padding
-    q, k, v = (jnp.asarray(rng.standard_normal((B, 1, n, D)), jnp.float32) for n in (H, K, K))
+    _, k_pool, v_pool, _, _ = random_case(rng, B=3)
+    H, K, D, NP, S = 8, 2, 16, k_pool.shape[1] - 1, k_pool.shape[2]
+    perm = rng.permutation(NP).tolist()
+    # two decodes and a 20-token prefill chunk (two query blocks) in one flattened step
+    chunks = [model_runner.Chunk([0], 31, perm[:8], 0.0, 0, 1.0, 0, 0),
+              model_runner.Chunk([0], 6, perm[8:10], 0.0, 0, 1.0, 0, 0),
+              model_runner.Chunk([0] * 20, 9, perm[10:18], 0.0, 0, 1.0, 0, 0)]
+    _, step, _, _ = model_runner.pack(chunks, S, 8, 8, NP)
+    N = step.tokens.shape[0]
+    q, k, v = (jnp.asarray(rng.standard_normal((1, N, n, D)), jnp.float32) for n in (H, K, K))
     cache = {"k": k_pool, "v": v_pool}
     run = jax.jit(_decode_over_layers, static_argnums=0)
-    out_r, cache_r = run("reference", q, k, v, cache, positions, table)
-    out_p, cache_p = run("pallas", q, k, v, cache, positions, table)
-    np.testing.assert_allclose(np.asarray(out_p)[:, :2], np.asarray(out_r)[:, :2], rtol=2e-5, atol=2e-5)
+    out_r, cache_r = run("reference", q, k, v, cache, step.positions[None], step.layout)
+    out_p, cache_p = run("pallas", q, k, v, cache, step.positions[None], step.layout)
+    np.testing.assert_allclose(np.asarray(out_p)[:, :, :22], np.asarray(out_r)[:, :, :22], rtol=2e-5, atol=2e-5)
     for name in ("k", "v"):
         np.testing.assert_array_equal(np.asarray(cache_p[name]), np.asarray(cache_r[name]))
 
@@ -152,8 +158,7 @@ def test_runner_with_interpreted_kernel_gives_the_reference_tokens():
                for impl in ("reference", "pallas", "pallas+gpu")}
     assert runners["pallas"].attention_impl == "pallas"
     assert not runners["pallas"].unroll_layers and runners["pallas+gpu"].unroll_layers  # auto: off on CPU
-    # the step as a GPU runs it (interpreted here): unrolled layers, rows padded for cuBLAS
-    runners["pallas+gpu"].gemm_rows = model_runner.GEMM_ROWS_GPU
+    # the step as a GPU runs it (interpreted here): both kernels, decode steps unrolled
     prompts = [[5, 6, 7, 8, 9, 10, 11], [3, 4], [12, 13, 14, 15, 16]]
     pages = [[0, 1], [2], [5, 3]]
     outs = {}
@@ -173,35 +178,71 @@ def test_runner_with_interpreted_kernel_gives_the_reference_tokens():
         np.testing.assert_allclose(outs[impl][1], outs["reference"][1], rtol=1e-4, atol=1e-5)
 
 
-def test_decode_steps_padded_to_gemm_rows_give_the_same_tokens_and_leave_the_cache_alone():
+def test_a_mixed_step_gives_what_separate_steps_give_and_padding_writes_only_the_scratch_page():
     cfg = ModelConfig(vocab_size=64, embed_dim=32, num_layers=2, num_heads=4, num_kv_heads=2,
                       head_dim=8, mlp_dim=64, max_seq_len=64)
     mesh = make_mesh(1, 1)
     params = init_random_on_device(cfg, mesh)
-    assert model_runner.ModelRunner(cfg, params, mesh, 8, 4, 8).gemm_rows == (
-        model_runner.GEMM_ROWS_GPU if jax.default_backend() == "gpu" else 1)
+    prompts = [[3, 5, 7, 9, 11], [2, 4, 6]]
+    late = list(range(10, 31))  # 21 tokens: two query blocks, one partial
     outs = {}
-    for gemm_rows in (1, model_runner.GEMM_ROWS_GPU):  # the GPU rule, checked on any backend
+    for mixed in (False, True):
         runner = model_runner.ModelRunner(cfg, params, mesh, num_pages=16, page_size=4, max_batch=8)
-        runner.gemm_rows = gemm_rows
-        prompts = [[3, 5, 7, 9, 11], [2, 4, 6]]
-        pages = [[0, 1], [2]]
-        first, _ = runner.run([model_runner.Chunk(p, 0, pg, 0.0, 0, 1.0, 0, 0) for p, pg in zip(prompts, pages)])
-        assert runner.pack([model_runner.Chunk([5], 3, [0], 0.0, 0, 1.0, 0, 0)])[0].shape == (1, 1)
-        toks, lps = [first], []
-        for step in range(3):  # 2 rows, then 1: padded to gemm_rows inside the step
-            live = prompts[:2 - step // 2]
-            chunks = [model_runner.Chunk([int(t)], len(p) + step, pg + [8 + i], 0.0, 0, 1.0, 0, step + 1)
-                      for i, (t, p, pg) in enumerate(zip(toks[-1], live, pages))]
-            t, lp = runner.run(chunks)
-            assert t.shape == (len(live),)
-            toks.append(t)
-            lps.append(lp)
-        outs[gemm_rows] = (np.concatenate(toks), np.concatenate(lps), np.asarray(runner.cache["k"]))
-    one, padded = outs[1], outs[model_runner.GEMM_ROWS_GPU]
-    np.testing.assert_array_equal(one[0], padded[0])
-    np.testing.assert_allclose(one[1], padded[1], rtol=1e-5, atol=1e-6)
-    np.testing.assert_array_equal(one[2], padded[2])  # padding rows wrote nothing
+        first, _ = runner.run([model_runner.Chunk(p, 0, pg, 0.0, 0, 1.0, 0, 0)
+                               for p, pg in zip(prompts, [[0, 1], [2]])])
+        decodes = [model_runner.Chunk([int(t)], len(p), pg, 0.0, 0, 1.0, 0, 1)
+                   for t, p, pg in zip(first, prompts, [[0, 1], [2, 3]])]
+        prefill = model_runner.Chunk(late, 0, [4, 5, 6, 7, 8, 9], 0.0, 0, 1.0, 0, 0)
+        if mixed:  # decodes and a prefill chunk in one call
+            before = model_runner.TRACE_COUNT["forward"]
+            shape = runner.pack(decodes + [prefill])[0]
+            assert shape.prefill and shape.tokens == 32 and shape.blocks > 0
+            toks, lps = runner.run([prefill] + decodes)  # any order: results come back in it
+            toks, lps = np.roll(toks, -1), np.roll(lps, -1)
+        else:
+            t1, l1 = runner.run(decodes)
+            t2, l2 = runner.run([prefill])
+            toks, lps = np.concatenate([t1, t2]), np.concatenate([l1, l2])
+        outs[mixed] = toks, lps, np.asarray(runner.cache["k"])
+    np.testing.assert_array_equal(outs[False][0], outs[True][0])
+    np.testing.assert_allclose(outs[False][1], outs[True][1], rtol=1e-5, atol=1e-6)
+    # every page but the scratch one (the last) holds the same keys: padding wrote nowhere else
+    np.testing.assert_allclose(outs[False][2][:, :-1], outs[True][2][:, :-1], rtol=1e-5, atol=1e-6)
+
+
+def test_prefill_kernel_interpreted_matches_the_reference():
+    rng = np.random.default_rng(4)
+    L, NP, S, K, G, D, N = 2, 20, 4, 2, 3, 16, 40
+    pools = [jnp.asarray(rng.standard_normal((L, NP, S, K, D)), jnp.float32) for _ in range(2)]
+    q = jnp.asarray(rng.standard_normal((N, K * G, D)), jnp.float32)
+    tables = np.stack([rng.permutation(NP)[:8] for _ in range(2)]).astype(np.int32)
+    # seq 0: tokens 2..30 at positions 3..31 (its 8 pages); seq 1: tokens 32..36 at positions 0..4; an unused block
+    start, length, pos, seq = (np.array(a, np.int32) for a in ([2, 18, 32, 0], [16, 13, 5, 0], [3, 19, 0, 0],
+                                                                 [0, 0, 1, 0]))
+    args = (q, *pools, jnp.int32(1), jnp.asarray(tables[seq]), start, length, pos)
+    got = np.asarray(ak.pallas_prefill_attention(*args, query_block=16, pages_per_compute_block=2,
+                                                 interpret=True)).reshape(4, 16, K * G, D)
+    want = np.asarray(paged_kv._reference_prefill(*args, 16)).reshape(4, 16, K * G, D)
+    for b in range(3):
+        np.testing.assert_allclose(got[b, :length[b]], want[b, :length[b]], rtol=1e-5, atol=1e-5)
+    assert not got[3].any()  # an unused block writes zeros
+
+
+def test_the_step_updates_the_pool_in_place():
+    """The compiled step aliases the donated pool: no second copy of it among its buffers."""
+    cfg = ModelConfig(vocab_size=64, embed_dim=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                      head_dim=8, mlp_dim=64, max_seq_len=256)
+    mesh = make_mesh(1, 1)
+    params = init_random_on_device(cfg, mesh)
+    runner = model_runner.ModelRunner(cfg, params, mesh, num_pages=16384, page_size=4, max_batch=8)
+    pool_bytes = 2 * runner.cache["k"].nbytes  # 16 MiB here, far above the activations (2 MiB)
+    for shape in (model_runner.StepShape(8, 8, 64, False), model_runner.StepShape(64, 8, 64, True)):
+        step, _ = model_runner.padding_inputs(shape, runner.num_pages)
+        compiled = model_runner.forward_step.lower(params, runner.cache, runner.prev_tokens, step,
+                                                   **runner.step_kwargs(shape)).compile()
+        mem = compiled.memory_analysis()
+        assert mem.alias_size_in_bytes >= pool_bytes, shape
+        assert mem.temp_size_in_bytes < pool_bytes / 4, (shape, mem.temp_size_in_bytes)
 
 
 def test_random_weights_on_device_have_the_param_shapes_dtypes_and_shardings():
@@ -260,22 +301,39 @@ def test_gpu_kernel_matches_reference_in_bf16(ppcb, ks):
 
 @pytest.mark.gpu
 @gpu
-def test_gpu_decode_step_kernel_matches_reference_step():
+def test_gpu_mixed_step_kernels_match_reference_step():
     cfg = ModelConfig(vocab_size=512, embed_dim=256, num_layers=2, num_heads=8, num_kv_heads=2,
                       head_dim=64, mlp_dim=512, max_seq_len=512, dtype="bfloat16")
     mesh = make_mesh(1, 1)
     params = init_random_on_device(cfg, mesh, seed=2)
     rng = np.random.default_rng(7)
-    B, P, S = 4, 8, 16
-    pool = {n: jnp.asarray(rng.standard_normal((2, 64, S, 2, 64)), jnp.bfloat16) for n in ("k", "v")}
-    table = jnp.asarray(rng.permutation(64)[:B * P].reshape(B, P), jnp.int32)
-    positions = jnp.asarray([[127], [60], [1], [-1]], jnp.int32)
-    args = (jnp.asarray(rng.integers(0, 512, (B, 1)), jnp.int32), positions, table, jnp.zeros(B, jnp.int32),
-            jnp.zeros(B, jnp.float32), jnp.zeros(B, jnp.int32), jnp.ones(B, jnp.float32),
-            jnp.zeros(B, jnp.uint32), jnp.zeros(B, jnp.int32))
+    pool = {n: jnp.asarray(rng.standard_normal((2, 65, 16, 2, 64)), jnp.bfloat16) for n in ("k", "v")}
+    perm = rng.permutation(64).tolist()
+    chunks = [model_runner.Chunk([int(rng.integers(512))], 127, perm[:8], 0.0, 0, 1.0, 0, 1),
+              model_runner.Chunk([int(rng.integers(512))], 60, perm[8:12], 0.0, 0, 1.0, 0, 1),
+              model_runner.Chunk(rng.integers(0, 512, 100).tolist(), 30, perm[12:21], 0.0, 0, 1.0, 0, 0),
+              model_runner.Chunk(rng.integers(0, 512, 7).tolist(), 0, perm[21:22], 0.0, 0, 1.0, 0, 0)]
     out = {}
     for impl in ("reference", "pallas"):
-        cache = jax.tree.map(jnp.copy, pool)
-        tok, lp, _ = model_runner._paged_step(params, cache, *args, cfg=cfg, attention_impl=impl)
-        out[impl] = np.asarray(tok)[:3], np.asarray(lp)[:3]
+        runner = model_runner.ModelRunner(cfg, params, mesh, 64, 16, 8, attention_impl=impl,
+                                          cache=jax.tree.map(jnp.copy, pool))
+        out[impl] = runner.run(chunks)
     np.testing.assert_allclose(out["pallas"][1], out["reference"][1], atol=5e-2)
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_prefill_kernel_matches_reference_in_bf16():
+    rng = np.random.default_rng(5)
+    L, NP, S, K, G, D, N = 2, 300, 16, 8, 4, 128, 512
+    pools = [jnp.asarray(rng.standard_normal((L, NP, S, K, D)), jnp.bfloat16) for _ in range(2)]
+    q = jnp.asarray(rng.standard_normal((N, K * G, D)) * 128 ** -0.5, jnp.bfloat16)
+    tables = jnp.asarray(np.stack([rng.permutation(NP)[:64] for _ in range(32)]), jnp.int32)
+    start = jnp.asarray(np.arange(32) * 16, jnp.int32)
+    length = jnp.full(32, 16, jnp.int32)
+    pos = jnp.asarray(rng.integers(0, 1000, 32), jnp.int32)
+    args = (q, *pools, jnp.int32(1), tables, start, length, pos)
+    got = jax.jit(functools.partial(ak.pallas_prefill_attention, query_block=16))(*args)
+    want = paged_kv._reference_prefill(*args, 16)
+    assert np.isfinite(np.asarray(got, np.float32)).all()
+    assert rel_err(got, want) < 1e-2

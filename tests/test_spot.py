@@ -107,7 +107,7 @@ def test_deferred_preemption_compiles_the_new_mesh_while_the_old_one_serves(tiny
     assert served_pending == 2 and event.requests_lost == 0 and event.tokens_recomputed == 0
     assert event.shapes_compiled_ahead >= 1 and event.deferred_s > 0
     assert set(cluster.devices) == set(devices[:2] + devices[6:])
-    assert switch_compiles == {"paged_step": 0, "sample": 0}  # its step shapes were ready
+    assert switch_compiles == {"forward": 0, "sample": 0}  # its step shapes were ready
 
 
 def test_preemption_without_grace_restores_params_from_the_checkpoint_and_recomputes_kv(tiny_host, requests, reference, tmp_path):

@@ -1,8 +1,10 @@
-"""Decode attention over the page pool through JAX's shipped Pallas kernel, and picking an impl.
+"""Paged attention kernels (Pallas on GPU): decode rows and prefill query blocks, and picking an impl.
 
-`paged_kv.paged_attend` calls `decode_attention` for one-token-per-sequence steps when the
-engine's `attention_impl` resolves to 'pallas'; prefill chunks and the 'reference' impl keep the
-pure-JAX gather path. The kernel body is JAX's GPU `paged_attention_kernel` (Triton); only the
+`paged_kv.paged_attend` calls `decode_attention` for a step's decode rows and
+`prefill_attention` for its prefill query blocks when the engine's `attention_impl` resolves
+to 'pallas'; the 'reference' impl keeps the pure-JAX gather path.
+
+Decode: The kernel body is JAX's GPU `paged_attention_kernel` (Triton); only the
 grid and block specs are ours, so that it reads the engine's pool layout
 [layers, pages, page_size, kv_heads, head_dim] in place: the pool is viewed as
 [layers*pages, page_size, kv_heads, head_dim] (a free reshape), each program picks one kv head
@@ -11,6 +13,10 @@ as a strided slice, and the kernel adds the layer's offset to each page number i
 it, one small kernel of ours merges the sequence splits (`_combine`). The shipped wrapper
 (`paged_attention`) wants a head-major [kv_heads, pages, page_size, head_dim] array, which would
 cost a transpose of a whole layer of the pool on every step.
+
+Prefill (`_prefill_kernel`, ours): one program per (query block, kv head) holds the block's
+tokens times the kv head's query heads as rows, so one pass over the sequence's pages serves
+the whole group; the causal mask compares each row's position with each key's.
 """
 from __future__ import annotations
 
@@ -202,6 +208,112 @@ def decode_attention(q, k_pool, v_pool, layer, page_table, lengths, *, mesh: Opt
     pool = P(None, None, None, "model", None)
     return jax.shard_map(kernel, mesh=mesh, in_specs=(heads, pool, pool, P(), P(), P()),
                          out_specs=heads, check_vma=False)(q, k_pool, v_pool, layer, page_table, lengths)
+
+
+def _prefill_kernel(q_ref, k_ref, v_ref, table_ref, start_ref, len_ref, pos_ref, layer_ref, o_ref, *,
+                    num_pages: int, group: int, pages_per_compute_block: int):
+    """One (query block, kv head): up to `block` tokens of one sequence, each with the `group`
+    query heads of this kv head (rows token-major), over the sequence's keys up to each token
+    (causal), with an online softmax over blocks of pages."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plgpu
+
+    rows, D = o_ref.shape
+    page_size = k_ref.shape[-2]
+    block_k = pages_per_compute_block * page_size
+    n, pos0 = len_ref[0], pos_ref[0]
+    q = q_ref[pl.ds(start_ref[0] * group, rows), :]
+    row_pos = pos0 + jax.lax.shift_right_logical(jnp.arange(rows, dtype=jnp.int32), group.bit_length() - 1)
+    offset = layer_ref[0] * num_pages
+
+    def body(j, carry):
+        o, m, l = carry
+        pages = table_ref[pl.ds(j * pages_per_compute_block, pages_per_compute_block)] + offset
+        k = k_ref[pages].reshape(block_k, D)
+        v = v_ref[pages].reshape(block_k, D)
+        logits = plgpu.dot(q, k.T)  # [rows, block_k]
+        kv_pos = j * block_k + jnp.arange(block_k, dtype=jnp.int32)
+        logits = jnp.where(kv_pos[None, :] <= row_pos[:, None], logits, _MASK)
+        m_next = jnp.maximum(m, logits.max(axis=-1))
+        correction = jnp.exp(m - m_next)
+        s = jnp.exp(logits - m_next[:, None])
+        l_next = correction * l + s.sum(axis=-1)
+        o_next = correction[:, None] * o + plgpu.dot(s.astype(v.dtype), v)
+        return o_next, m_next, l_next
+
+    num_blocks = jnp.where(n > 0, pl.cdiv(pos0 + n, block_k), 0)
+    init = (jnp.zeros((rows, D), jnp.float32), jnp.full((rows,), _MASK, jnp.float32),
+            jnp.zeros((rows,), jnp.float32))
+    o, _, l = jax.lax.fori_loop(0, num_blocks, body, init)
+    o_ref[...] = (o / jnp.where(l > 0, l, 1.0)[:, None]).astype(o_ref.dtype)
+
+
+_MASK = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def pallas_prefill_attention(q, k_pool, v_pool, layer, block_tables, block_start, block_len, block_pos, *,
+                             query_block: int, pages_per_compute_block: int = 8, num_warps: int = 4,
+                             num_stages: int = 2, interpret: bool = False):
+    """Causal attention of a flattened step's prefill query blocks over their pages, one layer.
+
+    q [N,H,D] (scaled by 1/sqrt(D)); pools [L, pages, page_size, K, D]; block_tables [NB,P] (each
+    block's sequence's pages; P divisible by the page block); block_start/len/pos [NB] (see
+    paged_kv.StepLayout). Returns [NB*query_block, H, D]: row b*query_block + t is token
+    block_start[b] + t when t < block_len[b] (other rows are garbage or zeros).
+    """
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plgpu
+
+    L, NP, S, K, D = k_pool.shape
+    N, H, _ = q.shape
+    G = H // K
+    Gp = 1 << (G - 1).bit_length()  # rows per token: the group, padded to a power of two
+    NB, P = block_tables.shape
+    ppcb = min(pages_per_compute_block, P)
+    if P % ppcb:
+        raise ValueError(f"pages per sequence {P} is not divisible by {ppcb} pages per block")
+    # [K, (N + query_block) * Gp, D]: each kv head's query rows, token-major; the tail keeps a
+    # block that starts near the end in bounds.
+    qg = jnp.pad(q.reshape(N, K, G, D), ((0, query_block), (0, 0), (0, Gp - G), (0, 0)))
+    qt = qg.transpose(1, 0, 2, 3).reshape(K, (N + query_block) * Gp, D)
+    rows = query_block * Gp
+    k_flat = k_pool.reshape(L * NP, S, K, D)
+    v_flat = v_pool.reshape(L * NP, S, K, D)
+    pool_spec = pl.BlockSpec((L * NP, S, None, D), lambda b, h: (0, 0, h, 0))
+    scalar = pl.BlockSpec((1,), lambda b, h: (b,))
+    out = pl.pallas_call(
+        functools.partial(_prefill_kernel, num_pages=NP, group=Gp, pages_per_compute_block=ppcb),
+        grid=(NB, K),
+        in_specs=[pl.BlockSpec((None, (N + query_block) * Gp, D), lambda b, h: (h, 0, 0)),
+                  pool_spec, pool_spec,
+                  pl.BlockSpec((None, P), lambda b, h: (b, 0)),
+                  scalar, scalar, scalar,
+                  pl.BlockSpec((1,), lambda b, h: (0,))],
+        out_specs=pl.BlockSpec((None, None, rows, D), lambda b, h: (b, h, 0, 0)),
+        out_shape=jax.ShapeDtypeStruct((NB, K, rows, D), q.dtype),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name=f"jaxserve_paged_prefill_qb{query_block}_ppcb{ppcb}",
+    )(qt, k_flat, v_flat, block_tables.astype(jnp.int32), block_start.astype(jnp.int32),
+      block_len.astype(jnp.int32), block_pos.astype(jnp.int32), jnp.reshape(layer, (1,)).astype(jnp.int32))
+    out = out.reshape(NB, K, query_block, Gp, D)[:, :, :, :G]
+    return out.transpose(0, 2, 1, 3, 4).reshape(NB * query_block, H, D)
+
+
+def prefill_attention(q, k_pool, v_pool, layer, block_tables, block_start, block_len, block_pos, *,
+                      query_block: int, mesh: Optional[Mesh] = None):
+    """`pallas_prefill_attention` per model shard (see `decode_attention`)."""
+    kernel = functools.partial(pallas_prefill_attention, query_block=query_block,
+                               interpret=jax.default_backend() != "gpu")
+    K = k_pool.shape[3]
+    model = 1 if mesh is None else mesh.shape.get("model", 1)
+    args = (q, k_pool, v_pool, layer, block_tables, block_start, block_len, block_pos)
+    if model == 1 or K % model:
+        return kernel(*args)
+    heads = P(None, "model", None)
+    pool = P(None, None, None, "model", None)
+    return jax.shard_map(kernel, mesh=mesh, in_specs=(heads, pool, pool) + (P(),) * 5,
+                         out_specs=heads, check_vma=False)(*args)
 
 
 def decode_bytes(batch: int, context: int, num_layers: int, num_kv_heads: int, head_dim: int,

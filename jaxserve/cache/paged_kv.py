@@ -6,14 +6,15 @@ page table); token at position p lives in page table[p // page_size], slot p % p
 last page belongs to no one: padding tokens write there, so that cache writes need no bounds
 checks.
 
-`paged_attend` writes the new keys and values, then attends: with the pure-JAX reference
-(gather pages by page table, then dense attention; every backend, every chunk length) or, for
-one-token decode steps with `impl="pallas"`, JAX's Pallas kernel reading the pool in place
+A step runs every scheduled token, decodes and prefill chunks together, as one flat list
+(`StepLayout`). `paged_attend` writes the new keys and values, then attends: decode rows and
+prefill query blocks each through the pure-JAX reference (gather pages, dense attention; every
+backend) or, with `impl="pallas"`, the Pallas kernels that read the pool in place
 (jaxserve.cache.attention_kernels).
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +22,7 @@ import jax.numpy as jnp
 from jaxserve.cache import attention_kernels
 from jaxserve.model.config import ModelConfig
 from jaxserve.model.llama import attention_scores_softmax
+from jaxserve.scheduling.cost_model import QUERY_BLOCK
 from jaxserve.parallel.sharding import logical_sharding
 
 POOL_AXES = ("layers", "pages", "page_slot", "kv_heads", "head_dim")
@@ -46,73 +48,84 @@ def pool_bytes_per_page(cfg: ModelConfig, page_size: int) -> int:
     return 2 * cfg.num_layers * page_size * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(cfg.jnp_dtype).itemsize
 
 
-class TokenSlots(NamedTuple):
-    """Where a step's tokens live in the pool: the same in every layer."""
-    page: jax.Array     # [B,T] pool page of each token (the scratch page for padding)
-    offset: jax.Array   # [B,T] its slot in that page
-    lengths: jax.Array  # [B] keys a one-token step's query attends to (p + 1; 0 for padding)
+class StepLayout(NamedTuple):
+    """Where one step's flattened tokens [N] go in the pool and what they attend to.
 
-
-def token_slots(positions, page_table, cache) -> TokenSlots:
-    """The slots of tokens at positions [B,T] (-1 = padding) given each sequence's page_table [B,P].
-
-    A step computes them once, before its layer loop: left to `paged_attend`, XLA recomputed
-    them in every layer (3 small kernels a layer on an H100).
+    A step's tokens are one flat list: the decode tokens of sequences 0..D-1 first (token i is
+    sequence i's), then the prefill chunks. Sequence s attends through page_table[s]. Decode rows
+    attend to `decode_lens` keys (0 for non-decode rows); prefill chunks are cut into query blocks
+    of up to QUERY_BLOCK tokens of one sequence: block b holds tokens block_start[b] ..
+    + block_len[b] (0 = unused block) at positions block_pos[b] onwards, of sequence block_seq[b].
     """
-    scratch, page_size = cache["k"].shape[1] - 1, cache["k"].shape[2]
-    # clip: the index is in the table for every real token (no fill value, no bounds select)
-    page = jnp.take_along_axis(page_table, jnp.maximum(positions, 0) // page_size, axis=1, mode="clip")
-    page = jnp.where(positions >= 0, page, scratch)  # padding writes land in the scratch page
-    return TokenSlots(page, positions % page_size, positions[:, -1] + 1)
+    kv_page: jax.Array      # [N] pool page each token's key/value is written to (scratch for padding)
+    kv_offset: jax.Array    # [N] its slot in that page
+    page_table: jax.Array   # [S,P]
+    decode_lens: jax.Array  # [S]
+    block_seq: jax.Array    # [NB] (NB = 0 in decode-only steps)
+    block_start: jax.Array  # [NB]
+    block_len: jax.Array    # [NB]
+    block_pos: jax.Array    # [NB]
 
 
-def paged_attend(q, k, v, cache, layer, positions, *, page_table, impl: str = "reference", mesh=None,
-                 slots: Optional[TokenSlots] = None):
-    """Writes k, v [B,T,K,D] into their pages, then attends over each sequence's pages.
+def _reference_decode(q, k_pool, v_pool, layer, page_table, lengths):
+    """q [S,H,D] (scaled) -> [S,H,D]: each row over its first lengths[s] keys (0: zeros)."""
+    S, P = page_table.shape
+    page_size = k_pool.shape[2]
+    gather = lambda pool: pool[layer, page_table].reshape(S, P * page_size, *pool.shape[3:])
+    mask = (jnp.arange(P * page_size)[None, :] < lengths[:, None])[:, None, :]
+    out = attention_scores_softmax(q[:, None], gather(k_pool), gather(v_pool), mask, scale=1.0)[:, 0]
+    return jnp.where((lengths > 0)[:, None, None], out, 0).astype(q.dtype)
 
-    page_table [B,P] lists each sequence's pages (padding entries may be any page: they hold
-    positions later than every query, so the causal mask hides them). positions [B,T]: -1 = pad.
-    impl: "reference" or "pallas" (decode steps, T == 1, only; longer chunks use the reference);
-    mesh: where the pool lives, for the kernel's per-shard call. slots: `token_slots` of these
-    positions and page table (computed here when not given).
+
+def _reference_prefill(q, k_pool, v_pool, layer, block_tables, block_start, block_len, block_pos, query_block):
+    """q [N,H,D] (scaled) -> [NB*query_block, H, D]: each block's tokens over its causal keys."""
+    NB, P = block_tables.shape
+    page_size = k_pool.shape[2]
+    rows = block_start[:, None] + jnp.arange(query_block)[None, :]  # [NB, QB]
+    qb = q[jnp.minimum(rows, q.shape[0] - 1)]
+    gather = lambda pool: pool[layer, block_tables].reshape(NB, P * page_size, *pool.shape[3:])
+    qpos = block_pos[:, None] + jnp.arange(query_block)[None, :]
+    mask = jnp.arange(P * page_size)[None, None, :] <= qpos[:, :, None]
+    out = attention_scores_softmax(qb, gather(k_pool), gather(v_pool), mask, scale=1.0)
+    return out.reshape(NB * query_block, *q.shape[1:])
+
+
+def paged_attend(q, k, v, cache, layer, positions, *, layout: StepLayout, impl: str = "reference", mesh=None):
+    """Writes k, v [1,N,K,D] of a flattened step into their pages, then attends (see StepLayout).
+
+    impl: "reference" (pure JAX, every backend) or "pallas" (the GPU kernels of
+    jaxserve.cache.attention_kernels; interpreted elsewhere). mesh: where the pool lives, for the
+    kernels' per-shard call. Padding tokens write to the scratch page and get zeros.
     """
-    B, P = page_table.shape
-    rows = q.shape[0]
-    if rows > B:
-        # Rows past the page table's are the step's GEMM padding (model_runner.GEMM_ROWS_GPU):
-        # they write nothing and attention never sees them; their outputs are zeros.
-        q, k, v, positions = q[:B], k[:B], v[:B], positions[:B]
-    if slots is None:
-        slots = token_slots(positions, page_table, cache)
-    page, offset, page_size = slots.page, slots.offset, cache["k"].shape[2]
+    q, k, v = q[0], k[0], v[0]
+    N, H, D = q.shape
+    L = layout
 
-    # Index the pool directly by (layer, page, offset): no reshapes or whole-layer slices, so
-    # XLA updates the scan-carried pool in place and reads only the pages in the table. Every
-    # index is in bounds (padding goes to the scratch page).
+    # Index the pool directly by (layer, page, offset): no reshapes or whole-layer slices, so XLA
+    # updates the pool in place. Every index is in bounds (padding goes to the scratch page).
     def write(pool, new):
-        if page.size == 1:
-            # One token (a batch-1 decode step): a plain in-place update. XLA turns a one-row
-            # scatter into the same update plus a bounds check and a read-back of the old
-            # values, 3 more small kernels a layer on GPU (the index here is always in bounds).
-            start = (layer, page[0, 0], offset[0, 0], 0, 0)
-            return jax.lax.dynamic_update_slice(pool, new.astype(pool.dtype).reshape(1, 1, 1, *new.shape[2:]), start)
-        return pool.at[layer, page, offset].set(new.astype(pool.dtype), mode="promise_in_bounds")
+        return pool.at[layer, L.kv_page, L.kv_offset].set(new.astype(pool.dtype), mode="promise_in_bounds")
 
     cache = {"k": write(cache["k"], k), "v": write(cache["v"], v)}
-
-    if impl == "pallas" and q.shape[1] == 1:
-        # A decode token at position p attends to p + 1 tokens; padding rows (p = -1) to none.
-        lengths = slots.lengths
-        scaled = (q[:, 0].astype(jnp.float32) * q.shape[-1] ** -0.5).astype(q.dtype)
-        out = attention_kernels.decode_attention(scaled, cache["k"], cache["v"], layer, page_table,
-                                                 lengths, mesh=mesh, out_rows=rows)
-        return out[:, None], cache
-
-    def gather(pool):
-        pages = pool[layer, page_table]  # [B,P,page_size,K,D]
-        return pages.reshape(B, P * page_size, *pages.shape[3:])
-
-    kv_pos = jnp.arange(P * page_size)
-    mask = kv_pos[None, None, :] <= positions[:, :, None]
-    out = attention_scores_softmax(q, gather(cache["k"]), gather(cache["v"]), mask)
-    return jnp.pad(out, ((0, rows - B),) + ((0, 0),) * (out.ndim - 1)), cache
+    scaled = (q.astype(jnp.float32) * D ** -0.5).astype(q.dtype)
+    S = L.page_table.shape[0]
+    if impl == "pallas":
+        out = attention_kernels.decode_attention(scaled[:S], cache["k"], cache["v"], layer, L.page_table,
+                                                 L.decode_lens, mesh=mesh, out_rows=N)
+    else:
+        dec = _reference_decode(scaled[:S], cache["k"], cache["v"], layer, L.page_table, L.decode_lens)
+        out = jnp.pad(dec, ((0, N - S), (0, 0), (0, 0)))
+    NB = L.block_seq.shape[0]
+    if NB:
+        QB = QUERY_BLOCK
+        tables = L.page_table[L.block_seq]
+        if impl == "pallas":
+            blocks = attention_kernels.prefill_attention(scaled, cache["k"], cache["v"], layer, tables, L.block_start,
+                                                         L.block_len, L.block_pos, query_block=QB, mesh=mesh)
+        else:
+            blocks = _reference_prefill(scaled, cache["k"], cache["v"], layer, tables, L.block_start, L.block_len,
+                                        L.block_pos, QB)
+        t = jnp.arange(QB)[None, :]
+        rows = jnp.where(t < L.block_len[:, None], L.block_start[:, None] + t, N).reshape(-1)  # N: dropped
+        out = out.at[rows].set(blocks.astype(out.dtype), mode="drop")
+    return out[None], cache

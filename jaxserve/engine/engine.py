@@ -2,22 +2,28 @@
 
 Requests join and leave between steps (continuous batching); long prompts run in chunks
 mixed with decodes under a per-step token budget. The policy decides; this module only obeys:
-it allocates and frees pages, drops preempted caches, runs the model and applies stop rules.
+it asks the KV manager for pages and transfers, runs the step and applies stop rules.
+
+Host work overlaps the device (`EngineConfig.async_scheduling`): a step is scheduled, packed
+and dispatched while the previous one runs, and the previous one's tokens are read (committed,
+journaled, streamed, checked against stop rules) only after that. The policy sees each request
+one step behind: a request whose last read token ends it may have computed one token more,
+which is dropped, never streamed or journaled.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import time
-from typing import Callable, Dict, List, Optional, Sequence, Union
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Union
 
 import jax
 import numpy as np
 
-from jaxserve.cache.page_allocator import PageAllocator, pages_for
 from jaxserve.cache import paged_kv
-from jaxserve.cache.swap import HostPagePool, gather_bucketed, write_staged
 from jaxserve.engine.journal import TokenJournal
-from jaxserve.engine.model_runner import UNROLL_CHOICES, Chunk, ModelRunner
+from jaxserve.engine.kv_manager import KVManager
+from jaxserve.engine.model_runner import UNROLL_CHOICES, Chunk, Dispatched, ModelRunner, enable_compile_cache
 from jaxserve.engine.outputs import RequestOutput
 from jaxserve.engine.request import Request, Status
 from jaxserve.model.config import ModelConfig
@@ -39,6 +45,8 @@ class EngineConfig:
     attention_impl: str = "auto"  # decode attention: auto (Pallas on GPU) | reference | pallas
     unroll_layers: str = "auto"   # decode steps' layer loop unrolled: auto (on GPU) | on | off
     policy: str = "fcfs"
+    async_scheduling: bool = True  # schedule and dispatch step N+1 while step N runs
+    compile_cache_dir: str = ""    # JAX's persistent compilation cache: a restart compiles nothing
 
     def __post_init__(self):
         for name in ("page_size", "num_pages", "max_batch", "token_budget", "max_chunk"):
@@ -70,24 +78,38 @@ class Engine:
             from jaxserve.parallel.multihost import check_supported
             check_supported(config)
         self.policy = policy or make_policy(config.policy)
-        self.allocator = PageAllocator(config.num_pages)
-        self.host_pool = HostPagePool(config.host_pages, mesh)
+        if config.compile_cache_dir:
+            enable_compile_cache(config.compile_cache_dir)
         self.runner = ModelRunner(cfg, params, mesh, config.num_pages, config.page_size, config.max_batch,
                                   attention_impl=config.attention_impl, unroll_layers=config.unroll_layers)
-        self._staged: Dict[str, tuple] = {}  # uploads in flight: request_id -> (pages, device buffers)
+        # Cumulative counters for metrics: read-only for callers. host_s: time in step() not
+        # spent waiting for the device (device_wait_s).
+        self.stats = {"preemptions": 0, "recomputed_tokens": 0, "swap_out_bytes": 0, "swap_in_bytes": 0,
+                      "swap_outs": 0, "swap_ins": 0, "swap_ins_unforeseen": 0, "swap_stall_s": 0.0,
+                      "reparallelizations": 0, "finished": 0, "aborted": 0, "host_s": 0.0, "device_wait_s": 0.0,
+                      "dropped_tokens": 0}
+        self.kv = KVManager(config.num_pages, config.page_size, config.host_pages, mesh, self.runner, self.stats)
         self.step_log: List[tuple] = []      # (cost features, seconds) of recent steps, for calibration
         self.max_context = min(cfg.max_seq_len, config.num_pages * config.page_size)
         self.requests: Dict[str, Request] = {}
         self._decoders: Dict[str, IncrementalDecoder] = {}
         self._aborted: List[Request] = []
+        self._in_flight: collections.deque = collections.deque()  # _StepRecord, oldest first
+        self._held: List[RequestOutput] = []  # outputs of steps read outside step() (drain)
+        self._last_read = 0.0
+        self._dispatched = False  # whether the last dispatch() sent a step
         self._rng = np.random.default_rng(seed)
         eos = set(cfg.eos_token_ids) | set(tokenizer.eos_token_ids if tokenizer else ())
         self.eos_token_ids = frozenset(eos)
         self.num_steps = 0
-        # Cumulative counters for metrics: read-only for callers.
-        self.stats = {"preemptions": 0, "recomputed_tokens": 0, "swap_out_bytes": 0, "swap_in_bytes": 0,
-                      "swap_outs": 0, "swap_ins": 0, "swap_ins_unforeseen": 0, "swap_stall_s": 0.0,
-                      "reparallelizations": 0, "finished": 0, "aborted": 0}
+
+    @property
+    def allocator(self):
+        return self.kv.allocator
+
+    @property
+    def host_pool(self):
+        return self.kv.host_pool
 
     # -- public API ---------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: Union[str, Sequence[int]],
@@ -163,50 +185,96 @@ class Engine:
         self._aborted.append(r)
 
     def has_unfinished(self) -> bool:
-        return bool(self.requests)
+        return bool(self.requests) or bool(self._in_flight) or bool(self._held)
 
     def step(self) -> List[RequestOutput]:
-        """Runs one iteration; returns an output for every request that progressed or ended."""
-        self.num_steps += 1
+        """Runs one iteration; returns an output for every request that progressed or ended.
+
+        With async scheduling, the outputs are those of the step before the one dispatched now."""
+        self.dispatch()
+        return self.collect()
+
+    def dispatch(self) -> None:
+        """Schedules the next step and sends it to the device, without waiting for it."""
+        t = time.perf_counter()
+        self.kv.write_staged()
+        record = self._schedule()
+        if record is not None:
+            self._in_flight.append(record)
+        self._dispatched = record is not None
+        self.stats["host_s"] += time.perf_counter() - t
+
+    def collect(self) -> List[RequestOutput]:
+        """Reads the steps that `dispatch` left behind: all but the one just dispatched when
+        scheduling is async, so that it runs while the host works on these."""
+        t = time.perf_counter()
+        wait0 = self.stats["device_wait_s"]
+        touched = {r.request_id: (r, []) for r in self._aborted}
+        self._aborted = []
+        keep = 1 if self.config.async_scheduling and self._dispatched else 0
+        while len(self._in_flight) > keep:
+            self._read(self._in_flight.popleft(), touched)
+        outputs, self._held = self._held + [self._output(r, new) for r, new in touched.values()], []
+        self.stats["host_s"] += time.perf_counter() - t - (self.stats["device_wait_s"] - wait0)
+        return outputs
+
+    def drain(self) -> List[RequestOutput]:
+        """Reads every step in flight; returns the outputs not yet returned."""
+        self._dispatched = False
+        return self.collect()
+
+    def _schedule(self) -> Optional["_StepRecord"]:
         start = self.clock()
-        self._write_staged()
-        views = [self._view(r) for r in self.requests.values()]
+        views = [self._view(r) for r in self.requests.values() if not self._finishing(r)]
         plan = self.policy.schedule(views, self.cache_state(), start)
         for rid in plan.preempt:
             self._preempt(self.requests[rid])
         # Uploads start first: they free host pages that this step's swap-outs may need, and
         # swap-outs free the device pages that the uploads land in.
-        uploads = {rid: self.host_pool.upload(rid) for rid in plan.swap_in}
-        swap_bytes = sum(self._swap_out(self.requests[rid]) for rid in plan.swap_out)
+        uploads = {rid: self.kv.start_upload(rid) for rid in plan.swap_in}
+        swap_bytes = sum(self.kv.swap_out(self.requests[rid]) for rid in plan.swap_out)
         running = {rid for rid, _ in plan.run}
-        swap_bytes += sum(self._swap_in(self.requests[rid], *uploads[rid], rid in running) for rid in plan.swap_in)
+        swap_bytes += sum(self.kv.swap_in(self.requests[rid], uploads[rid], rid in running) for rid in plan.swap_in)
         scheduled = []
         for rid, n in plan.run:
             r = self.requests[rid]
             if r.status is Status.SWAPPED:
                 raise RuntimeError(f"policy {self.policy.name} ran {rid} without swapping it in")
-            r.pages += self.allocator.allocate(pages_for(r.num_computed + n, self.config.page_size) - len(r.pages))
+            self.kv.grow(r, r.num_computed + n)
             r.status = Status.RUNNING
             scheduled.append((r, n))
-        touched = {r.request_id: (r, []) for r in self._aborted}
-        self._aborted = []
-        prefill = [(r, n) for r, n in scheduled if n > 1]
-        decode = [(r, n) for r, n in scheduled if n == 1]
-        for group in (prefill, decode):
-            if not group:
+        if not scheduled:
+            return None
+        self.num_steps += 1
+        dispatched = self.runner.dispatch([self._chunk(r, n) for r, n in scheduled])
+        produced = []
+        for (r, n), row in zip(scheduled, dispatched.rows):
+            r.num_computed += n
+            produced.append(r.num_remaining == 0)  # the whole known sequence is cached: a token is new
+            if produced[-1]:
+                r.num_pending += 1
+                r.pending_row = row
+        features = self.cost_model.features([(n, len(r.pages)) for r, n in scheduled], swap_bytes)
+        return _StepRecord(dispatched, scheduled, produced, features, start)
+
+    def _read(self, record: "_StepRecord", touched: dict) -> None:
+        """Waits for a dispatched step's tokens and commits them."""
+        t = time.perf_counter()
+        tokens, logprobs = record.dispatched.read()
+        self.stats["device_wait_s"] += time.perf_counter() - t
+        now = self.clock()
+        for (r, _), produced, token, logprob in zip(record.scheduled, record.produced, tokens, logprobs):
+            if not produced:
                 continue
-            tokens, logprobs = self.runner.run([self._chunk(r, n) for r, n in group])
-            now = self.clock()
-            for (r, n), token, logprob in zip(group, tokens, logprobs):
-                r.num_computed += n
-                if r.num_remaining == 0:  # the whole known sequence is cached: this token is new
-                    self._commit(r, int(token), float(logprob), now)
-                    touched.setdefault(r.request_id, (r, []))[1].append(int(token))
-        if scheduled:
-            chunks = [(n, len(r.pages)) for r, n in scheduled]
-            self.step_log.append((self.cost_model.features(chunks, swap_bytes), self.clock() - start))
-            del self.step_log[:-4096]
-        return [self._output(r, new) for r, new in touched.values()]
+            r.num_pending -= 1
+            if self.requests.get(r.request_id) is not r:  # it ended meanwhile: one token too many
+                self.stats["dropped_tokens"] += 1
+                continue
+            self._commit(r, int(token), float(logprob), now)
+            touched.setdefault(r.request_id, (r, []))[1].append(int(token))
+        self.step_log.append((record.features, now - max(record.start, self._last_read)))
+        self._last_read = now
+        del self.step_log[:-4096]
 
     # -- moving requests between engines (re-parallelization) ---------------------------------
     def export_requests(self, with_kv: bool = True) -> list:
@@ -216,48 +284,28 @@ class Engine:
         its committed tokens); otherwise {"k", "v"} device or host arrays [L, >= its pages, ...]
         (bucketed, so that migrations compile per bucket rather than per page count).
         """
-        self._write_staged()
+        self._held += self.drain()
+        self.kv.write_staged()
         out = []
         for r in sorted(self.requests.values(), key=lambda r: (r.arrival_time, r.request_id)):
-            kv = None
-            if with_kv and r.status is Status.RUNNING and r.pages:
-                kv = gather_bucketed(self.runner.cache, r.pages)
-            elif with_kv and r.status is Status.SWAPPED:
-                on_device = self.runner.cache["k"].sharding
-                kv = {name: jax.device_put(x, on_device) for name, x in self.host_pool.entries[r.request_id].data.items()}
+            kv = self.kv.export(r, with_kv)
             if kv is None:
                 self.stats["recomputed_tokens"] += r.num_computed
                 r.num_computed = 0
-            self.host_pool.drop(r.request_id)
-            self.allocator.free(r.pages)
-            r.pages, r.status = [], Status.WAITING
+            r.status = Status.WAITING
             out.append((r, kv, self._decoders.pop(r.request_id, None)))
         self.requests.clear()
         return out
 
     def has_pages_for(self, r: Request) -> bool:
         """Whether the device pool has free pages for the KV of r's committed tokens."""
-        return pages_for(r.num_computed, self.config.page_size) <= self.allocator.num_free
+        return self.kv.has_pages_for(r)
 
     def import_request(self, r: Request, kv: Optional[dict], decoder=None) -> int:
         """Takes over a request exported by another engine; returns KV bytes copied in."""
         if r.request_id in self.requests:
             raise ValueError(f"request_id={r.request_id!r}: already in use")
-        moved, n = 0, (0 if kv is None else pages_for(r.num_computed, self.config.page_size))
-        on_device = self.runner.cache["k"].sharding  # the pool's spec: only the page count differs
-        if kv is not None and self.has_pages_for(r):
-            pages = self.allocator.allocate(n)
-            staged = {name: jax.device_put(x, on_device) for name, x in kv.items()}
-            moved = n * sum(x.nbytes // x.shape[1] for x in kv.values())
-            self.runner.cache = write_staged(self.runner.cache, pages, staged)
-            r.pages, r.status = pages, Status.RUNNING
-        elif kv is not None and n <= self.host_pool.num_free:  # no room on the device: wait in host memory
-            moved = self.host_pool.store(r.request_id, {k: jax.device_put(x, on_device) for k, x in kv.items()}, n)
-            r.pages, r.status = [], Status.SWAPPED
-        else:  # no room anywhere (or no KV): recompute from the committed tokens
-            if kv is not None:
-                self.stats["recomputed_tokens"] += r.num_computed
-            r.pages, r.num_computed, r.status = [], 0, Status.WAITING
+        moved = self.kv.import_(r, kv)
         self.requests[r.request_id] = r
         if decoder is not None:
             self._decoders[r.request_id] = decoder
@@ -267,7 +315,7 @@ class Engine:
 
     def cache_state(self) -> CacheState:
         c = self.config
-        return CacheState(page_size=c.page_size, free_pages=self.allocator.num_free, total_pages=c.num_pages,
+        return CacheState(page_size=c.page_size, free_pages=self.kv.num_free, total_pages=c.num_pages,
                           free_host_pages=self.host_pool.num_free, max_batch=c.max_batch,
                           token_budget=c.token_budget, max_chunk=c.max_chunk)
 
@@ -275,9 +323,10 @@ class Engine:
     def host_pages_in_use(self) -> int:
         return self.host_pool.used
 
-    def precompile(self) -> int:
+    def precompile(self, progress: bool = False) -> int:
         """Compiles every step shape up front (see ModelRunner.precompile); returns how many."""
-        return self.runner.precompile(self.config.max_chunk, self.config.token_budget)
+        self._held += self.drain()
+        return self.runner.precompile(self.config.token_budget, progress=progress)
 
     def calibrate(self) -> CostModel:
         """Refits the cost model (shared with the policy) to the steps run so far."""
@@ -287,60 +336,32 @@ class Engine:
         return self.cost_model
 
     # -- internals ----------------------------------------------------------------------------
+    def _finishing(self, r: Request) -> bool:
+        """Whether r's token still on the device ends it for sure (length): it is not scheduled."""
+        return r.num_pending > 0 and (r.num_generated >= r.params.max_tokens or r.num_tokens >= self.max_context)
+
     def _view(self, r: Request) -> RequestView:
         if r.status is Status.SWAPPED:
-            location, pages = "host", self.host_pool.entries[r.request_id].num_pages
+            location, pages = "host", self.kv.host_entry_pages(r.request_id)
         else:
             location, pages = ("device" if r.status is Status.RUNNING else "none"), len(r.pages)
         return RequestView(r.request_id, r.arrival_time, r.priority, r.num_tokens, r.num_computed,
-                           len(r.output_ids), r.params.max_tokens, pages, location)
+                           r.num_generated, r.params.max_tokens, pages, location)
 
     def _chunk(self, r: Request, n: int) -> Chunk:
         p = r.params
-        return Chunk(r.all_ids[r.num_computed: r.num_computed + n], r.num_computed, r.pages,
-                     p.temperature, p.top_k, p.top_p, r.seed, len(r.output_ids))
-
-    def _swap_out(self, r: Request) -> int:
-        """Moves r's pages to the host pool; r keeps its place and its computed tokens."""
-        self._write_staged(r.request_id)
-        moved = self.host_pool.put(r.request_id, self.runner.cache, r.pages)
-        self.allocator.free(r.pages)
-        r.pages, r.status = [], Status.SWAPPED
-        self.stats["swap_outs"] += 1
-        self.stats["swap_out_bytes"] += moved
-        return moved
-
-    def _swap_in(self, r: Request, staged: dict, n: int, needed_now: bool) -> int:
-        """Gives r's upload (started by HostPagePool.upload) device pages; it lands before r runs."""
-        pages = self.allocator.allocate(n)
-        moved = sum(x.nbytes for x in staged.values()) * n // staged["k"].shape[1]
-        r.pages, r.status = pages, Status.RUNNING
-        self._staged[r.request_id] = (pages, staged)
-        self.stats["swap_ins"] += 1
-        self.stats["swap_in_bytes"] += moved
-        if needed_now:  # not prefetched: this step waits for the transfer
-            t = time.perf_counter()
-            jax.block_until_ready(staged)
-            self.stats["swap_stall_s"] += time.perf_counter() - t
-            self.stats["swap_ins_unforeseen"] += 1
-            self._write_staged(r.request_id)
-        return moved
-
-    def _write_staged(self, request_id: Optional[str] = None) -> None:
-        """Scatters finished (or, with an id, that request's) uploads into the device pool."""
-        for rid in [request_id] if request_id is not None else list(self._staged):
-            if rid in self._staged:
-                pages, staged = self._staged.pop(rid)
-                self.runner.cache = write_staged(self.runner.cache, pages, staged)
+        tokens, prev_row = r.all_ids[r.num_computed: r.num_computed + n], -1
+        if len(tokens) < n:  # the last token was sampled by the step in flight: it stays on the device
+            tokens, prev_row = tokens + [0], r.pending_row
+        return Chunk(tokens, r.num_computed, r.pages, p.temperature, p.top_k, p.top_p, r.seed, r.num_generated,
+                     prev_row)
 
     def _preempt(self, r: Request) -> None:
         """Drops r's cache; it keeps its committed tokens and recomputes their KV when readmitted."""
-        self._staged.pop(r.request_id, None)
-        self.host_pool.drop(r.request_id)
-        self.allocator.free(r.pages)
+        self.kv.release(r)
         self.stats["preemptions"] += 1
         self.stats["recomputed_tokens"] += r.num_computed
-        r.pages, r.num_computed, r.status = [], 0, Status.WAITING
+        r.num_computed, r.status = 0, Status.WAITING
         r.num_preemptions += 1
 
     def _commit(self, r: Request, token: int, logprob: float, now: float) -> None:
@@ -368,10 +389,8 @@ class Engine:
     def _finish(self, r: Request, reason: str, now: Optional[float] = None) -> None:
         if self.journal is not None:
             self.journal.finished(r.request_id, reason)
-        self._staged.pop(r.request_id, None)
-        self.host_pool.drop(r.request_id)
-        self.allocator.free(r.pages)
-        r.pages, r.status, r.finish_reason = [], Status.FINISHED, reason
+        self.kv.release(r)
+        r.status, r.finish_reason = Status.FINISHED, reason
         r.finish_time = self.clock() if now is None else now
         self.stats["aborted" if reason == "abort" else "finished"] += 1
         del self.requests[r.request_id]
@@ -384,3 +403,12 @@ class Engine:
             logprobs=list(r.logprobs) if r.params.logprobs else None, arrival_time=r.arrival_time,
             first_token_time=r.first_token_time, finish_time=r.finish_time,
             num_preemptions=r.num_preemptions)
+
+
+class _StepRecord(NamedTuple):
+    """A dispatched step, until its tokens are read."""
+    dispatched: Dispatched
+    scheduled: list       # (Request, tokens run)
+    produced: list        # whether each sampled a new token
+    features: np.ndarray  # cost-model features of the step
+    start: float          # engine clock when it was scheduled

@@ -1,7 +1,9 @@
 """A request's state on the host: tokens, progress, pages and timings.
 
 `num_computed` counts the tokens whose keys/values are in the cache; everything after it is
-still to be run. Generated tokens are committed once sampled: they are never regenerated.
+still to be run. Generated tokens are committed once read from the device: they are never
+regenerated. Tokens sampled on the device but not yet read (the engine reads a step's tokens
+while the next step runs) are `num_pending`: they count in `num_tokens` but not in `all_ids`.
 """
 from __future__ import annotations
 
@@ -38,6 +40,8 @@ class Request:
     text: str = ""
     num_preemptions: int = 0
     prompt_text: Optional[str] = None
+    num_pending: int = 0                   # sampled on the device, not read yet
+    pending_row: int = -1                  # the latest pending token's row in its step's output
 
     @property
     def all_ids(self) -> list:
@@ -45,7 +49,11 @@ class Request:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_ids) + len(self.output_ids)
+        return len(self.prompt_ids) + len(self.output_ids) + self.num_pending
+
+    @property
+    def num_generated(self) -> int:
+        return len(self.output_ids) + self.num_pending
 
     @property
     def num_remaining(self) -> int:

@@ -55,16 +55,17 @@ def apply_rope(x, positions, inv_freq):
     return out.astype(x.dtype)
 
 
-def attention_scores_softmax(q, k, v, mask):
+def attention_scores_softmax(q, k, v, mask, scale=None):
     """Grouped-query softmax attention in float32.
 
-    q [B,T,H,D]; k, v [B,S,K,D]; mask [B,T,S] (True = may attend). Returns [B,T,H,D].
+    q [B,T,H,D]; k, v [B,S,K,D]; mask [B,T,S] (True = may attend); scale: of the scores
+    (default 1/sqrt(D)). Returns [B,T,H,D].
     """
     B, T, H, D = q.shape
     K = k.shape[2]
     qg = q.reshape(B, T, K, H // K, D)
     scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
-    scores = scores * (D ** -0.5)
+    scores = scores * (D ** -0.5 if scale is None else scale)
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1)
     out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
@@ -127,7 +128,8 @@ def forward(params, tokens, positions, cache, cfg: ModelConfig, attend: AttendFn
     """Runs the decoder over tokens [B,T] at positions [B,T] (-1 = padding).
 
     Returns (logits, cache): logits are float32 [B,T,V], or [B,V] at `logit_index` [B] when given
-    (prefill only needs each sequence's last token). unroll_layers: a Python loop over the layers
+    (prefill only needs each sequence's last token), or [B,M,V] at `logit_index` [B,M] (a
+    flattened step's sampled rows). unroll_layers: a Python loop over the layers
     (static layer indices) instead of `lax.scan`: compiles several times longer, runs without the
     loop's per-layer control and index kernels (see model_runner.UNROLL_LAYERS_GPU).
     """
@@ -147,6 +149,8 @@ def forward(params, tokens, positions, cache, cfg: ModelConfig, attend: AttendFn
     else:
         layers = (params["layers"], jnp.arange(cfg.num_layers))
         (x, cache), _ = jax.lax.scan(body, (x, cache), layers)
-    if logit_index is not None:
+    if logit_index is not None and logit_index.ndim == 2:
+        x = jnp.take_along_axis(x, logit_index[:, :, None], axis=1)
+    elif logit_index is not None:
         x = jnp.take_along_axis(x, logit_index[:, None, None], axis=1)[:, 0]
     return logits_from_hidden(params, x, cfg), cache

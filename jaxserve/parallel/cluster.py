@@ -28,7 +28,7 @@ from jaxserve.model.params import abstract_params
 from jaxserve.parallel import matching, planner
 from jaxserve.parallel.migration import reshard_tree
 from jaxserve.parallel.sharding import make_mesh, param_shardings
-from jaxserve.scheduling.cost_model import call_shape
+from jaxserve.scheduling.cost_model import step_shape
 
 
 COMPILE_AHEAD_HORIZON_S = 10.0  # the deferral a deferred switch plans for (see _defer)
@@ -103,6 +103,7 @@ class ServingCluster:
             self.replicas.append(self._engine(placed, mesh))
         self._route: Dict[str, int] = {}
         self._pending: Optional[_Pending] = None
+        self._held: list = []  # outputs read while re-parallelizing, returned by the next step
 
     # -- serving ------------------------------------------------------------------------------
     @property
@@ -123,7 +124,7 @@ class ServingCluster:
 
     def has_unfinished(self) -> bool:
         """Requests to serve, or a deferred switch still to make (its devices are going away)."""
-        return self._pending is not None or any(e.has_unfinished() for e in self.replicas)
+        return bool(self._held) or self._pending is not None or any(e.has_unfinished() for e in self.replicas)
 
     def step(self):
         p = self._pending
@@ -132,10 +133,12 @@ class ServingCluster:
                 p.ready.wait(None if p.switch_by == float("inf") else max(0.0, p.switch_by - self.clock()))
             if p.ready.is_set() or self.clock() >= p.switch_by:
                 self._finish_pending()
-        outputs = []
-        for e in self.replicas:
-            if e.has_unfinished():
-                outputs += e.step()
+        outputs, self._held = self._held, []
+        busy = [e for e in self.replicas if e.has_unfinished()]
+        for e in busy:  # every replica's step is on its devices before the host reads any
+            e.dispatch()
+        for e in busy:
+            outputs += e.collect()
         for o in outputs:
             if o.finished:
                 self._route.pop(o.request_id, None)
@@ -219,7 +222,7 @@ class ServingCluster:
         max_pages = self.replicas[0].runner.max_pages_per_seq
 
         def phases(rows, pages):  # the floor shape (the switch waits for it), then the next page bucket up
-            now, later = (call_shape([1] * rows, [p], cfg.max_batch, max_pages) for p in (pages, 2 * pages))
+            now, later = (step_shape([1] * rows, [p], cfg.max_batch, max_pages) for p in (pages, 2 * pages))
             return [[now], [later] if later != now else []]
         jobs = [(make_mesh(1, plan.config.model, group), phases(rows, pages))
                 for group, (rows, pages) in zip(plan.groups, plan.decode_floor)]
@@ -230,7 +233,7 @@ class ServingCluster:
                 for phase in (0, 1):
                     for mesh, shapes in jobs:
                         event.shapes_compiled_ahead += model_runner.compile_ahead(
-                            self.cfg, mesh, cfg.num_pages, cfg.page_size, shapes[phase], cfg.attention_impl,
+                            self.cfg, mesh, cfg.num_pages, cfg.page_size, cfg.max_batch, shapes[phase], cfg.attention_impl,
                             cfg.unroll_layers, modes=sampling.MODES)
                     ready.set()
             finally:  # a failed compile must not hold the switch back: its steps compile on demand
@@ -274,6 +277,7 @@ class ServingCluster:
         for r_idx, e in enumerate(self.replicas):
             intact = not (set(e.runner.mesh.devices.flat) & lost)
             before = e.stats["recomputed_tokens"]
+            self._held += e.drain()
             exported += [(*x, r_idx) for x in e.export_requests(with_kv=intact)]
             event.tokens_recomputed += e.stats["recomputed_tokens"] - before
         if self.method == "restart":
@@ -332,6 +336,7 @@ class ServingCluster:
         orphans = []
         for e in self.replicas:
             if e not in keep:
+                self._held += e.drain()
                 orphans += [(self._from_scratch(r), None, None) for r, _, _ in e.export_requests(with_kv=False)]
         used = {d for e in keep for d in e.runner.mesh.devices.flat}
         free = [d for d in survivors if d not in used]

@@ -5,7 +5,7 @@ run each jitted step with the same inputs (SPMD). Process 0 runs the engine: sch
 tables, sampling bookkeeping, the HTTP front. Before each device step its `ModelRunner` sends
 the step's packed host arrays to the others (`StepMirror.lead`, a broadcast over the devices'
 own collectives: gloo on CPU, the interconnect on TPU/GPU), and every other process runs the
-same step on them in `follow`. Only `_paged_step` is mirrored: host-memory swapping and KV
+same step on them in `ModelRunner.follow`. Only the model step is mirrored: host-memory swapping and KV
 migration stay single-process features (`check_supported`).
 """
 from __future__ import annotations
@@ -42,29 +42,25 @@ def _broadcast(x):
 
 
 class StepMirror:
-    """Process 0's side: announces each step's shapes, then sends its arrays."""
+    """Process 0's side: announces each step's shape and sampling mode, then sends its arrays."""
 
-    def lead(self, arrays: Sequence[np.ndarray]) -> tuple:
-        tokens, _, page_table = arrays[:3]
-        _broadcast(np.array([_STEP, *tokens.shape, page_table.shape[1]], np.int32))
-        return tuple(_broadcast(tuple(np.asarray(a) for a in arrays)))
+    def lead(self, shape, mode_index: int, arrays):
+        _broadcast(np.array([_STEP, shape.tokens, shape.seqs, shape.pages, int(shape.prefill), mode_index], np.int32))
+        return receive(arrays)
 
     def stop(self) -> None:
-        _broadcast(np.array([_STOP, 0, 0, 0], np.int32))
+        _broadcast(np.array([_STOP, 0, 0, 0, 0, 0], np.int32))
 
 
-def follow(runner, max_steps: Optional[int] = None) -> int:
-    """A non-leading process: runs every step process 0 announces, until it says stop.
+def receive_header():
+    """A follower's side of `lead`'s announcement: (StepShape, mode index), or None at stop."""
+    from jaxserve.scheduling.cost_model import StepShape
+    op, N, S, P, prefill, mode = (int(v) for v in _broadcast(np.zeros(6, np.int32)))
+    return None if op == _STOP else (StepShape(N, S, P, bool(prefill)), mode)
 
-    Returns the number of steps run.
-    """
-    from jaxserve.engine.model_runner import _paged_step, padding_arrays
-    n = 0
-    while max_steps is None or n < max_steps:
-        op, B, T, P = (int(v) for v in _broadcast(np.zeros(4, np.int32)))
-        if op == _STOP:
-            break
-        arrays = _broadcast(padding_arrays(B, T, P))  # receive buffers of the leader's shapes
-        _, _, runner.cache = _paged_step(runner.params, runner.cache, *arrays, **runner.step_kwargs())
-        n += 1
-    return n
+
+def receive(arrays):
+    """Process 0's arrays (a pytree of numpy arrays) on every process; others pass buffers of
+    the same shapes."""
+    leaves, tree = jax.tree.flatten(arrays)
+    return jax.tree.unflatten(tree, list(_broadcast(tuple(np.asarray(a) for a in leaves))))

@@ -8,14 +8,19 @@ shapes are what the device really computes.
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 
-# Prefill chunks and decodes run as separate calls with different costs (prefill is compute
-# bound, decode streams weights and KV), so each has its own call, token and attention terms.
+# A step is one call over every scheduled token. A step that holds a prefill chunk is compute
+# bound (every token through every layer); a decode-only step streams the weights and the KV, so
+# each kind has its own call, token and attention terms.
 FEATURES = ("prefill_calls", "prefill_tokens", "prefill_attention",
             "decode_calls", "decode_tokens", "decode_attention", "swap_bytes")
+
+MIN_TOKENS = 8   # fewest flattened token rows a step runs (cuBLAS wants bf16 GEMM rows in 8s)
+MIN_PAGES = 8    # narrowest page table: fewer shapes, and the attention kernels' page blocks
+QUERY_BLOCK = 16  # prefill attention works on blocks of this many tokens of one sequence
 
 
 def bucket(n: int, minimum: int = 1) -> int:
@@ -23,44 +28,54 @@ def bucket(n: int, minimum: int = 1) -> int:
     return max(minimum, 1 << (max(n, 1) - 1).bit_length())
 
 
-def call_shape(chunk_lens: Sequence[int], chunk_pages: Sequence[int], max_batch: int, max_pages: int) -> tuple:
-    """(B, T, P): the padded batch, chunk length and pages per sequence of one runner call.
+class StepShape(NamedTuple):
+    """The bucketed shape of one step: flattened tokens, sequences (sampled rows), pages per
+    sequence, and whether any chunk is a prefill chunk (decode-only steps skip that attention)."""
+    tokens: int
+    seqs: int
+    pages: int
+    prefill: bool
 
-    The one definition of the runner's buckets: ModelRunner.pack uses it, so the cost model
-    sees exactly the shapes the device runs.
-    """
-    n = len(chunk_lens)
-    B = bucket(n) if n > max_batch else min(bucket(n), bucket(max_batch))
-    T = bucket(max(chunk_lens))
-    T = 1 if T == 1 else max(T, 16)
-    P = min(bucket(max(chunk_pages)), bucket(max_pages))
-    return B, T, P
-
-
-def step_shapes(max_batch: int, max_chunk: int, token_budget: int, max_pages: int) -> list:
-    """Every (B, T, P) that `call_shape` can produce under these engine limits.
-
-    A call holds either decodes (T == 1) or prefill chunks of 2..max_chunk tokens whose sum is
-    at most token_budget; shapes no such call can reach (e.g. 8 rows of 128 under a budget of
-    128) are left out.
-    """
-    pages = sorted({min(bucket(p), bucket(max_pages)) for p in range(1, max_pages + 1)})
-    rows = sorted({call_shape([1] * n, [1], max_batch, max_pages)[0] for n in range(1, max_batch + 1)})
-    shapes = [(B, 1, P) for B in rows for P in pages]
-    for B in rows:
-        n_min = B // 2 + 1 if B > 1 else 1        # fewest chunks that bucket to B rows
-        if n_min > max_batch:
-            n_min = max_batch
-        for T in sorted({call_shape([L], [1], max_batch, max_pages)[1] for L in range(2, max_chunk + 1)}):
-            L_min = T // 2 + 1 if T > 16 else 2   # shortest longest-chunk that buckets to T
-            if L_min + 2 * (n_min - 1) <= token_budget:
-                shapes += [(B, T, P) for P in pages]
-    return shapes
+    @property
+    def blocks(self) -> int:
+        """Query blocks of prefill attention: each chunk splits into QUERY_BLOCK-token blocks,
+        plus at most one partial block per chunk (a sequence has one chunk in a step)."""
+        return self.tokens // QUERY_BLOCK + self.seqs if self.prefill else 0
 
 
-def call_features(B: int, T: int, P: int, page_size: int) -> np.ndarray:
-    """[calls, padded tokens, query x key pairs] of one runner call."""
-    return np.array([1.0, B * T, B * T * P * page_size])
+def step_shape(chunk_lens: Sequence[int], chunk_pages: Sequence[int], max_batch: int, max_pages: int) -> StepShape:
+    """The one definition of the runner's buckets: ModelRunner.pack uses it, so the cost model
+    sees exactly the shapes the device runs. chunk_pages: each sequence's pages after the step."""
+    n, total = len(chunk_lens), sum(chunk_lens)
+    P = min(bucket(max(chunk_pages), MIN_PAGES), bucket(max_pages))
+    rows = bucket(max_batch)
+    if max(chunk_lens) == 1:  # decode only: a row per sequence
+        S = min(bucket(n), rows)
+        return StepShape(max(S, MIN_TOKENS), S, P, False)
+    N = bucket(total, max(MIN_TOKENS, QUERY_BLOCK))
+    return StepShape(N, min(N, rows), P, True)
+
+
+def step_shapes(max_batch: int, token_budget: int, max_pages: int) -> list:
+    """Every StepShape that `step_shape` can produce under these engine limits."""
+    pages = sorted({min(bucket(p, MIN_PAGES), bucket(max_pages)) for p in range(1, max_pages + 1)})
+    rows = sorted({step_shape([1] * n, [1], max_batch, max_pages) for n in range(1, max_batch + 1)})
+    decode = sorted({s.seqs for s in rows})
+    mixed = sorted({step_shape([t], [1], max_batch, max_pages).tokens for t in range(2, max(token_budget, 2) + 1)})
+    return ([step_shape([1] * S, [P], max_batch, max_pages) for S in decode for P in pages]
+            + [step_shape([N], [P], max_batch, max_pages) for N in mixed for P in pages])
+
+
+def shape_features(shape: StepShape, page_size: int) -> np.ndarray:
+    """FEATURES (but swap_bytes) of one step of this shape."""
+    f = np.zeros(len(FEATURES) - 1)
+    context = shape.pages * page_size
+    if shape.prefill:
+        f[0:3] = 1.0, shape.tokens, shape.tokens * context
+    else:
+        f[3:5] = 1.0, shape.tokens
+    f[5] = shape.seqs * context
+    return f
 
 
 @dataclasses.dataclass
@@ -75,16 +90,15 @@ class CostModel:
     page_bytes: int = 0      # KV bytes of one page (device and host pools alike), for swap costs
 
     def step_time(self, chunks: Sequence[tuple], swap_bytes: int = 0) -> float:
-        """chunks: (num_tokens, pages_after) per scheduled request. Mirrors the engine's calls."""
+        """chunks: (num_tokens, pages_after) per scheduled request. Mirrors the engine's step."""
         return float(self.features(chunks, swap_bytes) @ self.coef)
 
     def features(self, chunks: Sequence[tuple], swap_bytes: int = 0) -> np.ndarray:
         f = np.zeros(len(FEATURES))
         f[-1] = swap_bytes
-        for offset, group in ((0, [c for c in chunks if c[0] > 1]), (3, [c for c in chunks if c[0] == 1])):
-            if group:
-                B, T, P = call_shape([c[0] for c in group], [c[1] for c in group], self.max_batch, self.max_pages)
-                f[offset:offset + 3] += call_features(B, T, P, self.page_size)
+        if chunks:
+            shape = step_shape([c[0] for c in chunks], [c[1] for c in chunks], self.max_batch, self.max_pages)
+            f[:-1] = shape_features(shape, self.page_size)
         return f
 
     def prefill_time(self, prompt_tokens: int) -> float:
