@@ -18,9 +18,11 @@ def default_config() -> config_dict.ConfigDict:
     # Paged KV cache and per-step limits of the iteration-level engine.
     # attention_impl: decode attention, auto (Pallas kernel on GPU) | reference | pallas.
     # unroll_layers: decode steps run the layers unrolled, auto (on GPU) | on | off: faster steps,
-    # slower compiles (model_runner.UNROLL_LAYERS_GPU).
+    # slower compiles (model_runner.UNROLL_LAYERS_GPU). async_scheduling: the host schedules step
+    # N+1 while step N runs. compile_cache_dir: JAX's persistent compilation cache ("" = off).
     c.engine = dict(page_size=16, num_pages=512, max_batch=32, token_budget=256, max_chunk=256,
-                    host_pages=0, attention_impl="auto", unroll_layers="auto")
+                    host_pages=0, attention_impl="auto", unroll_layers="auto", async_scheduling=True,
+                    compile_cache_dir="")
     # fcfs | mlfq | priority. mlfq and priority preempt at token granularity and keep preempted
     # jobs' KV, swapping it to host memory (engine.host_pages) to keep `watermark_pages` free.
     c.scheduler = dict(policy="fcfs", watermark_pages=0, prefetch=True,

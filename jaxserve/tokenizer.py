@@ -5,6 +5,7 @@ as Hugging Face does, so a model's own template applies unchanged.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 from typing import Optional, Sequence
@@ -40,6 +41,11 @@ class Tokenizer:
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    @functools.cached_property
+    def special_ids(self) -> frozenset:
+        """Ids of the special tokens, which decode() leaves out by default."""
+        return frozenset(i for i, t in self.tok.get_added_tokens_decoder().items() if t.special)
 
     def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
         if not self.chat_template:
@@ -121,18 +127,45 @@ class Tokenizer:
 
 
 class IncrementalDecoder:
-    """Turns a growing list of token ids into text deltas, holding back split UTF-8 characters."""
+    """Turns a growing list of token ids into text deltas, holding back split UTF-8 characters.
+
+    Each push decodes only a short window, as vLLM and text-generation-inference do: the tokens
+    from `prefix_offset` to `read_offset` (text already emitted, kept as context so that a
+    decoder's leading-space handling and byte merging see the same neighbourhood) and from
+    `prefix_offset` to the end; the delta is what the longer decode adds. While the window ends
+    in an incomplete character ("\ufffd") nothing is emitted and the offsets stay put, so the
+    deltas of a whole request add up to exactly `tokenizer.decode(ids)` (if the last token
+    completes its character). The cost per push is O(new tokens + window), not O(len(ids)).
+    """
 
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
-        self.ids: list = []
-        self.emitted = 0
+        self.ids: list = []  # every id pushed, as given
+        self.emitted = 0  # characters emitted so far
+        # decode() skips special tokens before decoding, so leaving them out of the window
+        # changes nothing in the text, and a run of them does not grow the window.
+        self._skip = getattr(tokenizer, "special_ids", frozenset())
+        self._window: list = []  # ids not skipped; offsets below index this list
+        self.prefix_offset = 0
+        self.read_offset = 0
 
     def push(self, token_ids: Sequence[int]) -> str:
+        token_ids = list(token_ids)
         self.ids.extend(token_ids)
-        text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd"):
+        kept = [t for t in token_ids if t not in self._skip] if self._skip else token_ids
+        if not kept:
             return ""
-        delta = text[self.emitted:]
-        self.emitted = len(text)
+        w = self._window
+        w.extend(kept)
+        prefix_text = self.tokenizer.decode(w[self.prefix_offset:self.read_offset])
+        new_text = self.tokenizer.decode(w[self.prefix_offset:])
+        if len(new_text) <= len(prefix_text) or new_text.endswith("\ufffd"):
+            return ""
+        delta = new_text[len(prefix_text):]
+        self.prefix_offset, self.read_offset = self.read_offset, len(w)
+        if self.prefix_offset > 4096:  # drop what no window will read again
+            del w[:self.prefix_offset]
+            self.read_offset -= self.prefix_offset
+            self.prefix_offset = 0
+        self.emitted += len(delta)
         return delta

@@ -5,7 +5,7 @@
 
 Each part runs in its own process so that it has the whole GPU to itself:
   jax          random bf16 weights made on the device; decode ms/step at batch 1/16/64/128 with
-               1k and 2k contexts through the engine's jitted step (`_paged_step`, Pallas kernel
+               1k and 2k contexts through the engine's jitted step (`ModelRunner.launch`, Pallas kernel
                and reference attention), attention-kernel sweep and kernel-vs-reference checks,
                prefill of 2k-token prompts, swap transfers to/from pinned host memory
   variant:X    batch 1 and 64 decode under other XLA flags (`variant_flags`: XLA's defaults, or
@@ -61,10 +61,13 @@ def variant_flags(name: str) -> list:
             }[name]
 
 
-ROOFLINE_BW = 2.67e12   # B/s: device copy bandwidth measured on the H100 (issue 7)
+# B/s: replaced by the device-to-device copy bandwidth measured at the start of each run (every
+# "% of roofline" divides by it); the datasheet figure is printed beside it
+ROOFLINE_BW = float("nan")
+DATASHEET_BW = {"H200": 4.8e12, "H100": 3.35e12}
 LINK_BW = 52e9          # B/s: host<->device link, the swap target's reference
 PAGE = 16
-DATE = "2026-11-26"
+DATE = time.strftime("%Y-%m-%d")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -163,8 +166,12 @@ def part_jax(config, res: Results, deadline: float, variant: bool = False):
         f = jax.jit(lambda x: x + 1.0)
         t = timed(lambda: f(x), 20)
         return 2 * x.nbytes / t / 1e12
-    if not variant:
-        res.set("copy_tb_s", res.section("copy_bw", copy_bw))
+    global ROOFLINE_BW
+    res.set("copy_tb_s", res.section("copy_bw", copy_bw))
+    ROOFLINE_BW = (res.data.get("copy_tb_s") or float("nan")) * 1e12
+    res.set("roofline_tb_s", ROOFLINE_BW / 1e12)
+    name = str(jax.devices()[0].device_kind)
+    res.set("datasheet_tb_s", next((bw / 1e12 for k, bw in DATASHEET_BW.items() if k in name), None))
 
     # -- weights and a pool of random keys and values --------------------------------------------------
     t = time.time()
@@ -330,13 +337,13 @@ def part_jax(config, res: Results, deadline: float, variant: bool = False):
     del pool
 
     def step_args(packed):
-        """A packed step's model inputs on the device; its sampling settings stay host arrays (the
-        step picks its sampling mode from them, and reading device arrays back would sync)."""
-        return [jnp.asarray(a) for a in packed[:4]] + list(packed[4:])
+        """A packed step (ModelRunner.pack) as `ModelRunner.launch` arguments: its model inputs
+        on the device; its sampling settings stay host arrays."""
+        shape, step, sample, _ = packed
+        return shape, jax.tree.map(jnp.asarray, step), sample, "greedy"
 
-    def decode(B, ctx, impl, synced=True, check_against=None, exact_rows=False):
-        """Decode steps of B sequences at context ctx, bucketed as the engine does (exact_rows: the
-        layers run on exactly B rows, without the GEMM padding rows of GEMM_ROWS_GPU)."""
+    def decode(B, ctx, impl, synced=True, check_against=None):
+        """Decode steps of B sequences at context ctx, bucketed as the engine does."""
         runner = model_runner.ModelRunner(cfg, params, mesh, num_pages, PAGE, max_batch, attention_impl=impl,
                                           cache=state["pool"])
         table = tables(B, ctx)
@@ -344,26 +351,21 @@ def part_jax(config, res: Results, deadline: float, variant: bool = False):
         tokens = np.random.default_rng(B * 100003 + ctx).integers(0, cfg.vocab_size, (B, 1)).astype(np.int32)
         chunks = [model_runner.Chunk([int(tokens[i, 0])], ctx - 1, table[i].tolist(), 0.0, 0, 1.0, 0, 1)
                   for i in range(B)]
-        packed = runner.pack(chunks)
-        if exact_rows:
-            runner.gemm_rows = 1
-        args = step_args(packed)
-        rows = args[0].shape[0] + (-args[0].shape[0] % runner.gemm_rows)  # the layers' rows
-        kw = runner.step_kwargs()
-        traces = model_runner.TRACE_COUNT["paged_step"]
+        args = step_args(runner.pack(chunks))
+        rows = args[0].tokens  # the layers' rows
+        traces = model_runner.TRACE_COUNT["forward"]
         t = time.time()
         first_cache = runner.cache
-        tok, lp, runner.cache = model_runner._paged_step(params, runner.cache, *args, **kw)
+        tok, lp = runner.launch(*args)
         jax.block_until_ready(tok)
         compile_s = time.time() - t
         donated = first_cache["k"].is_deleted()
 
         def step():
-            tok, lp, runner.cache = model_runner._paged_step(params, runner.cache, *args, **kw)
-            return tok
+            return runner.launch(*args)[0]
         n = 20 if B <= 16 else 10
         t_pipe = timed(step, n)
-        row = {"batch": B, "ctx": ctx, "impl": runner.attention_impl + (", exact rows" if exact_rows else ""),
+        row = {"batch": B, "ctx": ctx, "impl": runner.attention_impl,
                "rows": rows, "ms": t_pipe * 1e3,
                "tok_s": B / t_pipe, "compile_s": round(compile_s, 1), "donated": bool(donated)}
         if synced:
@@ -372,14 +374,14 @@ def part_jax(config, res: Results, deadline: float, variant: bool = False):
             for _ in range(5):
                 runner.run(chunks)
             row["ms_engine"] = (time.perf_counter() - t) / 5 * 1e3
-        row["retraced"] = model_runner.TRACE_COUNT["paged_step"] - traces
+        row["retraced"] = model_runner.TRACE_COUNT["forward"] - traces
         kv = ak.decode_bytes(B, ctx, L, K, D)
         row["gb_read"] = (W + kv) / 1e9
         row["roofline_ms"] = (W + kv) / ROOFLINE_BW * 1e3
         row["roofline_frac"] = row["roofline_ms"] / row["ms"]
         row["achieved_tb_s"] = (W + kv) / t_pipe / 1e12
         # both impls from the same pool: each writes its own token at position ctx-1 first
-        tok, lp, runner.cache = model_runner._paged_step(params, runner.cache, *args, **kw)
+        tok, lp = runner.launch(*args)
         row["_tokens"], row["_logprobs"] = np.asarray(tok)[:B], np.asarray(lp)[:B]
         if check_against is not None:
             row["tokens_agree"] = float((row["_tokens"] == check_against["_tokens"]).mean())
@@ -404,8 +406,6 @@ def part_jax(config, res: Results, deadline: float, variant: bool = False):
                 ref = decode(B, ctx, "reference", synced=False)
                 decode_rows.append(ref)
             decode_rows.append(decode(B, ctx, "pallas", synced=not variant, check_against=ref))
-            if B == 1 and ctx == CTX:  # the padding row GPU decode steps get, measured
-                decode_rows.append(decode(B, ctx, "pallas", synced=False, exact_rows=True))
             res.set("decode", [{k: v for k, v in r.items() if not k.startswith("_")} for r in decode_rows])
     res.section("decode", decode_all)
 
@@ -542,7 +542,6 @@ def part_jax(config, res: Results, deadline: float, variant: bool = False):
         tokens = rng.integers(0, cfg.vocab_size, B)
         args = step_args(runner.pack([model_runner.Chunk([int(tokens[i])], ctx - 1, table[i].tolist(), 0.0, 0, 1.0, 0, 1)
                                       for i in range(B)]))
-        kw = runner.step_kwargs()
         n_steps = 10
         n = sizes[-1]
         pages = jnp.asarray(perm[:n])
@@ -552,7 +551,7 @@ def part_jax(config, res: Results, deadline: float, variant: bool = False):
         def steps():
             out = None
             for _ in range(n_steps):
-                out, _, runner.cache = model_runner._paged_step(params, runner.cache, *args, **kw)
+                out, _ = runner.launch(*args)
             return out
 
         def traffic():
@@ -657,8 +656,8 @@ def part_hf(config, res: Results, deadline: float):
 # the parent: run the parts, print the table and the JSON line
 def fmt_table(r: dict) -> str:
     lines = [f"device: {r.get('device')} | jax {r.get('jax')} | XLA_FLAGS {r.get('xla_flags')!r} | "
-             f"copy {r.get('copy_tb_s') or float('nan'):.2f} TB/s measured, roofline uses "
-             f"{ROOFLINE_BW / 1e12:.2f} TB/s | weights read/step {r.get('weight_bytes', 0) / 1e9:.2f} GB",
+             f"copy {r.get('copy_tb_s') or float('nan'):.2f} TB/s measured (datasheet "
+             f"{r.get('datasheet_tb_s') or float('nan'):.2f}), roofline uses the measured copy | weights read/step {r.get('weight_bytes', 0) / 1e9:.2f} GB",
              "", "decode (greedy, one token per sequence; ms/step pipelined; engine = ModelRunner.run, synced)",
              "| ctx | batch (rows) | attention | ms/step | tok/s | GB read | roofline ms | % roofline | engine ms/step | check |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -769,7 +768,7 @@ def parent(argv):
             env["JAXSERVE_BENCH_VARIANT"] = key
         elif name == "jax" and _DUMP_HLO.value:
             env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + f" --xla_dump_to={_DUMP_HLO.value} --xla_dump_hlo_as_text"
-                                " --xla_dump_hlo_module_re=.*paged_step.* --xla_dump_disable_metadata=true").strip()
+                                " --xla_dump_hlo_module_re=.*forward_step.* --xla_dump_disable_metadata=true").strip()
         log(f"part {name}: starting ({deadline - time.time():.0f}s left for it)")
         try:
             subprocess.run([sys.executable, script, *argv_part, f"--json={path}", *passthrough], env=env,

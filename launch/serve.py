@@ -72,7 +72,7 @@ def main(argv):
             sys.stderr.write(f"resumed {engine.resume(pending)} unfinished requests from {_JOURNAL.value}\n")
     if _PRECOMPILE.value:
         t = time.perf_counter()
-        sys.stderr.write(f"compiled {engine.precompile()} step shapes in {time.perf_counter() - t:.0f} s\n")
+        sys.stderr.write(f"compiled {engine.precompile(progress=True)} step shapes in {time.perf_counter() - t:.0f} s\n")
     app = create_app(engine, name, max_waiting=_MAX_WAITING.value, max_body_bytes=_MAX_BODY.value,
                      peer_url=_PEER.value)
     sys.stderr.write(f"serving {name!r} at http://{_HOST.value}:{_PORT.value}/v1\n")

@@ -44,6 +44,31 @@ def test_restore_casts_dtype_and_keeps_tokenizer(tiny_checkpoint):
     assert tok is not None and tok.encode("hello world") == tok.encode("hello world") and tok.chat_template
 
 
+
+def test_random_weights_are_drawn_on_the_mesh(tiny_config, tiny_host, monkeypatch):
+    """checkpoint.format=random (the serving path: LLM, serve.py) draws the weights on the devices,
+    in their shardings and dtype, never as host arrays; the numbers are load_host's, whatever the mesh."""
+    from jaxserve.checkpoint import load as load_module
+    from jaxserve.parallel.sharding import param_shardings
+
+    def through_the_host(*args, **kwargs):
+        raise AssertionError("random weights were made on the host")
+    monkeypatch.setattr(load_module, "load_host", through_the_host)
+    monkeypatch.setattr(load_module, "shard_params", through_the_host)
+    _, host, _ = tiny_host
+    for shape, dtype in (((1, 1), "float32"), ((2, 4), "float32"), ((1, 8), "bfloat16")):
+        mesh = make_mesh(*shape)
+        cfg, params, tok = load(tiny_config.checkpoint, dict(tiny_config.model, dtype=dtype), mesh)
+        assert cfg.dtype == dtype and tok is not None and tok.encode("hi")
+        want = jax.tree.leaves(param_shardings(cfg, mesh))
+        for (kp, got), sharding, expect in zip(jax.tree.flatten_with_path(params)[0], want, jax.tree.leaves(host)):
+            name = jax.tree_util.keystr(kp)
+            assert isinstance(got, jax.Array) and got.dtype == cfg.jnp_dtype, name
+            assert got.sharding.is_equivalent_to(sharding, got.ndim), name
+            expect = np.asarray(jax.numpy.asarray(expect, cfg.jnp_dtype), np.float32)
+            np.testing.assert_array_equal(np.asarray(got, np.float32), expect, err_msg=name)
+
+
 def test_missing_checkpoint_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="model.json"):
         load({"format": "orbax", "path": str(tmp_path)}, {}, make_mesh(1, 1))

@@ -64,6 +64,8 @@ class PingPong:
         self.fcfs, self.cycles, self.done = FCFSPolicy(), cycles, 0
 
     def schedule(self, requests, cache, now):
+        if not requests:  # its last token is still on the device and ends it: nothing to run
+            return Plan()
         (r,) = requests
         if r.num_generated < 3 or self.done >= 2 * self.cycles:
             return self.fcfs.schedule(requests, cache, now)  # swaps `r` in if it is on the host

@@ -170,6 +170,74 @@ def test_incremental_decoder_uneven_chunks(tok):
     assert "".join(out) == STREAM_TEXT
 
 
+
+LONG_TEXT = ("Le café naïve à l'hôtel — 你好世界，今日は 😀🎉🇫🇷 ☃ Ünïcödé ß ø 한국어 ✓ → ∑ x² "
+             "def f(x):\n    return x + 1\n\n") * 60
+
+
+class _CountingTokenizer(Tokenizer):
+    """Counts decode calls and the ids passed to them."""
+
+    def __init__(self, base):
+        super().__init__(base.tok, base.chat_template, base.bos_token_id, base.eos_token_ids, base.add_bos)
+        self.calls = self.decoded = 0
+
+    def decode(self, ids, skip_special_tokens=True):
+        ids = list(ids)
+        self.calls += 1
+        self.decoded += len(ids)
+        return super().decode(ids, skip_special_tokens)
+
+
+def _long_ids(tok, n=2000):
+    ids = tok.encode(LONG_TEXT)
+    while tok.decode(ids[:n]).endswith("\ufffd"):  # end on a whole character
+        n += 1
+    assert n <= len(ids)
+    ids = ids[:n]
+    # special tokens in the middle (skipped by decode), one between the bytes of a character
+    split = next(i for i in range(100, n) if "\ufffd" in tok.decode([ids[i]]))
+    im_start, im_end = tok.encode("<|im_start|>")[0], tok.encode("<|im_end|>")[0]
+    ids[split + 1:split + 1] = [im_end]
+    ids[50:50] = [im_start, im_end]
+    return ids
+
+
+@pytest.mark.parametrize("chunking", ["one_at_a_time", "groups"])
+def test_incremental_decoder_matches_decode_on_long_text(tok, chunking):
+    """Multi-byte characters (emoji, CJK, accented, flags) and special tokens, over 2,000 tokens."""
+    ids = _long_ids(tok)
+    assert sum("\ufffd" in tok.decode([i]) for i in ids) > 50
+    sizes = [1] if chunking == "one_at_a_time" else [1, 2, 3, 5, 8, 13, 7, 4]
+    dec = IncrementalDecoder(tok)
+    deltas, i, k = [], 0, 0
+    while i < len(ids):
+        step = sizes[k % len(sizes)]
+        deltas.append(dec.push(ids[i:i + step]))
+        i, k = i + step, k + 1
+    assert "".join(deltas) == tok.decode(ids)
+    assert not any("\ufffd" in d for d in deltas)
+    assert dec.ids == ids
+    assert dec.emitted == len(tok.decode(ids))
+    assert "<|im_end|>" in tok.decode(ids, skip_special_tokens=False)  # specials were there, skipped
+
+
+def test_incremental_decoder_cost_is_linear(tok):
+    """Each push decodes a short window, not the whole output: O(n) per request, not O(n^2)."""
+    ids = _long_ids(tok)
+    counting = _CountingTokenizer(tok)
+    dec = IncrementalDecoder(counting)
+    out = "".join(dec.push([i]) for i in ids)
+    assert out == tok.decode(ids)
+    n = len(ids)
+    assert counting.calls <= 2 * n
+    assert counting.decoded < 20 * n, counting.decoded  # re-decoding everything: ~n^2 / 2 = 2e6
+    # and no single push looks at more than a handful of tokens
+    counting.calls = counting.decoded = 0
+    dec.push([ids[0]])
+    assert counting.decoded < 40
+
+
 # -- bad input -------------------------------------------------------------------------------------
 
 def test_from_dir_missing(tmp_path):

@@ -1,7 +1,9 @@
 """One entry point from a config's `checkpoint` and `model` sections to sharded params + tokenizer.
 
 Formats: `gguf` (llama.cpp file), `hf` (Hugging Face directory), `orbax` (jaxserve's own,
-restored straight into the target sharding) and `random` (architecture from `model.*`).
+restored straight into the target sharding) and `random` (architecture from `model.*`; the
+weights are drawn on the devices, straight into the target sharding, by `init_random_on_device`,
+so `load` and `load_host` give the same numbers for a seed whatever the mesh).
 A path `pkg:<package>/<file>` names a file inside an installed package, found without importing it.
 """
 from __future__ import annotations
@@ -12,8 +14,8 @@ from typing import Optional
 
 from jaxserve.checkpoint import gguf_file, hf_dir, store
 from jaxserve.model.config import ModelConfig, model_config_from_dict
-from jaxserve.model.params import init_random
-from jaxserve.parallel.sharding import shard_params
+from jaxserve.model.params import init_random_on_device
+from jaxserve.parallel.sharding import make_mesh, shard_params
 from jaxserve.tokenizer import Tokenizer
 
 FORMATS = ("gguf", "hf", "orbax", "random")
@@ -51,6 +53,15 @@ def _runtime_overrides(model_section: dict) -> dict:
     return {k: v for k, v in model_section.items() if v is not None}
 
 
+def _random_on_host(cfg: ModelConfig, seed: int) -> dict:
+    """The `random` format's weights as host float32 numpy: drawn on one local device (the same
+    numbers `load` draws onto any mesh), then copied out leaf by leaf."""
+    import jax
+    import numpy as np
+    params = init_random_on_device(cfg, make_mesh(1, 1, jax.local_devices()[:1]), seed)
+    return jax.tree.map(lambda x: np.asarray(jax.device_get(x), np.float32), params)
+
+
 def load_host(checkpoint: dict, model: dict):
     """Reads a non-orbax checkpoint into host memory: (ModelConfig, numpy params, Tokenizer or None)."""
     fmt = checkpoint.get("format")
@@ -59,7 +70,7 @@ def load_host(checkpoint: dict, model: dict):
     tokenizer = None
     if fmt == "random":
         cfg = model_config_from_dict(model)
-        params = init_random(cfg, int(checkpoint.get("seed", 0)))
+        params = _random_on_host(cfg, int(checkpoint.get("seed", 0)))
     elif fmt == "gguf":
         path = resolve_path(checkpoint.get("path", ""))
         cfg, params, reader = gguf_file.load_gguf(path, **_runtime_overrides(model))
@@ -87,6 +98,11 @@ def load(checkpoint: dict, model: dict, mesh):
             tokenizer = load_tokenizer(checkpoint["tokenizer"], cfg)
         elif os.path.isfile(os.path.join(path, "tokenizer.json")):
             tokenizer = load_tokenizer(path, cfg)
+        return cfg, params, tokenizer
+    if checkpoint.get("format") == "random":  # drawn in place: no host copy of a multi-GB model
+        cfg = model_config_from_dict(model)
+        params = init_random_on_device(cfg, mesh, int(checkpoint.get("seed", 0)))
+        tokenizer = load_tokenizer(checkpoint["tokenizer"], cfg) if checkpoint.get("tokenizer") else None
         return cfg, params, tokenizer
     cfg, params, tokenizer = load_host(checkpoint, model)
     return cfg, shard_params(params, cfg, mesh), tokenizer

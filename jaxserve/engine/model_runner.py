@@ -212,7 +212,7 @@ class ModelRunner:
         """The static arguments of `forward_step` for a step of this shape on this runner."""
         return forward_kwargs(self.cfg, self.mesh, shape, self.attention_impl, self.unroll_layers)
 
-    def _launch(self, shape: StepShape, step: StepInputs, sample: SampleInputs, mode: str):
+    def launch(self, shape: StepShape, step: StepInputs, sample: SampleInputs, mode: str):
         """Sends one packed step to the device (mirrored to the other processes, if any)."""
         if self.mirror is not None:
             step, sample = self.mirror.lead(shape, sampling.MODES.index(mode), (step, sample))
@@ -223,7 +223,7 @@ class ModelRunner:
     def dispatch(self, chunks: Sequence[Chunk]) -> Dispatched:
         """Runs chunks (any mix of prefill chunks and decodes) as one step, without waiting."""
         shape, step, sample, rows = self.pack(chunks)
-        tokens, logprobs = self._launch(shape, step, sample, sampling.mode_for(*sample[:3]))
+        tokens, logprobs = self.launch(shape, step, sample, sampling.mode_for(*sample[:3]))
         return Dispatched(tokens, logprobs, rows, shape)
 
     def run(self, chunks: Sequence[Chunk]):
@@ -249,7 +249,7 @@ class ModelRunner:
                 step, sample = padding_inputs(shape, self.num_pages)
                 sample.temperature[0] = 1.0 if mode != "greedy" else 0.0
                 sample.top_k[0] = 2 if mode == "filter" else 0
-                self._launch(shape, step, sample, mode)
+                self.launch(shape, step, sample, mode)
             seen_rows.add(shape.seqs)
         jax.block_until_ready(self.cache)
         return TRACE_COUNT["forward"] - before
@@ -266,7 +266,7 @@ class ModelRunner:
                 break
             shape, mode_index = announced
             step, sample = multihost.receive(padding_inputs(shape, self.num_pages))
-            self._launch(shape, step, sample, sampling.MODES[mode_index])
+            self.launch(shape, step, sample, sampling.MODES[mode_index])
             n += 1
         return n
 

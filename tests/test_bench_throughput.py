@@ -1,0 +1,28 @@
+"""launch/bench_throughput.py, run as a user runs it on the tiny config."""
+import json
+import os
+import subprocess
+import sys
+
+from conftest import REPO
+
+
+def test_bench_throughput_reports_throughput_and_floor(tmp_path):
+    out = tmp_path / "tp.json"
+    env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
+    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "").strip()
+    proc = subprocess.run([sys.executable, "launch/bench_throughput.py", "--config=configs/tiny.py",
+                           "--num_requests=6", "--warmup_requests=2", "--max_prompt=64", "--max_output=16",
+                           "--config.engine.max_batch=4", "--noprecompile", f"--output={out}"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res == json.loads(proc.stdout.strip().splitlines()[-1])
+    assert res["requests"] == 6 and res["warmup_requests"] == 2
+    assert res["output_tokens"] == res["expected_output_tokens"] > 0
+    assert res["output_tok_s"] > 0 and res["total_tok_s"] > res["output_tok_s"]
+    assert res["steps"] > 0 and res["wall_s"] > 0
+    assert res["measured"]["bandwidth_bytes_per_s"] > 0 and res["measured"]["matmul_flops_per_s"] > 0
+    assert res["floor"]["prefill"]["s"] > 0 and res["floor"]["decode"]["s"] > 0
+    assert 0 < res["floor_fraction"]  # above 1 only if the floor model were wrong
+    assert set(res["compile_s"]) >= {"startup", "timed"}
