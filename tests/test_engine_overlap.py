@@ -2,13 +2,9 @@
 import numpy as np
 import pytest
 
-from jaxserve import Engine, EngineConfig, SamplingParams
+from jaxserve import SamplingParams
 from jaxserve.engine import model_runner
-
-
-def make_engine(tiny, **kw):
-    cfg, params, mesh, tokenizer = tiny
-    return Engine(cfg, params, mesh, tokenizer, EngineConfig(**kw))
+from test_engine import make_engine
 
 
 def serve(engine, requests):

@@ -126,7 +126,8 @@ def test_paged_attend_pallas_equals_reference_in_a_layer_scan():
     run = jax.jit(_decode_over_layers, static_argnums=0)
     out_r, cache_r = run("reference", q, k, v, cache, step.positions[None], step.layout)
     out_p, cache_p = run("pallas", q, k, v, cache, step.positions[None], step.layout)
-    np.testing.assert_allclose(np.asarray(out_p)[:, :, :22], np.asarray(out_r)[:, :, :22], rtol=2e-5, atol=2e-5)
+    tol = 2e-3 if jax.default_backend() == "gpu" else 2e-5  # Triton's float32 dots run in tf32
+    np.testing.assert_allclose(np.asarray(out_p)[:, :, :22], np.asarray(out_r)[:, :, :22], rtol=tol, atol=tol)
     for name in ("k", "v"):
         np.testing.assert_array_equal(np.asarray(cache_p[name]), np.asarray(cache_r[name]))
 
