@@ -128,8 +128,8 @@ def test_paged_attend_pallas_equals_reference_in_a_layer_scan():
     out_p, cache_p = run("pallas", q, k, v, cache, step.positions[None], step.layout)
     tol = 2e-3 if jax.default_backend() == "gpu" else 2e-5  # Triton's float32 dots run in tf32
     np.testing.assert_allclose(np.asarray(out_p)[:, :, :22], np.asarray(out_r)[:, :, :22], rtol=tol, atol=tol)
-    for name in ("k", "v"):
-        np.testing.assert_array_equal(np.asarray(cache_p[name]), np.asarray(cache_r[name]))
+    for name in ("k", "v"):  # but the scratch page, where padding tokens' writes race
+        np.testing.assert_array_equal(np.asarray(cache_p[name])[:, :-1], np.asarray(cache_r[name])[:, :-1])
 
 
 def test_kernel_on_a_model_sharded_mesh_equals_one_device():
