@@ -8,7 +8,7 @@ device operation on the pool is ordered after the steps dispatched before it.
 from __future__ import annotations
 
 import time
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional
 
 import jax
 
@@ -117,9 +117,3 @@ class KVManager:
 
     def host_entry_pages(self, request_id: str) -> int:
         return self.host_pool.entries[request_id].num_pages
-
-    def pages_in_use_check(self, requests: Sequence[Request]) -> None:
-        """Raises if the allocator's view and the requests' page lists disagree (tests)."""
-        held = [p for r in requests for p in r.pages]
-        if len(held) != len(set(held)) or set(held) != set(self.allocator._used):
-            raise AssertionError("page bookkeeping out of sync")

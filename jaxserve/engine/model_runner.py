@@ -135,7 +135,6 @@ class Dispatched(NamedTuple):
     tokens: jax.Array    # [R] sampled tokens
     logprobs: jax.Array  # [S]
     rows: List[int]      # each chunk's row in them
-    shape: StepShape
 
     def read(self):
         """(tokens [n], logprobs [n]) as numpy, one per chunk (waits for the device)."""
@@ -224,7 +223,7 @@ class ModelRunner:
         """Runs chunks (any mix of prefill chunks and decodes) as one step, without waiting."""
         shape, step, sample, rows = self.pack(chunks)
         tokens, logprobs = self.launch(shape, step, sample, sampling.mode_for(*sample[:3]))
-        return Dispatched(tokens, logprobs, rows, shape)
+        return Dispatched(tokens, logprobs, rows)
 
     def run(self, chunks: Sequence[Chunk]):
         """`dispatch`, then wait: (next token [n], logprob [n]) as numpy, one per chunk."""
@@ -290,7 +289,7 @@ def pack(chunks: Sequence[Chunk], page_size: int, max_batch: int, max_pages: int
     """(StepShape, StepInputs, SampleInputs, each chunk's row) of one step over these chunks.
 
     Decodes take the first rows (token i is sequence i's), prefill chunks follow, each cut into
-    query blocks. shape: at least this one (default: `step_shape` of the chunks)."""
+    query blocks. shape: the step's shape, when not `step_shape` of the chunks (a larger one)."""
     lens = [len(c.tokens) for c in chunks]
     shape = shape or step_shape(lens, [len(c.pages) for c in chunks], max_batch, max_pages)
     step, sample = padding_inputs(shape, scratch_page)
@@ -322,6 +321,7 @@ def pack(chunks: Sequence[Chunk], page_size: int, max_batch: int, max_pages: int
         sample.seeds[row], sample.steps[row] = c.seed, c.step
         t += L
     return shape, step, sample, rows
+
 
 def enable_compile_cache(path: str) -> None:
     """Keeps every compiled step in JAX's persistent compilation cache at `path` (a restarted

@@ -81,27 +81,11 @@ def abstract_params(cfg: ModelConfig) -> dict:
                         param_specs(cfg), is_leaf=is_spec)
 
 
-def init_random(cfg: ModelConfig, seed: int = 0) -> dict:
-    """Random weights (host numpy, float32) with the scale of a trained model: for tests and benchmarks."""
-    E, F, HD = cfg.embed_dim, cfg.mlp_dim, cfg.num_heads * cfg.head_dim
-    fan_in = {"wqkv": E, "wo": HD, "w_gate_up": E, "w_down": F, "lm_head": E}
-    rng = np.random.default_rng(seed)
-
-    def init(path, s):
-        name = path[-1].key
-        if s.axes[-1] == "norm":
-            return 1.0 + 0.1 * rng.standard_normal(s.shape, dtype=np.float32)
-        std = 1.0 / np.sqrt(fan_in[name]) if name in fan_in else 0.02  # embeddings and biases
-        return (std * rng.standard_normal(s.shape)).astype(np.float32)
-
-    return jax.tree_util.tree_map_with_path(init, param_specs(cfg), is_leaf=is_spec)
-
-
 def init_random_on_device(cfg: ModelConfig, mesh, seed: int = 0) -> dict:
     """Random weights drawn on the devices, in cfg's dtype and already in their shardings.
 
-    Same scales as `init_random` (not the same numbers). For multi-GB models, where drawing
-    float32 on the host and copying would take minutes: each leaf is one jitted draw.
+    The scale of a trained model, for tests and benchmarks; each leaf is one jitted draw, so a
+    multi-GB model is made in seconds (drawn on the host and copied, it took minutes).
     """
     from jaxserve.parallel.sharding import param_shardings  # sharding imports this module
 
