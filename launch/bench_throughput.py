@@ -54,6 +54,8 @@ _INPUT_LEN = flags.DEFINE_integer("input_len", None, "Every prompt this long ins
 _OUTPUT_LEN = flags.DEFINE_integer("output_len", None, "Every output this long instead of the trace's.",
                                    lower_bound=1)
 _PRECOMPILE = flags.DEFINE_bool("precompile", True, "Call engine.precompile() before timing.")
+_PROFILE_DIR = flags.DEFINE_string("profile_dir", "", "Run the timed requests once more under jax's profiler, "
+                                   "writing the trace here, and report the device's busy time per step from it.")
 
 # Datasheet figures: (bytes/s of HBM, dense bf16 FLOP/s).
 DATASHEET = {"H200": (4.8e12, 989e12), "H100 SXM": (3.35e12, 989e12)}
@@ -289,6 +291,34 @@ def datasheet(device_kind: str):
 
 
 # ------------------------------------------------------------------------------------------------
+def device_busy(trace_dir: str) -> Optional[dict]:
+    """Busy seconds of the accelerator in a jax.profiler trace (union of its kernels and copies),
+    and the number of kernels; None when the trace holds no accelerator (CPU runs)."""
+    import glob
+    import jax
+    files = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True), key=os.path.getmtime)
+    if not files:
+        return None
+    spans, by_kernel = [], collections.Counter()
+    for plane in jax.profiler.ProfileData.from_file(files[-1]).planes:
+        if plane.name.startswith("/device:") and "CPU" not in plane.name:
+            for line in plane.lines:
+                if "Stream" in line.name:
+                    for ev in line.events:
+                        spans.append((ev.start_ns, ev.end_ns))
+                        by_kernel[ev.name] += ev.duration_ns
+    if not spans:
+        return None
+    spans.sort()
+    busy, end = 0, spans[0][0]
+    for a, b in spans:  # union: streams overlap each other
+        if b > end:
+            busy += b - max(a, end)
+            end = b
+    top = {name: ns / 1e9 for name, ns in by_kernel.most_common(12)}
+    return {"busy_s": busy / 1e9, "span_s": (end - spans[0][0]) / 1e9, "kernels": len(spans), "top_kernels_s": top}
+
+
 def run_requests(engine, prefix: str, prompts: List[List[int]], outputs: Sequence[int]) -> dict:
     """Adds every request at once, then steps until none is left; token counts and steps."""
     from jaxserve import SamplingParams
@@ -384,12 +414,21 @@ def bench(config, timer: CompileTimer) -> dict:
     r = run_requests(engine, "bench", prompts, output_lens)
     timer.phase = "after"
     stats1 = dict(getattr(engine, "stats", {}) or {})
+    engine_steps = (engine.num_steps - num_steps0) if num_steps0 is not None else None
+    profiled = None
+    if _PROFILE_DIR.value:  # the same work again, traced (the profiler slows the host)
+        import jax
+        steps0 = engine.num_steps
+        with jax.profiler.trace(_PROFILE_DIR.value):
+            p = run_requests(engine, "profiled", prompts, output_lens)
+        profiled = device_busy(_PROFILE_DIR.value)
+        if profiled is not None:
+            profiled.update(wall_s=p["wall_s"], model_steps=engine.num_steps - steps0)
 
     def delta(key):
         if key not in stats1:
             return None
         return stats1[key] - stats0.get(key, 0)
-    engine_steps = (engine.num_steps - num_steps0) if num_steps0 is not None else None
     model_steps = engine_steps if engine_steps else r["steps"]
     if r["short"]:
         log(f"warning: {len(r['short'])} requests ended with other than their max_tokens, e.g. "
@@ -431,6 +470,7 @@ def bench(config, timer: CompileTimer) -> dict:
         "floor": floor, "floor_s": floor["s"], "floor_fraction": floor["s"] / wall,
         "floor_datasheet": floor_sheet,
         "floor_datasheet_fraction": floor_sheet["s"] / wall if floor_sheet else None,
+        "profiled": profiled,
     }
 
     # -- report -------------------------------------------------------------------------------------
@@ -470,6 +510,13 @@ def bench(config, timer: CompileTimer) -> dict:
     row("floor", f"{floor['s']:.4f} s -> {floor['s'] / wall * 100:.1f}% of it achieved"
         + (f"; at datasheet rates {floor_sheet['s']:.4f} s, {floor_sheet['s'] / wall * 100:.1f}%"
            if floor_sheet else ""))
+    if profiled is not None:
+        n = max(1, profiled["model_steps"])
+        row("profiled rerun: device busy", f"{profiled['busy_s']:.3f} s of {profiled['wall_s']:.3f} s wall "
+            f"({100 * profiled['busy_s'] / profiled['wall_s']:.1f}%); per model step {profiled['busy_s'] / n * 1e3:.2f} "
+            f"ms busy, {profiled['wall_s'] / n * 1e3:.2f} ms wall; {profiled['kernels'] / n:.0f} kernels")
+        for name, sec in profiled["top_kernels_s"].items():
+            row(f"  {sec / n * 1e3:7.3f} ms/step", name[:60])
     print("=" * 72, flush=True)
     if _OUTPUT.value:
         os.makedirs(os.path.dirname(os.path.abspath(_OUTPUT.value)), exist_ok=True)

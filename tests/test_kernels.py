@@ -230,20 +230,23 @@ def test_prefill_kernel_interpreted_matches_the_reference():
 
 
 def test_the_step_updates_the_pool_in_place():
-    """The compiled step aliases the donated pool: no second copy of it among its buffers."""
+    """The compiled step aliases the donated pool: none of its temporaries could hold a copy of it.
+
+    The pool is large next to everything else the step holds: on GPU that includes cuBLAS's
+    fixed 32 MiB workspace, so each of k and v is 64 MiB here."""
     cfg = ModelConfig(vocab_size=64, embed_dim=32, num_layers=2, num_heads=4, num_kv_heads=2,
                       head_dim=8, mlp_dim=64, max_seq_len=256)
     mesh = make_mesh(1, 1)
     params = init_random_on_device(cfg, mesh)
-    runner = model_runner.ModelRunner(cfg, params, mesh, num_pages=16384, page_size=4, max_batch=8)
-    pool_bytes = 2 * runner.cache["k"].nbytes  # 16 MiB here, far above the activations (2 MiB)
+    runner = model_runner.ModelRunner(cfg, params, mesh, num_pages=131072, page_size=4, max_batch=8)
+    one_array = runner.cache["k"].nbytes
     for shape in (model_runner.StepShape(8, 8, 64, False), model_runner.StepShape(64, 8, 64, True)):
         step, _ = model_runner.padding_inputs(shape, runner.num_pages)
         compiled = model_runner.forward_step.lower(params, runner.cache, runner.prev_tokens, step,
                                                    **runner.step_kwargs(shape)).compile()
         mem = compiled.memory_analysis()
-        assert mem.alias_size_in_bytes >= pool_bytes, shape
-        assert mem.temp_size_in_bytes < pool_bytes / 4, (shape, mem.temp_size_in_bytes)
+        assert mem.alias_size_in_bytes >= 2 * one_array, shape
+        assert mem.temp_size_in_bytes < one_array, (shape, mem.temp_size_in_bytes)
 
 
 def test_random_weights_on_device_have_the_param_shapes_dtypes_and_shardings():

@@ -23,6 +23,11 @@ def flat_step(chunks, page_size, num_pages):
 
 @pytest.mark.parametrize("lengths", [[13, 7, 10], [11], [20, 7]])  # query blocks of 16: a chunk spans two
 def test_paged_equals_dense_over_prefill_chunks_and_decodes(lengths):
+    with jax.default_matmul_precision("highest"):  # f32 dots in full precision on GPU too (not TF32)
+        check_paged_equals_dense(lengths)
+
+
+def check_paged_equals_dense(lengths):
     rng = np.random.default_rng(0)
     L, B, H, K, D, page_size, num_pages = 2, len(lengths), 4, 2, 8, 8, 32
     perm = rng.permutation(num_pages)  # each sequence gets scattered, non-contiguous pages

@@ -44,14 +44,14 @@ def decode_params(batch: int, pages_per_seq: int, num_kv_heads: int) -> tuple:
     """(pages_per_compute_block, k_splits) for a decode step of this bucketed shape.
 
     The grid is batch x kv_heads x k_splits programs. Splitting the sequence (k_splits) only pays
-    when batch x kv_heads alone leaves the 132 SMs of an H100 idle: batch 1 has 8 programs, so
-    there the sequence is cut into up to 32 pieces; each split costs a partial output and a
-    combine. Blocks of 8 pages (128 tokens x 256 B per head) keep enough bytes in flight.
-    On an H100 at 2k context this picked the fastest of the pairs swept at batch 1, 16, 64 and
-    128 (k_splits 16, 8, 2, 1; docs/benchmarks.md); 3-4 pipeline stages or 8 warps changed < 2%.
+    when batch x kv_heads alone leaves the GPU's SMs idle: batch 1 has 8 programs, so there the
+    sequence is cut into up to 32 pieces; each split costs a partial output and a combine.
+    Blocks of 4 pages (64 tokens x 256 B per head) and about 512 programs were the fastest pairs
+    of an H200 sweep at batch 1, 64 and 128 (docs/benchmarks.md); 3-4 pipeline stages changed
+    < 1%, 8 warps lost a third.
     """
-    target_programs = 1024  # ~8 resident programs per SM on 132 SMs
-    ppcb = min(8, pages_per_seq)
+    target_programs = 512
+    ppcb = min(4, pages_per_seq)
     k_splits = 1
     while (batch * num_kv_heads * k_splits < target_programs
            and pages_per_seq // (2 * k_splits) >= ppcb and k_splits < 32):

@@ -102,9 +102,12 @@ def paged_attend(q, k, v, cache, layer, positions, *, layout: StepLayout, impl: 
     L = layout
 
     # Index the pool directly by (layer, page, offset): no reshapes or whole-layer slices, so XLA
-    # updates the pool in place. Every index is in bounds (padding goes to the scratch page).
+    # updates the pool in place. Every index is in bounds (padding goes to the scratch page), and
+    # only padding shares one (the scratch page's, which nothing reads): declared unique, so that
+    # the GPU scatter stores plainly instead of in atomic compare-and-swap loops.
     def write(pool, new):
-        return pool.at[layer, L.kv_page, L.kv_offset].set(new.astype(pool.dtype), mode="promise_in_bounds")
+        return pool.at[layer, L.kv_page, L.kv_offset].set(new.astype(pool.dtype), mode="promise_in_bounds",
+                                                          unique_indices=True)
 
     cache = {"k": write(cache["k"], k), "v": write(cache["v"], v)}
     scaled = (q.astype(jnp.float32) * D ** -0.5).astype(q.dtype)
@@ -125,7 +128,12 @@ def paged_attend(q, k, v, cache, layer, positions, *, layout: StepLayout, impl: 
         else:
             blocks = _reference_prefill(scaled, cache["k"], cache["v"], layer, tables, L.block_start, L.block_len,
                                         L.block_pos, QB)
+        # Each token takes its row of the blocks' output by a gather: a scatter of the big rows
+        # would run as atomic compare-and-swap loops on GPU (bf16). Only the small index map
+        # token -> block row is scattered.
         t = jnp.arange(QB)[None, :]
         rows = jnp.where(t < L.block_len[:, None], L.block_start[:, None] + t, N).reshape(-1)  # N: dropped
-        out = out.at[rows].set(blocks.astype(out.dtype), mode="drop")
+        source = jnp.full((N,), -1, jnp.int32).at[rows].set(jnp.arange(NB * QB, dtype=jnp.int32), mode="drop")
+        taken = blocks[jnp.maximum(source, 0)].astype(out.dtype)
+        out = jnp.where((source >= 0)[:, None, None], taken, out)
     return out[None], cache

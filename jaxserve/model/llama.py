@@ -116,6 +116,9 @@ def _layer(x, lp, cache, layer, positions, inv_freq, cfg: ModelConfig, attend: A
     return x, cache
 
 
+LOGIT_MIN_ROWS = 8  # see forward
+
+
 def logits_from_hidden(params, h, cfg: ModelConfig):
     h = rms_norm(h, params["final_norm"], cfg.rms_eps)
     if cfg.tie_embeddings:
@@ -153,4 +156,10 @@ def forward(params, tokens, positions, cache, cfg: ModelConfig, attend: AttendFn
         x = jnp.take_along_axis(x, logit_index[:, :, None], axis=1)
     elif logit_index is not None:
         x = jnp.take_along_axis(x, logit_index[:, None, None], axis=1)[:, 0]
+    # With fewer than 8 rows XLA makes the LM head a matrix-vector product, which cuBLAS has no
+    # bf16-in, f32-out form of: it would convert the whole head to f32 first. 8 rows stay a GEMM.
+    rows = x.shape[-2] if x.ndim == 3 else None
+    if rows is not None and rows < LOGIT_MIN_ROWS:
+        x = jnp.pad(x, ((0, 0), (0, LOGIT_MIN_ROWS - rows), (0, 0)))
+        return logits_from_hidden(params, x, cfg)[:, :rows], cache
     return logits_from_hidden(params, x, cfg), cache
