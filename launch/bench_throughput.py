@@ -309,14 +309,19 @@ def device_busy(trace_dir: str) -> Optional[dict]:
                         by_kernel[ev.name] += ev.duration_ns
     if not spans:
         return None
-    spans.sort()
-    busy, end = 0, spans[0][0]
-    for a, b in spans:  # union: streams overlap each other
-        if b > end:
-            busy += b - max(a, end)
-            end = b
     top = {name: ns / 1e9 for name, ns in by_kernel.most_common(12)}
-    return {"busy_s": busy / 1e9, "span_s": (end - spans[0][0]) / 1e9, "kernels": len(spans), "top_kernels_s": top}
+    span = max(b for _, b in spans) - min(a for a, _ in spans)
+    return {"busy_s": union_length(spans) / 1e9, "span_s": span / 1e9, "kernels": len(spans), "top_kernels_s": top}
+
+
+def union_length(spans: Sequence[tuple]) -> int:
+    """Total length covered by (start, end) intervals: a device's streams overlap each other."""
+    busy, end = 0, None
+    for a, b in sorted(spans):
+        if end is None or b > end:
+            busy += b - (a if end is None else max(a, end))
+            end = b
+    return busy
 
 
 def run_requests(engine, prefix: str, prompts: List[List[int]], outputs: Sequence[int]) -> dict:

@@ -26,3 +26,11 @@ def test_bench_throughput_reports_throughput_and_floor(tmp_path):
     assert res["floor"]["prefill"]["s"] > 0 and res["floor"]["decode"]["s"] > 0
     assert 0 < res["floor_fraction"]  # above 1 only if the floor model were wrong
     assert set(res["compile_s"]) >= {"startup", "timed"}
+
+
+def test_device_busy_time_is_the_union_of_overlapping_kernels():
+    sys.path.insert(0, os.path.join(REPO, "launch"))
+    from bench_throughput import union_length
+    assert union_length([(20, 30), (0, 10), (5, 15), (12, 13)]) == 25
+    assert union_length([(0, 10), (2, 3)]) == 10
+    assert union_length([]) == 0

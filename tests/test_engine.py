@@ -96,6 +96,21 @@ def test_seeded_sampling_is_independent_of_batch_composition(tiny):
     assert alone(tiny, prompt, SamplingParams(**{**params.__dict__, "seed": 99})) != solo
 
 
+def test_unseeded_requests_sample_differently_across_engines_and_a_seed_reproduces(tiny):
+    """Unseeded requests get seeds from OS entropy (not a fixed generator), so two engines, like
+    a restarted server or two replicas, do not draw the same "random" text."""
+    prompt = mixed_prompts(1, seed=5)[0]
+    free = SamplingParams(max_tokens=12, temperature=1.0, ignore_eos=True)
+    texts = set()
+    for _ in range(3):
+        engine = make_engine(tiny)
+        out = run_all(engine, [("r", prompt, free)])
+        texts.add(tuple(out["r"].token_ids))
+    assert len(texts) == 3
+    seeded = SamplingParams(max_tokens=12, temperature=1.0, ignore_eos=True, seed=7)
+    assert alone(tiny, prompt, seeded) == alone(tiny, prompt, seeded)
+
+
 def test_stops_max_tokens_and_logprobs(tiny):
     cfg, params, mesh, tokenizer = tiny
     prompt = mixed_prompts(1, seed=5)[0]

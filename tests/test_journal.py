@@ -56,15 +56,17 @@ def test_resume_from_journal_equals_uninterrupted_and_regenerates_nothing(tiny, 
         assert done[rid].token_ids[:len(committed[rid])] == committed[rid]
         assert done[rid].text == reference[rid].text
     assert replay(path) == []  # every request ended
-    # each token is in the journal exactly once: nothing committed before the crash was redone
+    # each resumed request's tokens are in the journal exactly once: nothing committed before the
+    # crash was redone (opening it compacted the finished requests away; the resumed ones' earlier
+    # tokens moved into their add records)
     counts = {}
     with open(path) as f:
         for line in f:
             rec = json.loads(line)
-            if rec["op"] == "tokens":
-                counts[rec["id"]] = counts.get(rec["id"], 0) + len(rec["ids"])
-    for rid, ref in reference.items():
-        assert counts[rid] == len(ref.token_ids), rid
+            if rec["op"] in ("tokens", "add"):
+                counts[rec["id"]] = counts.get(rec["id"], 0) + len(rec.get("ids", []))
+    for rid in committed:
+        assert counts[rid] == len(reference[rid].token_ids), rid
 
 
 def test_replay_skips_a_torn_last_line_and_names_a_bad_one(tmp_path):
@@ -86,6 +88,69 @@ def test_replay_skips_a_torn_last_line_and_names_a_bad_one(tmp_path):
         replay(path)
     with pytest.raises(ValueError, match="fsync_every"):
         TokenJournal(str(tmp_path / "k.jsonl"), fsync_every=-1)
+
+
+def _request(rid, arrival=0.0):
+    from jaxserve.engine.request import Request
+    return Request(rid, [5, 6], SamplingParams(max_tokens=64, seed=1), 1, arrival)
+
+
+def test_the_journal_survives_repeated_crashes_with_torn_writes(tmp_path):
+    """Crash, restart, crash again, each time mid-write: every restart reads every whole record."""
+    path = str(tmp_path / "j.jsonl")
+    j = TokenJournal(path)
+    j.added(_request("a"))
+    j.committed("a", [7], [-0.5])
+    j.sync()
+    with open(path, "a") as f:
+        f.write('{"op":"tokens","id":"a","ids":[8')  # the first crash cut this write short
+    for crash in range(3):  # restarted servers append, and crash mid-write again
+        j = TokenJournal(path)
+        (a,) = replay(path)
+        assert a.output_ids == [7] + list(range(100, 100 + crash)), crash
+        j.committed("a", [100 + crash], [-0.1])
+        j.sync()
+        with open(path, "a") as f:
+            f.write('{"op":"end","id":"a","rea')  # torn again
+    (a,) = replay(path)
+    assert a.output_ids == [7, 100, 101, 102] and a.finish_reason is None
+    j = TokenJournal(path)
+    j.finished("a", "stop")
+    assert replay(path) == []
+
+
+def test_a_fragment_glued_to_a_record_by_an_older_writer_keeps_the_record(tmp_path):
+    path = str(tmp_path / "j.jsonl")
+    j = TokenJournal(path)
+    j.added(_request("a"))
+    j.close()
+    with open(path, "a") as f:  # a torn write, then a writer that did not seal it appended
+        f.write('{"op":"tokens","id":"a","ids":[8' + '{"op":"tokens","id":"a","ids":[9],"logprobs":[-1.0]}\n')
+        f.write('{"op":"tokens","id":"a","ids":[10],"logprobs":[-1.0]}\n')
+    (a,) = replay(path)
+    assert a.output_ids == [9, 10]
+
+
+def test_compaction_keeps_the_journal_near_the_size_of_the_unfinished_requests(tmp_path):
+    path = str(tmp_path / "j.jsonl")
+    j = TokenJournal(path, compact_bytes=4096)
+    j.added(_request("long-lived", arrival=-1.0))
+    sizes = []
+    for i in range(400):  # many short requests come and go beside one that stays
+        j.added(_request(f"r{i}", arrival=float(i)))
+        j.committed(f"r{i}", [1, 2, 3], [-0.1] * 3)
+        j.committed("long-lived", [i], [-0.2])
+        j.finished(f"r{i}", "length")
+        sizes.append(os.path.getsize(path))
+    assert max(sizes) < 3 * 4096 + 4096, max(sizes)
+    assert not os.path.exists(path + ".compact")
+    (r,) = replay(path)
+    assert r.request_id == "long-lived" and r.output_ids == list(range(400))
+    assert r.logprobs == [-0.2] * 400
+    j.close()
+    j = TokenJournal(path)  # reopened: the same state
+    (r,) = replay(path)
+    assert r.output_ids == list(range(400))
 
 
 ORBAX_CONFIG = """
@@ -255,3 +320,46 @@ def test_sigterm_hands_in_flight_work_to_a_peer(tmp_path):
     finally:
         for p in procs:
             p.kill()
+
+
+def test_every_reconnect_to_a_request_that_finished_while_detached_gets_its_output(tiny, tmp_path):
+    """A resumed request ends before its client comes back: the first and the second reconnect
+    both get the whole output (before, the second waited forever)."""
+    import threading
+
+    import httpx
+    import uvicorn
+    from jaxserve.server import create_app
+    from test_server import free_port, wait_healthy
+    cfg, params, mesh, tokenizer = tiny
+    config = EngineConfig(token_budget=32, max_chunk=16, max_batch=4)
+    reqs = requests()[:2]
+    reference = run(Engine(cfg, params, mesh, tokenizer, config), reqs)
+    path = str(tmp_path / "journal.jsonl")
+    run(Engine(cfg, params, mesh, tokenizer, config, journal=TokenJournal(path, fsync_every=1)), reqs, steps=6)
+    pending = replay(path)
+    assert pending
+    engine = Engine(cfg, params, mesh, tokenizer, config, journal=TokenJournal(path, fsync_every=1))
+    engine.resume(pending)
+    port = free_port()
+    uv = uvicorn.Server(uvicorn.Config(create_app(engine, "tiny"), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_healthy(url)
+        deadline = time.time() + 120
+        while replay(path) and time.time() < deadline:  # they finish with nobody attached
+            time.sleep(0.1)
+        assert replay(path) == []
+        for r in pending:
+            for attempt in range(2):
+                with httpx.stream("GET", f"{url}/v1/requests/{r.request_id}/stream", timeout=30) as resp:
+                    assert resp.status_code == 200, (r.request_id, attempt)
+                    chunks = list(_sse_chunks(resp))
+                text = "".join(c["choices"][0]["text"] for c in chunks)
+                assert text == reference[r.request_id].text, (r.request_id, attempt)
+                assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    finally:
+        uv.should_exit = True
+        thread.join(30)

@@ -68,9 +68,11 @@ def engine_cost_model(cfg: ModelConfig, config: EngineConfig) -> CostModel:
 class Engine:
     def __init__(self, cfg: ModelConfig, params, mesh, tokenizer: Optional[Tokenizer] = None,
                  config: EngineConfig = EngineConfig(), policy=None,
-                 clock: Callable[[], float] = time.monotonic, seed: int = 0,
+                 clock: Callable[[], float] = time.monotonic, seed: Optional[int] = None,
                  cost_model: Optional[CostModel] = None, journal: Optional[TokenJournal] = None):
-        """journal: where each request's progress is recorded durably (see `resume`)."""
+        """journal: where each request's progress is recorded durably (see `resume`). seed: of
+        the seeds given to requests that bring none; None (default) draws from OS entropy, so
+        that unseeded sampling differs across restarts and replicas."""
         self.cfg, self.config, self.tokenizer, self.clock = cfg, config, tokenizer, clock
         self.journal = journal
         self.cost_model = cost_model or engine_cost_model(cfg, config)

@@ -1,11 +1,13 @@
 """A durable journal of every request's progress, so that a restarted server finishes them.
 
-Append-only JSON lines: `add` (prompt, sampling parameters, seed, arrival), `tokens` (tokens
-committed since the last record, with their logprobs) and `end` (finish reason). Tokens are
-written as they are committed and made durable (fsync) every `fsync_every` token records: a
-crash loses at most that many steps of tokens, which the restarted engine regenerates
-identically (sampling keys depend only on the request's seed and the token's index). Replaying
-the journal gives every unfinished request with the tokens it had committed.
+JSON lines: `add` (prompt, sampling parameters, seed, arrival, and any tokens it already has),
+`tokens` (tokens committed since the last record, with their logprobs) and `end` (finish
+reason). Tokens are written as they are committed and made durable (fsync) every `fsync_every`
+token records: a crash loses at most that many steps of tokens, which the restarted engine
+regenerates identically (sampling keys depend only on the request's seed and the token's
+index). Replaying the journal gives every unfinished request with the tokens it had committed.
+Any number of crashes at any point leave a readable journal (a torn tail is sealed on open),
+and compaction keeps it about the size of the unfinished requests.
 
 A plain file on local disk (or any mounted bucket path); writes go through one buffered handle
 owned by the engine thread.
@@ -39,32 +41,87 @@ def request_from_record(rec: dict) -> Request:
 
 
 class TokenJournal:
-    def __init__(self, path: str, fsync_every: int = 16):
+    """The engine's writer of one journal file (the engine thread is its only caller).
+
+    Opening it seals a torn tail (a crash mid-write): the file is cut back to its last whole
+    record, so that new records never glue onto a fragment. It keeps the unfinished requests'
+    state in memory and compacts the file when it passes `compact_bytes` (and on open): the
+    live requests are written to a new file, which atomically replaces the old one, so the
+    journal stays about the size of what is unfinished however long the server runs.
+    """
+
+    def __init__(self, path: str, fsync_every: int = 16, compact_bytes: int = 64 << 20):
         if fsync_every < 0:
             raise ValueError(f"journal fsync_every must be >= 0, got {fsync_every}")
-        self.path, self.fsync_every = path, fsync_every
+        if compact_bytes < 1:
+            raise ValueError(f"journal compact_bytes must be >= 1, got {compact_bytes}")
+        self.path, self.fsync_every, self.compact_bytes = path, fsync_every, compact_bytes
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        self._f = open(path, "a", encoding="utf-8")
+        self._live, good_bytes, ended = _scan(path)
+        if os.path.exists(path) and os.path.getsize(path) > good_bytes:
+            with open(path, "r+b") as f:  # seal the torn tail
+                f.truncate(good_bytes)
+                f.flush()
+                os.fsync(f.fileno())
+        self._f = None
+        self._compact_at = compact_bytes
+        if ended:
+            self.compact()
+        else:
+            self._open()
         self._unsynced = 0
 
+    def _open(self) -> None:
+        self._f = open(self.path, "a", encoding="utf-8")
+        self._size = self._f.tell()
+
     def _write(self, record: dict) -> None:
-        self._f.write(json.dumps(record, separators=(",", ":")) + "\n")
+        line = json.dumps(record, separators=(",", ":")) + "\n"
+        self._f.write(line)
+        self._size += len(line)
 
     def added(self, r: Request) -> None:
         """A new request (or one taken over from a peer, with the tokens it already has)."""
-        self._write({"op": "add", **request_record(r)})
+        record = request_record(r)
+        self._live[r.request_id] = record
+        self._write({"op": "add", **record})
         self.sync()  # a request the client was told about must survive
 
     def committed(self, request_id: str, token_ids: list, logprobs: list) -> None:
-        self._write({"op": "tokens", "id": request_id, "ids": list(map(int, token_ids)),
-                     "logprobs": [float(x) for x in logprobs]})
+        ids, lps = list(map(int, token_ids)), [float(x) for x in logprobs]
+        live = self._live.get(request_id)
+        if live is not None:
+            live["ids"] += ids
+            live["logprobs"] += lps
+        self._write({"op": "tokens", "id": request_id, "ids": ids, "logprobs": lps})
         self._unsynced += 1
         if self.fsync_every and self._unsynced >= self.fsync_every:
             self.sync()
 
     def finished(self, request_id: str, reason: str) -> None:
+        self._live.pop(request_id, None)
         self._write({"op": "end", "id": request_id, "reason": reason})
         self.sync()  # an end lost in a crash would resume a finished request
+        if self._size >= self._compact_at:
+            self.compact()
+
+    def compact(self) -> None:
+        """Rewrites the file as one `add` record per unfinished request (with its committed
+        tokens): written aside, synced, then renamed over the old file, so a crash at any point
+        leaves one whole journal or the other."""
+        if self._f is not None and not self._f.closed:
+            self._f.close()
+        tmp = self.path + ".compact"
+        with open(tmp, "w", encoding="utf-8") as f:
+            for record in sorted(self._live.values(), key=lambda r: r["arrival"]):
+                f.write(json.dumps({"op": "add", **record}, separators=(",", ":")) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+        _sync_dir(self.path)
+        self._open()
+        # the live state alone may pass the threshold: compact again only when the file doubles
+        self._compact_at = max(self.compact_bytes, 2 * self._size)
 
     def sync(self) -> None:
         """Makes everything written so far durable."""
@@ -78,32 +135,74 @@ class TokenJournal:
             self._f.close()
 
 
+def _sync_dir(path: str) -> None:
+    """Makes a rename in path's folder durable (POSIX; a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _parse(line: str):
+    """A record from one line, or None. A line that a crash cut short and a later writer (before
+    journals sealed their tails on open) appended to holds a whole record at its end: taken."""
+    for text in (line, line[max(0, line.rfind('{"op":')):]):
+        try:
+            rec = json.loads(text)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and "op" in rec:
+            return rec
+    return None
+
+
+def _scan(path: str):
+    """(unfinished request records by id, bytes up to the end of the last whole record, whether
+    any request ended). A bad last line (a torn write) is left out; any other bad line is an error."""
+    live: Dict[str, dict] = {}
+    if not os.path.exists(path):
+        return live, 0, False
+    with open(path, "rb") as f:
+        data = f.read()
+    lines = data.split(b"\n")
+    good, offset, ended = 0, 0, False
+    for n, raw in enumerate(lines, 1):
+        end = offset + len(raw) + 1  # with its newline
+        last = n == len(lines)       # no newline after it: cut short, or empty
+        if raw.strip():
+            rec = None if last else _parse(raw.decode("utf-8", errors="replace"))
+            if rec is None:
+                if all(not rest.strip() for rest in lines[n:]):
+                    break  # the crash cut this write short
+                raise ValueError(f"{path}:{n}: not a journal record")
+            op, rid = rec.get("op"), rec.get("id")
+            if op == "add":
+                live[rid] = {k: v for k, v in rec.items() if k != "op"}
+                live[rid].setdefault("ids", [])
+                live[rid].setdefault("logprobs", [])
+            elif op == "tokens" and rid in live:
+                live[rid]["ids"] += rec["ids"]
+                live[rid]["logprobs"] += rec["logprobs"]
+            elif op == "end":
+                ended = True
+                live.pop(rid, None)
+        if not last:
+            good = end
+        offset = end
+    return live, good, ended
+
+
 def replay(path: str) -> List[Request]:
     """Every request the journal saw start and not end, in arrival order, with its committed tokens
     (as fresh Requests: no cache, waiting; `Engine.resume` takes them back).
 
     A torn last line (the crash came mid-write) is ignored; any other bad line is an error.
     """
-    if not os.path.exists(path):
-        return []
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().split("\n")
-    requests: Dict[str, Request] = {}
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            if n >= len(lines) - 1:  # the last line may be cut short by the crash
-                break
-            raise ValueError(f"{path}:{n}: not a journal record")
-        op, rid = rec.get("op"), rec.get("id")
-        if op == "add":
-            requests[rid] = request_from_record(rec)
-        elif op == "tokens" and rid in requests:
-            requests[rid].output_ids += rec["ids"]
-            requests[rid].logprobs += rec["logprobs"]
-        elif op == "end" and rid in requests:
-            requests[rid].finish_reason = rec["reason"]
-    return sorted((r for r in requests.values() if r.finish_reason is None), key=lambda r: r.arrival_time)
+    live, _, _ = _scan(path)
+    return sorted((request_from_record(rec) for rec in live.values()), key=lambda r: r.arrival_time)

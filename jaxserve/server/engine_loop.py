@@ -8,6 +8,7 @@ raises fails the requests it was running, and the thread goes on serving.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import queue
 import threading
@@ -19,6 +20,7 @@ from jaxserve.sampling_params import SamplingParams
 log = logging.getLogger(__name__)
 
 _ACCEPTED = object()   # the engine queued the request
+MAX_FINISHED_KEPT = 1024  # finished outputs of resumed requests kept for reconnecting clients
 _STOP = object()
 
 
@@ -75,6 +77,9 @@ class EngineLoop:
         # a crash: their clients may reconnect (`attach`); until then their latest output is kept.
         self._resumed = set(engine.requests)
         self._detached: Dict[str, RequestOutput] = {}
+        # Resumed requests that finished while no client was attached: every reconnect gets their
+        # whole output, until MAX_FINISHED_KEPT newer ones push them out (then 404).
+        self._finished: "collections.OrderedDict[str, RequestOutput]" = collections.OrderedDict()
         self._draining = False
 
     # -- event-loop side ----------------------------------------------------------------------
@@ -127,17 +132,20 @@ class EngineLoop:
         """A stream of a request resumed from the journal, for its reconnecting client: first its
         latest output (every token committed so far), then the rest. KeyError if there is no
         such resumed request; ValueError if a client is attached already."""
+        stream = RequestStream(request_id)
+        stream.started = True
+        done = self._finished.get(request_id)
+        if done is not None:   # every reconnect gets it: nothing is consumed
+            stream._items.put_nowait(done)
+            return stream
         if request_id not in self._resumed:
             raise KeyError(request_id)
         if request_id in self._streams:
             raise ValueError(f"request_id={request_id!r}: a client is already attached")
-        stream = RequestStream(request_id)
-        stream.started = True
         last = self._detached.pop(request_id, None)
         if last is not None:
             stream._items.put_nowait(last)
-        if last is None or not last.finished:
-            self._streams[request_id] = stream
+        self._streams[request_id] = stream
         return stream
 
     async def take_over(self, requests: list) -> int:
@@ -177,7 +185,7 @@ class EngineLoop:
             stream = self._streams.get(request_id)
             if stream is None:
                 if request_id in self._resumed and isinstance(item, RequestOutput):
-                    self._detached[request_id] = item   # kept for its client's reconnect
+                    self._keep_detached(item)   # for its client's reconnect
                 continue   # otherwise aborted by its handler: nobody is listening
             if isinstance(item, RequestOutput):
                 if item.token_ids and not stream.started:
@@ -189,6 +197,16 @@ class EngineLoop:
             elif isinstance(item, BaseException):
                 self._release(request_id)
             stream._items.put_nowait(item)
+
+    def _keep_detached(self, out: RequestOutput) -> None:
+        if not out.finished:
+            self._detached[out.request_id] = out
+            return
+        self._detached.pop(out.request_id, None)
+        self._resumed.discard(out.request_id)
+        self._finished[out.request_id] = out
+        while len(self._finished) > MAX_FINISHED_KEPT:
+            self._finished.popitem(last=False)
 
     def _fail_all(self, error: BaseException) -> None:
         self._dead = True
