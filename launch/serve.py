@@ -40,6 +40,14 @@ _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Initialize jax.distribut
                                  "(Cloud TPU pods, SLURM) instead of --coordinator.")
 _PEER = flags.DEFINE_string("peer", "", "URL of another jaxserve server to hand unfinished requests to on "
                             "SIGTERM (their clients reconnect there at /v1/requests/ID/stream).")
+_API_KEY = flags.DEFINE_string("api_key", os.environ.get("JAXSERVE_API_KEY", ""), "Required on every /v1 route as "
+                               "'Authorization: Bearer <key>' (default: $JAXSERVE_API_KEY; empty: open). /health "
+                               "and /metrics stay open.")
+_PEER_SECRET = flags.DEFINE_string("peer_secret", os.environ.get("JAXSERVE_PEER_SECRET", ""), "Secret shared with "
+                                   "peer servers: sent when handing requests over (--peer) and required to take "
+                                   "them (default: $JAXSERVE_PEER_SECRET; empty: this server takes none).")
+_DEFAULT_MAX_TOKENS = flags.DEFINE_integer("default_max_tokens", 1024, "Limit of a chat request that sets no "
+                                          "max_tokens (cut to what the context leaves).", lower_bound=1)
 _PRECOMPILE = flags.DEFINE_bool("precompile", False, "Compile every step shape before listening, so that no "
                                 "request waits on XLA (minutes on CPU for a real model; worth it on accelerators).")
 
@@ -69,12 +77,16 @@ def main(argv):
         pending = replay(_JOURNAL.value)
         engine.journal = TokenJournal(_JOURNAL.value, _FSYNC_EVERY.value)
         if pending:
-            sys.stderr.write(f"resumed {engine.resume(pending)} unfinished requests from {_JOURNAL.value}\n")
+            rejected = engine.resume_valid(pending)
+            for request_id, why in rejected:
+                sys.stderr.write(f"not resumed: {request_id} ({why})\n")
+            sys.stderr.write(f"resumed {len(pending) - len(rejected)} unfinished requests from {_JOURNAL.value}\n")
     if _PRECOMPILE.value:
         t = time.perf_counter()
         sys.stderr.write(f"compiled {engine.precompile(progress=True)} step shapes in {time.perf_counter() - t:.0f} s\n")
     app = create_app(engine, name, max_waiting=_MAX_WAITING.value, max_body_bytes=_MAX_BODY.value,
-                     peer_url=_PEER.value)
+                     peer_url=_PEER.value, api_key=_API_KEY.value or None, peer_secret=_PEER_SECRET.value or None,
+                     default_max_tokens=_DEFAULT_MAX_TOKENS.value)
     sys.stderr.write(f"serving {name!r} at http://{_HOST.value}:{_PORT.value}/v1\n")
     class DrainingServer(uvicorn.Server):
         def handle_exit(self, sig, frame):

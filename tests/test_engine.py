@@ -205,7 +205,7 @@ def test_precompile_covers_every_shape_a_run_reaches_and_leaves_the_cache_intact
     requests = []
     for i in range(6):
         prompt = rng.integers(3, 1000, size=int(rng.integers(1, 50))).tolist()
-        requests.append((f"r{i}", prompt, SamplingParams(max_tokens=71 - len(prompt))))
+        requests.append((f"r{i}", prompt, SamplingParams(max_tokens=71 - len(prompt), seed=100 + i)))
     requests[1] = (*requests[1][:2], SamplingParams(max_tokens=10, temperature=0.0))
     requests[2] = (*requests[2][:2], SamplingParams(max_tokens=10, temperature=0.8, top_p=0.9, seed=2))
     engine = make_engine(small, token_budget=32, max_chunk=32, max_batch=2, num_pages=16)

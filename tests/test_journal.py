@@ -280,7 +280,7 @@ def test_sigterm_hands_in_flight_work_to_a_peer(tmp_path):
     import httpx
     from test_server import free_port, wait_healthy
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env.update(PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
+    env.update(PYTHONPATH=REPO, JAX_PLATFORMS="cpu", JAXSERVE_PEER_SECRET="shared-by-both")  # the peer route's key
     ports = free_port(), free_port()
     urls = [f"http://127.0.0.1:{p}" for p in ports]
     procs = []
@@ -315,8 +315,11 @@ def test_sigterm_hands_in_flight_work_to_a_peer(tmp_path):
         uninterrupted = httpx.post(urls[1] + "/v1/completions", json={**body, "stream": False}, timeout=300).json()
         assert uninterrupted["choices"][0]["text"] == text
         assert replay(str(tmp_path / "journal1.jsonl")) == []
-        bad = httpx.post(urls[1] + "/v1/requests/import", json={"requests": [{"id": "x"}]})
-        assert bad.status_code == 400 and bad.json()["error"]["param"] == "requests"
+        peer = {"Authorization": "Bearer shared-by-both"}
+        bad = httpx.post(urls[1] + "/v1/requests/import", json={"requests": [{"id": "x"}]}, headers=peer)
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "requests.0"
+        stranger = httpx.post(urls[1] + "/v1/requests/import", json={"requests": []})
+        assert stranger.status_code == 401
     finally:
         for p in procs:
             p.kill()

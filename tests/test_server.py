@@ -85,7 +85,7 @@ def inproc(tiny_config):
     from jaxserve.llm import engine_from_config
     from jaxserve.server import create_app
     engine = engine_from_config(tiny_config)
-    app = create_app(engine, MODEL, max_waiting=2)
+    app = create_app(engine, MODEL, max_waiting=2, default_max_tokens=8)
     port = free_port()
     uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=uv.run, daemon=True)
@@ -242,6 +242,9 @@ USER = [{"role": "user", "content": "hi"}]
     (C, {"prompt": ""}, 400, "prompt"),
     (C, {"prompt": ["a", "b"]}, 400, "prompt"),
     (C, {"prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
+    (C, {"prompt": "hi", "max_tokens": CONTEXT}, 400, "max_tokens"),          # more than the context leaves
+    (CHAT, {"messages": USER, "max_completion_tokens": CONTEXT}, 400, "max_completion_tokens"),
+    (CHAT, {"messages": USER, "max_tokens": CONTEXT}, 400, "max_tokens"),
     (C, {"prompt": "hi", "temperature": -0.5}, 400, "temperature"),
     (C, b'{"prompt": "hi", "temperature": NaN}', 400, "temperature"),
     (C, {"prompt": "hi", "top_p": 1.5}, 400, "top_p"),
@@ -386,6 +389,11 @@ def test_engine_failure_fails_its_requests_and_the_server_goes_on(inproc):
     assert httpx.get(inproc.url + "/health").status_code == 200
     ok = httpx.post(inproc.url + C, json={"prompt": "fine again", "max_tokens": 3, "ignore_eos": True}, timeout=60)
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 3
+
+
+def test_a_chat_request_without_max_tokens_gets_the_default_not_the_context(inproc):
+    r = httpx.post(inproc.url + CHAT, json={"messages": USER, "ignore_eos": True}, timeout=60)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 8
 
 
 def test_mlfq_queue_lengths_are_exported_when_the_policy_has_them(inproc):

@@ -118,27 +118,13 @@ class Engine:
                     params: Optional[SamplingParams] = None, arrival_time: Optional[float] = None,
                     priority: int = 0) -> None:
         """Queues a request; raises ValueError naming the field on bad input (nothing is queued)."""
-        if not isinstance(request_id, str) or not request_id:
-            raise ValueError(f"request_id={request_id!r}: must be a non-empty string")
-        if request_id in self.requests:
-            raise ValueError(f"request_id={request_id!r}: already in use")
         params = SamplingParams() if params is None else params
-        if not isinstance(params, SamplingParams):
-            raise ValueError(f"params: expected SamplingParams, got {type(params).__name__}")
         prompt_text = None
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("prompt: text needs a tokenizer; pass token ids")
             prompt_text, prompt = prompt, self.tokenizer.encode(prompt)
-        prompt = [int(t) for t in prompt]
-        if not prompt:
-            raise ValueError("prompt: must not be empty")
-        bad = [t for t in prompt if not 0 <= t < self.cfg.vocab_size]
-        if bad:
-            raise ValueError(f"prompt: token id {bad[0]} is outside the vocabulary [0, {self.cfg.vocab_size})")
-        if len(prompt) >= self.max_context:
-            raise ValueError(f"prompt: {len(prompt)} tokens do not fit the context window of "
-                             f"{self.max_context} tokens (one must be left to generate)")
+        prompt = self._check_request(request_id, prompt, params)
         seed = params.seed if params.seed is not None else int(self._rng.integers(2 ** 32))
         now = self.clock() if arrival_time is None else arrival_time
         self.requests[request_id] = Request(request_id, prompt, params, seed, now, priority,
@@ -148,6 +134,63 @@ class Engine:
         if self.journal is not None:
             self.journal.added(self.requests[request_id])
 
+    def _check_request(self, request_id, prompt, params, output_ids=()) -> list:
+        """The prompt as a list of ints, or ValueError naming the bad field."""
+        if not isinstance(request_id, str) or not request_id:
+            raise ValueError(f"request_id={request_id!r}: must be a non-empty string")
+        if request_id in self.requests:
+            raise ValueError(f"request_id={request_id!r}: already in use")
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params: expected SamplingParams, got {type(params).__name__}")
+        params._check()  # a dataclass can be changed after it was built
+        for field, ids in (("prompt", prompt), ("output_ids", output_ids)):
+            if not isinstance(ids, (list, tuple)) or not all(
+                    isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in ids):
+                raise ValueError(f"{field}: must be a list of token ids (integers)")
+            bad = [t for t in ids if not 0 <= t < self.cfg.vocab_size]
+            if bad:
+                raise ValueError(f"{field}: token id {bad[0]} is outside the vocabulary [0, {self.cfg.vocab_size})")
+        prompt = [int(t) for t in prompt]
+        if not prompt:
+            raise ValueError("prompt: must not be empty")
+        if len(prompt) + len(output_ids) >= self.max_context:
+            raise ValueError(f"prompt: {len(prompt)} tokens" + (f" and {len(output_ids)} generated" if output_ids else "")
+                             + f" do not fit the context window of {self.max_context} tokens (one must be left "
+                               "to generate)")
+        return prompt
+
+    def _check_resumed(self, r: Request) -> None:
+        """A journaled or handed-over request, checked as strictly as a new one (a peer's record
+        is not trusted), with the state a new request does not have."""
+        if not isinstance(r, Request):
+            raise ValueError(f"requests: expected Request, got {type(r).__name__}")
+        self._check_request(r.request_id, r.prompt_ids, r.params, r.output_ids)
+        if not isinstance(r.seed, int) or isinstance(r.seed, bool) or not 0 <= r.seed < 2 ** 32:
+            raise ValueError(f"seed={r.seed!r}: must be an integer in [0, 2**32)")
+        if not isinstance(r.arrival_time, (int, float)) or not np.isfinite(r.arrival_time):
+            raise ValueError(f"arrival={r.arrival_time!r}: must be a finite number")
+        if not isinstance(r.priority, int) or isinstance(r.priority, bool):
+            raise ValueError(f"priority={r.priority!r}: must be an integer")
+        if not isinstance(r.logprobs, list) or (r.params.logprobs and (
+                len(r.logprobs) != len(r.output_ids) or not all(isinstance(x, (int, float)) for x in r.logprobs))):
+            raise ValueError(f"logprobs: must be one number per generated token ({len(r.output_ids)})")
+        if len(r.output_ids) > r.params.max_tokens:
+            raise ValueError(f"output_ids: {len(r.output_ids)} tokens, more than max_tokens={r.params.max_tokens}")
+
+    def resume_valid(self, journaled: Sequence[Request]) -> List[tuple]:
+        """`resume` for a journal read at start-up: a record this engine cannot take (a context
+        window smaller than when it was written, a corrupted field) must not stop the server.
+        Those are ended in the journal ("invalid") and returned as (request_id, error)."""
+        rejected = []
+        for r in journaled:
+            try:
+                self.resume([r])
+            except ValueError as e:
+                rejected.append((r.request_id, str(e)))
+                if self.journal is not None and isinstance(r, Request):
+                    self.journal.finished(str(r.request_id), "invalid")
+        return rejected
+
     def resume(self, journaled: Sequence[Request], journal_them: bool = False) -> int:
         """Takes back requests a journal recorded as unfinished (after a crash or kill -9), or
         that a peer handed over (then `journal_them`: this engine's journal records them).
@@ -156,9 +199,15 @@ class Engine:
         from prompt + committed tokens and decoding goes on from there, with the same sampling
         keys (seed, token index), so the output equals an uninterrupted run. Returns how many.
         """
-        taken = [r.request_id for r in journaled if r.request_id in self.requests]
-        if taken:  # checked first: either all are taken back or none
-            raise ValueError(f"request_id={taken[0]!r}: already in use")
+        seen = set()
+        for i, r in enumerate(journaled):  # checked first: either all are taken back or none
+            try:
+                self._check_resumed(r)
+                if r.request_id in seen:
+                    raise ValueError(f"request_id={r.request_id!r}: appears twice")
+            except ValueError as e:
+                raise ValueError(f"requests.{i}.{e}") from None
+            seen.add(r.request_id)
         for r in journaled:
             # another process's clock: keep its order among this engine's requests, never ahead
             r.arrival_time = min(r.arrival_time, self.clock())

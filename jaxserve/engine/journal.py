@@ -31,13 +31,17 @@ def request_record(r: Request) -> dict:
 
 
 def request_from_record(rec: dict) -> Request:
-    """A waiting Request (no cache) from `request_record` data; KeyError/TypeError on bad data."""
+    """A waiting Request (no cache) from `request_record` data, its values as found (the engine
+    checks them when it takes the request); KeyError/TypeError/ValueError on a bad record."""
     params = rec["params"]
+    if not isinstance(params, dict):
+        raise ValueError("params: must be an object of sampling parameters")
     params = SamplingParams(**{**params, "stop": tuple(params.get("stop", ())),
                                "stop_token_ids": tuple(params.get("stop_token_ids", ()))})
-    return Request(rec["id"], list(rec["prompt"]), params, int(rec["seed"]), float(rec["arrival"]),
-                   int(rec.get("priority", 0)), output_ids=list(rec.get("ids", [])),
-                   logprobs=list(rec.get("logprobs", [])))
+    prompt, ids, logprobs = rec["prompt"], rec.get("ids", []), rec.get("logprobs", [])
+    return Request(rec["id"], list(prompt) if isinstance(prompt, list) else prompt, params, rec["seed"],
+                   rec["arrival"], rec.get("priority", 0), output_ids=list(ids) if isinstance(ids, list) else ids,
+                   logprobs=list(logprobs) if isinstance(logprobs, list) else logprobs)
 
 
 class TokenJournal:

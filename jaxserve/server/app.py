@@ -23,6 +23,7 @@ from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 
 from jaxserve.sampling_params import SamplingParams
 from jaxserve.server import errors, protocol as p, responses
+from jaxserve.server.auth import PEER_ROUTE, Credentials
 from jaxserve.server.engine_loop import EngineFailure, EngineLoop, EngineUnavailable, Overloaded
 from jaxserve.server.errors import APIError
 from jaxserve.server.metrics import CONTENT_TYPE, ServerMetrics
@@ -31,6 +32,9 @@ DEFAULT_MAX_BODY_BYTES = 4 << 20
 
 _ERRORS = {
     400: {"model": p.ErrorResponse, "description": "Invalid request; `error.param` names the field."},
+    401: {"model": p.ErrorResponse, "description": "The API key (or, for the peer route, the peer secret) is "
+                                                   "missing or wrong."},
+    403: {"model": p.ErrorResponse, "description": "The peer route is disabled (no peer secret)."},
     404: {"model": p.ErrorResponse, "description": "Unknown model."},
     413: {"model": p.ErrorResponse, "description": "Request body too large."},
     429: {"model": p.ErrorResponse, "description": "Too many requests waiting to start; retry later."},
@@ -42,9 +46,12 @@ _SSE = {"text/event-stream": {"schema": {"type": "string"},
 _CLIENT_CLOSED = 499   # nginx's code; nobody receives it
 
 
+DEFAULT_MAX_TOKENS = 1024  # a chat request that names no limit: at most this many (or what fits)
+
+
 class OpenAIServer:
-    def __init__(self, engine, model_name: str, max_waiting: int = 1024):
-        self.model_name = model_name
+    def __init__(self, engine, model_name: str, max_waiting: int = 1024, default_max_tokens: int = DEFAULT_MAX_TOKENS):
+        self.model_name, self.default_max_tokens = model_name, default_max_tokens
         self.tokenizer = engine.tokenizer
         self.max_context = engine.max_context
         self.metrics = ServerMetrics()
@@ -56,7 +63,8 @@ class OpenAIServer:
         """Completes a prompt (text or token ids)."""
         self._check_model(body.model)
         prompt_ids = await asyncio.to_thread(self._completion_prompt, body.prompt)
-        params = self._params(body, body.max_tokens, logprobs=body.logprobs is not None)
+        max_tokens = self._max_tokens(body.max_tokens, "max_tokens", len(prompt_ids), default=16)
+        params = self._params(body, max_tokens, logprobs=body.logprobs is not None)
         return await self._serve(request, body, "cmpl", prompt_ids, params, responses.completion,
                                  responses.completion_events)
 
@@ -64,7 +72,10 @@ class OpenAIServer:
         """Answers a conversation, rendered with the model's chat template."""
         self._check_model(body.model)
         prompt_ids = await asyncio.to_thread(self._chat_prompt, body.messages)
-        max_tokens = body.max_completion_tokens or body.max_tokens or max(1, self.max_context - len(prompt_ids))
+        field = "max_tokens" if body.max_completion_tokens is None and body.max_tokens is not None else \
+            "max_completion_tokens"
+        max_tokens = self._max_tokens(body.max_completion_tokens or body.max_tokens, field, len(prompt_ids),
+                                      default=self.default_max_tokens)
         params = self._params(body, max_tokens, logprobs=body.logprobs)
         try:
             return await self._serve(request, body, "chatcmpl", prompt_ids, params, responses.chat,
@@ -117,6 +128,20 @@ class OpenAIServer:
         except (ValueError, jinja2.TemplateError) as e:   # the template itself may reject a conversation
             raise APIError(400, f"messages: {e}", "messages") from None
         return self.tokenizer.encode(text)
+
+    def _max_tokens(self, requested: Optional[int], field: str, prompt_len: int, default: int) -> int:
+        """The request's limit: what it asked for if it fits the context (else 400 with the
+        numbers, as vLLM answers), or the default cut to what fits."""
+        room = self.max_context - prompt_len
+        if room < 1:
+            return requested or 1  # the prompt alone is too long: the engine names the prompt
+        if requested is None:
+            return min(default, room)
+        if requested > room:
+            raise APIError(400, f"{field}: this model's context window is {self.max_context} tokens and the prompt "
+                                f"has {prompt_len}, so at most {room} tokens can be generated; {requested} were "
+                                f"requested", field, "context_length_exceeded")
+        return requested
 
     @staticmethod
     def _params(body: p.SamplingFields, max_tokens: int, logprobs: bool) -> SamplingParams:
@@ -204,10 +229,18 @@ class OpenAIServer:
         """Resumes requests a peer hands over as it shuts down: {"requests": [request_record, ...]}.
         Their clients reconnect here at /v1/requests/{id}/stream."""
         from jaxserve.engine.journal import request_from_record
-        try:
-            requests = [request_from_record(rec) for rec in body["requests"]]
-        except (KeyError, TypeError, ValueError) as e:
-            raise APIError(400, f"requests: not a list of request records ({e})", "requests") from None
+        records = body.get("requests") if isinstance(body, dict) else None
+        if not isinstance(records, list):
+            raise APIError(400, "requests: must be a list of request records", "requests")
+        requests = []
+        for i, rec in enumerate(records):
+            try:
+                requests.append(request_from_record(rec))
+            except ValueError as e:
+                raise APIError.from_value_error(ValueError(f"requests.{i}.{e}")) from None
+            except (KeyError, TypeError) as e:
+                raise APIError(400, f"requests.{i}: not a request record ({type(e).__name__}: {e})",
+                               f"requests.{i}") from None
         try:
             return {"accepted": await self.engine_loop.take_over(requests)}
         except ValueError as e:
@@ -217,31 +250,37 @@ class OpenAIServer:
 
     # -- assembly -----------------------------------------------------------------------------
     def routes(self, app: FastAPI) -> None:
-        both = {200: {"content": _SSE}, **_ERRORS}
+        openai_errors = {k: v for k, v in _ERRORS.items() if k != 403}
+        both = {200: {"content": _SSE}, **openai_errors}
         app.add_api_route("/v1/completions", self.completions, methods=["POST"],
                           response_model=p.CompletionResponse, responses=both, tags=["openai"])
         app.add_api_route("/v1/chat/completions", self.chat_completions, methods=["POST"],
                           response_model=p.ChatCompletionResponse, responses=both, tags=["openai"])
         app.add_api_route("/v1/models", self.models, methods=["GET"], response_model=p.ModelList,
-                          tags=["openai"])
+                          responses={401: _ERRORS[401]}, tags=["openai"])
         app.add_api_route("/v1/requests/{request_id}/stream", self.reconnect, methods=["GET"],
-                          responses={200: {"content": _SSE}, **_ERRORS}, tags=["jaxserve"])
-        app.add_api_route("/v1/requests/import", self.take_over, methods=["POST"], tags=["jaxserve"],
-                          responses={k: v for k, v in _ERRORS.items() if k in (400, 503)})
+                          responses={200: {"content": _SSE}, **openai_errors}, tags=["jaxserve"])
+        app.add_api_route(PEER_ROUTE, self.take_over, methods=["POST"], tags=["jaxserve"],
+                          responses={k: v for k, v in _ERRORS.items() if k in (400, 401, 403, 503)})
         app.add_api_route("/health", self.health, methods=["GET"],
                           responses={503: _ERRORS[503]})
         app.add_api_route("/metrics", self.prometheus, methods=["GET"], response_class=PlainTextResponse)
 
 
 def create_app(engine, model_name: str, *, max_waiting: int = 1024,
-               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, peer_url: str = "") -> FastAPI:
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, peer_url: str = "",
+               api_key: Optional[str] = None, peer_secret: Optional[str] = None,
+               default_max_tokens: int = DEFAULT_MAX_TOKENS) -> FastAPI:
     """An app serving `engine` as `model_name`; its engine thread runs while the app is up.
 
     max_waiting bounds the requests waiting for their first token (429 beyond it);
     max_body_bytes bounds request bodies (413 beyond it); peer_url: a server to hand unfinished
-    requests to when this one shuts down (a spot VM's notice).
+    requests to when this one shuts down (a spot VM's notice); api_key: required on every /v1
+    route (`Authorization: Bearer`); peer_secret: shared with the peers that hand requests over
+    (without it this server takes none). See jaxserve.server.auth. default_max_tokens: the
+    limit of a chat request that sets none (cut to what fits the context).
     """
-    server = OpenAIServer(engine, model_name, max_waiting)
+    server = OpenAIServer(engine, model_name, max_waiting, default_max_tokens)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -254,7 +293,7 @@ def create_app(engine, model_name: str, *, max_waiting: int = 1024,
             if mirror is not None:  # serving over several processes: release the followers
                 mirror.stop()
             if peer_url and getattr(engine, "requests", None):
-                await asyncio.to_thread(_hand_over, engine, peer_url)
+                await asyncio.to_thread(_hand_over, engine, peer_url, peer_secret)
             if getattr(engine, "journal", None) is not None:  # the engine thread is done: sync it
                 engine.journal.close()
                 logging.getLogger(__name__).warning("journal synced; %d unfinished requests in it",
@@ -263,6 +302,7 @@ def create_app(engine, model_name: str, *, max_waiting: int = 1024,
     app = FastAPI(title="jaxserve", version=importlib.metadata.version("jaxserve"),
                   description="OpenAI-compatible serving of one model.", lifespan=lifespan)
     app.add_middleware(errors.BodyLimit, max_bytes=max_body_bytes)
+    app.add_middleware(Credentials, api_key=api_key, peer_secret=peer_secret)  # outermost: checked first
     app.state.server = server
     errors.install(app)
     server.routes(app)
@@ -270,7 +310,7 @@ def create_app(engine, model_name: str, *, max_waiting: int = 1024,
     return app
 
 
-def _hand_over(engine, peer_url: str) -> None:
+def _hand_over(engine, peer_url: str, peer_secret: Optional[str]) -> None:
     """Sends the stopped engine's unfinished requests to a peer server; those it accepts are
     ended here (journal: "handed_over"); if it cannot take them they stay in the journal."""
     import httpx
@@ -279,8 +319,8 @@ def _hand_over(engine, peer_url: str) -> None:
     log = logging.getLogger(__name__)
     requests = list(engine.requests.values())
     try:
-        r = httpx.post(peer_url.rstrip("/") + "/v1/requests/import",
-                       json={"requests": [request_record(x) for x in requests]}, timeout=10)
+        r = httpx.post(peer_url.rstrip("/") + PEER_ROUTE, json={"requests": [request_record(x) for x in requests]},
+                       headers={"Authorization": f"Bearer {peer_secret}"} if peer_secret else {}, timeout=10)
         r.raise_for_status()
     except httpx.HTTPError as e:
         log.error("could not hand %d requests to %s (%s); they stay in the journal", len(requests), peer_url, e)
