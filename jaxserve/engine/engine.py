@@ -89,7 +89,7 @@ class Engine:
         self.stats = {"preemptions": 0, "recomputed_tokens": 0, "swap_out_bytes": 0, "swap_in_bytes": 0,
                       "swap_outs": 0, "swap_ins": 0, "swap_ins_unforeseen": 0, "swap_stall_s": 0.0,
                       "reparallelizations": 0, "finished": 0, "aborted": 0, "host_s": 0.0, "device_wait_s": 0.0,
-                      "dropped_tokens": 0}
+                      "dropped_tokens": 0, "failed": 0}
         self.kv = KVManager(config.num_pages, config.page_size, config.host_pages, mesh, self.runner, self.stats)
         self.step_log: List[tuple] = []      # (cost features, seconds) of recent steps, for calibration
         self.max_context = min(cfg.max_seq_len, config.num_pages * config.page_size)
@@ -100,6 +100,7 @@ class Engine:
         self._held: List[RequestOutput] = []  # outputs of steps read outside step() (drain)
         self._last_read = 0.0
         self._dispatched = False  # whether the last dispatch() sent a step
+        self._dispatching: List[Request] = []
         self._rng = np.random.default_rng(seed)
         eos = set(cfg.eos_token_ids) | set(tokenizer.eos_token_ids if tokenizer else ())
         self.eos_token_ids = frozenset(eos)
@@ -269,6 +270,36 @@ class Engine:
         self.stats["host_s"] += time.perf_counter() - t - (self.stats["device_wait_s"] - wait0)
         return outputs
 
+    def fail_step(self) -> List[RequestOutput]:
+        """After `step` raised (on the host, or on the device after the pool was donated to it):
+        ends the requests of the steps in flight, with finish reason "error" and no end in the
+        journal (a restarted server resumes them), and makes the engine usable again: a pool
+        the failed step took is rebuilt, and the requests whose pages were in it recompute them.
+        Returns the failed requests' outputs."""
+        failed = {r.request_id: r for r in self._dispatching}
+        for record in self._in_flight:
+            failed.update((r.request_id, r) for r, _ in record.scheduled)
+        self._in_flight.clear()
+        self._dispatching, self._held, self._dispatched = [], [], False
+        outputs = []
+        for rid, r in failed.items():
+            if self.requests.get(rid) is not r:
+                continue
+            self.kv.release(r)
+            r.status, r.finish_reason, r.finish_time = Status.FINISHED, "error", self.clock()
+            del self.requests[rid]
+            self._decoders.pop(rid, None)
+            self.stats["failed"] += 1
+            outputs.append(self._output(r, []))
+        lost = self.runner.recover()
+        for r in self.requests.values():
+            r.num_pending, r.pending_row = 0, -1
+            if lost and (r.status is Status.RUNNING or r.pages):  # their KV went with the pool
+                self.kv.release(r)
+                self.stats["recomputed_tokens"] += r.num_computed
+                r.num_computed, r.status = 0, Status.WAITING
+        return outputs
+
     def drain(self) -> List[RequestOutput]:
         """Reads every step in flight; returns the outputs not yet returned."""
         self._dispatched = False
@@ -297,7 +328,9 @@ class Engine:
         if not scheduled:
             return None
         self.num_steps += 1
+        self._dispatching = [r for r, _ in scheduled]  # whom a failure in dispatch concerns
         dispatched = self.runner.dispatch([self._chunk(r, n) for r, n in scheduled])
+        self._dispatching = []
         produced = []
         for (r, n), row in zip(scheduled, dispatched.rows):
             r.num_computed += n

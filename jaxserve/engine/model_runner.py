@@ -199,13 +199,34 @@ class ModelRunner:
         self.attention_impl, self.unroll_layers = settings["attention_impl"], settings["unroll_layers"]
         # a caller-made pool (benchmarks fill one with random keys and values) or zeros
         self.cache = paged_kv.init_pool(cfg, num_pages, page_size, mesh) if cache is None else cache
-        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-        self.prev_tokens = jax.device_put(np.zeros(self.rows, np.int32), replicated)
+        self.prev_tokens = None
+        self._reset_prev_tokens()
         # serving over several processes: process 0 sends each step's inputs to the others first
         self.mirror = None
         if jax.process_count() > 1 and jax.process_index() == 0:
             from jaxserve.parallel.multihost import StepMirror
             self.mirror = StepMirror()
+
+    def recover(self) -> bool:
+        """After a failed step: makes the runner usable again. A step that failed on the device
+        took the donated pool with it (its outputs hold the error); then a zero pool replaces it
+        and True is returned (every page's contents are gone). The previous step's sampled
+        tokens are dropped either way."""
+        lost = False
+        try:
+            jax.block_until_ready(self.cache)
+        except Exception:  # noqa: BLE001 - whatever the device raised
+            lost = True
+        if lost or any(x.is_deleted() for x in self.cache.values()):
+            self.cache = None  # the failed arrays first: their memory may be reclaimed
+            self.cache = paged_kv.init_pool(self.cfg, self.num_pages, self.page_size, self.mesh)
+            lost = True
+        self._reset_prev_tokens()
+        return lost
+
+    def _reset_prev_tokens(self) -> None:
+        replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+        self.prev_tokens = jax.device_put(np.zeros(self.rows, np.int32), replicated)
 
     def step_kwargs(self, shape: StepShape) -> dict:
         """The static arguments of `forward_step` for a step of this shape on this runner."""

@@ -20,6 +20,7 @@ from jaxserve.sampling_params import SamplingParams
 log = logging.getLogger(__name__)
 
 _ACCEPTED = object()   # the engine queued the request
+MAX_CONSECUTIVE_FAILURES = 3  # then the engine thread gives up (see _fail_running)
 MAX_FINISHED_KEPT = 1024  # finished outputs of resumed requests kept for reconnecting clients
 _STOP = object()
 
@@ -81,6 +82,7 @@ class EngineLoop:
         # whole output, until MAX_FINISHED_KEPT newer ones push them out (then 404).
         self._finished: "collections.OrderedDict[str, RequestOutput]" = collections.OrderedDict()
         self._draining = False
+        self._failures = 0   # engine steps failed in a row
 
     # -- event-loop side ----------------------------------------------------------------------
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -246,6 +248,7 @@ class EngineLoop:
         except Exception as e:  # noqa: BLE001 - one bad step must not end the server
             self._fail_running(e)
             return
+        self._failures = 0
         self._post([(o.request_id, o) for o in outputs])
         if self.metrics is not None:
             self.metrics.observe_outputs(outputs)
@@ -288,9 +291,16 @@ class EngineLoop:
         return commands
 
     def _fail_running(self, error: Exception) -> None:
-        request_ids = list(self.engine.requests)
-        log.error("engine step failed; failing its %d requests", len(request_ids), exc_info=error)
-        failure = EngineFailure(f"the engine failed while running this request ({type(error).__name__})")
-        for request_id in request_ids:
-            self.engine.abort(request_id)   # frees its pages; raising here ends the thread
-        self._post([(rid, failure) for rid in request_ids])
+        """Fails the requests of the step that raised (the engine rebuilds what the step took;
+        they stay unfinished in the journal, for a restart). Others go on. After
+        MAX_CONSECUTIVE_FAILURES failed steps in a row the thread ends: /health answers 503,
+        and an orchestrator restarts the server, which resumes everything from the journal."""
+        self._failures += 1
+        failed = self.engine.fail_step()   # raising here ends the thread
+        log.error("engine step failed (%d in a row); failed its %d requests", self._failures, len(failed),
+                  exc_info=error)
+        failure = EngineFailure(f"the engine failed while running this request ({type(error).__name__}); "
+                                "it was not finished and a restarted server resumes it")
+        self._post([(out.request_id, failure) for out in failed])
+        if self._failures >= MAX_CONSECUTIVE_FAILURES:
+            raise RuntimeError(f"{self._failures} engine steps failed in a row") from error

@@ -1,0 +1,109 @@
+"""Faults inside the device step: the step fails after the KV pool was donated to it.
+
+The fault is a host callback inside the jitted step that raises while the step executes, so the
+failure comes from the runtime, after donation, as a device error would. Only the requests in
+the failed step fail; the engine rebuilds the pool, the others recompute their cache and finish
+with exactly an uninterrupted run's tokens, and the failed ones stay unfinished in the journal,
+from which a restarted engine finishes them with the same tokens too.
+"""
+import functools
+
+import jax
+import numpy as np
+import pytest
+
+from jaxserve import Engine, EngineConfig, SamplingParams
+from jaxserve.engine import model_runner
+from jaxserve.engine.journal import TokenJournal, replay
+
+
+class DeviceFault:
+    """Replaces model_runner.forward_step with the same step plus a callback that raises while
+    `armed` is set: the pool is donated, then the execution fails."""
+
+    def __init__(self, monkeypatch):
+        self.armed = False
+        real = model_runner.forward_step
+        fault = self
+
+        def boom(x):
+            if fault.armed:
+                raise RuntimeError("injected device fault")
+            return x
+
+        @functools.partial(jax.jit, static_argnames=("cfg", "attention_impl", "mesh", "unroll_layers"),
+                           donate_argnames=("cache",))
+        def faulty(params, cache, prev_tokens, inputs, cfg, attention_impl="reference", mesh=None,
+                   unroll_layers=False):
+            logits, cache = real(params, cache, prev_tokens, inputs, cfg=cfg, attention_impl=attention_impl,
+                                 mesh=mesh, unroll_layers=unroll_layers)
+            logits = jax.pure_callback(boom, jax.ShapeDtypeStruct(logits.shape, logits.dtype), logits)
+            return logits, cache
+        monkeypatch.setattr(model_runner, "forward_step", faulty)
+
+
+def requests(n=5):
+    rng = np.random.default_rng(11)
+    return [(f"r{i}", rng.integers(3, 1000, size=int(rng.integers(5, 40))).tolist(),
+             SamplingParams(max_tokens=20, temperature=0.0 if i % 2 else 0.9, seed=i, ignore_eos=True))
+            for i in range(n)]
+
+
+def finish(engine, done=None):
+    done = {} if done is None else done
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+    return done
+
+
+@pytest.mark.parametrize("async_scheduling", [True, False])
+def test_a_device_fault_fails_only_its_step_and_the_rest_finish_identically(tiny, tmp_path, monkeypatch,
+                                                                            async_scheduling):
+    cfg, params, mesh, tokenizer = tiny
+    config = EngineConfig(token_budget=24, max_chunk=16, max_batch=3, async_scheduling=async_scheduling)
+    ref_engine = Engine(cfg, params, mesh, tokenizer, config)
+    for rid, prompt, p in requests():
+        ref_engine.add_request(rid, prompt, p)
+    reference = finish(ref_engine)
+
+    fault = DeviceFault(monkeypatch)
+    path = str(tmp_path / "journal.jsonl")
+    engine = Engine(cfg, params, mesh, tokenizer, config, journal=TokenJournal(path, fsync_every=1))
+    for rid, prompt, p in requests():
+        engine.add_request(rid, prompt, p)
+    done = {}
+    for _ in range(6):
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+    in_flight = {r.request_id for rec in engine._in_flight for r, _ in rec.scheduled}
+    fault.armed = True
+    with pytest.raises(Exception, match="injected device fault"):
+        for _ in range(3):  # the error surfaces at dispatch or when the tokens are read
+            engine.step()
+    fault.armed = False
+    pool_before = engine.runner.cache
+    failed = engine.fail_step()
+    failed_ids = {out.request_id for out in failed}
+    assert failed_ids and all(out.finish_reason == "error" for out in failed)
+    assert in_flight <= failed_ids | set(done)          # the step in flight when it broke is among them
+    assert len(failed_ids) < len(requests())             # not everyone: the waiting ones go on
+    assert engine.runner.cache is not pool_before         # the donated pool was rebuilt
+    jax.block_until_ready(engine.runner.cache)
+
+    finish(engine, done)
+    for rid in set(reference) - failed_ids:              # every other request: the uninterrupted tokens
+        assert done[rid].token_ids == reference[rid].token_ids, rid
+    assert engine.allocator.num_used == 0
+
+    # the failed ones were not ended in the journal: a restarted engine finishes them identically
+    pending = replay(path)
+    assert {r.request_id for r in pending} == failed_ids
+    fresh = Engine(cfg, params, mesh, tokenizer, config, journal=TokenJournal(path, fsync_every=1))
+    fresh.resume(pending)
+    resumed = finish(fresh)
+    for rid in failed_ids:
+        assert resumed[rid].token_ids == reference[rid].token_ids, rid
+    assert replay(path) == []
