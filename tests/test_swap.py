@@ -85,7 +85,8 @@ def test_no_page_leaks_across_thousands_of_swap_cycles(tiny):
         steps += 1
         if steps % 500 == 0:  # mid-way, every page is either on the device or in the host pool
             r = engine.requests["a"]
-            assert engine.allocator.num_used + engine.host_pool.used == -(-r.num_computed // 16)
+            on_host = sum(e.num_pages for e in engine.host_pool.entries.values())
+            assert engine.allocator.num_used + on_host == -(-r.num_computed // 16)
             assert engine.allocator.num_used + engine.allocator.num_free == 64
     assert engine.stats["swap_outs"] == 1500 and engine.stats["swap_ins"] == 1500
     assert outs[-1].token_ids == plain
@@ -113,3 +114,25 @@ def test_preemptive_policies_under_memory_pressure_keep_outputs_and_pages(tiny, 
     for rid, _, _ in reqs:
         assert out[rid].token_ids == plain[rid].token_ids, rid
     assert engine.allocator.num_used == 0 and engine.host_pool.used == 0
+
+
+def test_the_host_pool_counts_the_pages_its_buffers_hold(tiny):
+    """A swapped-out copy of n pages is a bucket(n)-page buffer: the pool counts that, so pinned
+    memory never exceeds host_pages (before, 5 pages were counted for an 8-page buffer)."""
+    import jax.numpy as jnp
+    from jaxserve.cache.swap import HostPagePool
+    cfg, _, mesh, _ = tiny
+    pool = {n: jnp.ones((cfg.num_layers, 33, 16, cfg.num_kv_heads, cfg.head_dim), jnp.float32) for n in "kv"}
+    host = HostPagePool(10, mesh)
+    host.put("a", pool, [1, 2, 3, 4, 5])
+    assert host.used == 8 and host.num_free == 2
+    page_bytes = sum(x.nbytes for x in pool.values()) // 33
+    held = sum(x.nbytes for e in host.entries.values() for x in e.data.values())
+    assert held == host.used * page_bytes
+    host.put("b", pool, [6, 7])
+    assert host.used == 10
+    with pytest.raises(RuntimeError, match="host pool full"):
+        host.put("c", pool, [8])
+    host.drop("a")
+    staged, n = host.upload("b")
+    assert (host.used, n) == (0, 2)

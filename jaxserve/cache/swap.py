@@ -28,11 +28,13 @@ def host_memory_kind(device) -> str | None:
 @dataclasses.dataclass
 class HostEntry:
     data: dict          # {"k", "v"}: [L, bucket(n), S, K, D] in host memory
-    num_pages: int
+    num_pages: int      # n: the request's pages
+    allocated: int      # the pages the buffers hold (bucket(n)): what `used` counts
 
 
 class HostPagePool:
-    """Swapped-out KV of preempted requests, bounded by `capacity` pages."""
+    """Swapped-out KV of preempted requests, bounded by `capacity` pages of host memory
+    (counted as allocated: a copy of n pages holds bucket(n))."""
 
     def __init__(self, capacity: int, mesh):
         self.capacity = capacity
@@ -55,20 +57,21 @@ class HostPagePool:
 
     def store(self, request_id: str, data: dict, num_pages: int) -> int:
         """Keeps device buffers [L, >=num_pages, S, K, D] of a request in host memory."""
-        if num_pages > self.num_free:
-            raise RuntimeError(f"host pool full: {num_pages} pages asked, {self.num_free} free")
+        allocated = data["k"].shape[1]
+        if allocated > self.num_free:
+            raise RuntimeError(f"host pool full: {allocated} pages asked ({num_pages} used), {self.num_free} free")
         if self.memory_kind:
             host = transfer.to_host(data)
         else:
             host = {name: np.asarray(x) for name, x in data.items()}  # backends without host memory spaces
-        self.entries[request_id] = HostEntry(host, num_pages)
-        self.used += num_pages
+        self.entries[request_id] = HostEntry(host, num_pages, allocated)
+        self.used += allocated
         return num_pages * sum(x.nbytes // x.shape[1] for x in host.values())
 
     def upload(self, request_id: str) -> tuple:
         """Starts the host->device copy of a request's pages; returns (staged data, num_pages)."""
         entry = self.entries.pop(request_id)
-        self.used -= entry.num_pages
+        self.used -= entry.allocated
         kind = self.mesh.devices.flat[0].default_memory().kind
         staged = {name: jax.device_put(x, self._sharding(x.shape, kind)) for name, x in entry.data.items()}
         return staged, entry.num_pages
@@ -76,7 +79,7 @@ class HostPagePool:
     def drop(self, request_id: str) -> None:
         entry = self.entries.pop(request_id, None)
         if entry is not None:
-            self.used -= entry.num_pages
+            self.used -= entry.allocated
 
 
 def gather_bucketed(pool: dict, pages: Sequence[int]) -> dict:

@@ -107,7 +107,7 @@ class KVManager:
             self.runner.cache = write_staged(self.runner.cache, pages, staged)
             r.pages, r.status = pages, Status.RUNNING
             return n * sum(x.nbytes // x.shape[1] for x in kv.values())
-        if kv is not None and n <= self.host_pool.num_free:  # no room on the device: wait in host memory
+        if kv is not None and kv["k"].shape[1] <= self.host_pool.num_free:  # no room on the device: wait on the host
             r.pages, r.status = [], Status.SWAPPED
             return self.host_pool.store(r.request_id, {k: jax.device_put(x, on_device) for k, x in kv.items()}, n)
         if kv is not None:

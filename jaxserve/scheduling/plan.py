@@ -9,6 +9,7 @@ import dataclasses
 from typing import List, Tuple
 
 from jaxserve.cache.page_allocator import pages_for
+from jaxserve.scheduling.cost_model import bucket
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +42,12 @@ class CacheState:
     def pages_needed(self, r: RequestView, n: int) -> int:
         """New pages `r` needs to run its next `n` tokens."""
         return max(0, pages_for(r.num_computed + n, self.page_size) - r.num_pages)
+
+    @staticmethod
+    def host_pages_for(num_pages: int) -> int:
+        """Host pages that a swapped-out copy of `num_pages` device pages takes: copies are
+        bucketed (one compiled transfer per power of two) and the host pool counts what it holds."""
+        return bucket(num_pages)
 
 
 @dataclasses.dataclass

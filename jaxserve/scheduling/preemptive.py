@@ -66,10 +66,11 @@ class PreemptivePolicy:
         for victim in reversed(idle):
             if free >= self.watermark_pages:
                 break
-            if loc[victim.request_id] == "device" and victim.num_pages and victim.num_pages <= host_free:
+            held = cache.host_pages_for(victim.num_pages)
+            if loc[victim.request_id] == "device" and victim.num_pages and held <= host_free:
                 plan.swap_out.append(victim.request_id)
                 loc[victim.request_id] = "host"
-                free, host_free = free + victim.num_pages, host_free - victim.num_pages
+                free, host_free = free + victim.num_pages, host_free - held
         # prefetch the host-resident jobs next in line, while the watermark still holds
         if self.prefetch and not plan.swap_out and not plan.preempt:
             for r in idle:
@@ -99,26 +100,27 @@ class PreemptivePolicy:
             if loc[r.request_id] == "gone":  # evicted earlier in this plan
                 continue
             n = min(r.num_remaining, cache.max_chunk)
-            on_host = r.num_pages if r.location == "host" else 0
+            on_host = r.num_pages if r.location == "host" else 0      # device pages its upload needs
+            freed = cache.host_pages_for(on_host) if on_host else 0   # host pages the upload frees
             need = cache.pages_needed(r, n) + on_host
-            room, victims, gain = host_free + on_host, [], 0
+            room, victims, gain = host_free + freed, [], 0
             for victim in (reversed(ordered[i + 1:]) if self.may_evict_for(r) else ()):
                 if need <= free + gain:
                     break
                 if loc[victim.request_id] != "device" or not victim.num_pages:
                     continue
-                to_host = victim.num_pages <= room
+                to_host = cache.host_pages_for(victim.num_pages) <= room
                 if not to_host and not allow_drop:
                     continue
-                room -= victim.num_pages if to_host else 0
+                room -= cache.host_pages_for(victim.num_pages) if to_host else 0
                 victims.append((victim, to_host))
                 gain += victim.num_pages
             if need > free + gain:
                 continue
-            host_free += on_host
+            host_free += freed
             for victim, to_host in victims:
                 (plan.swap_out if to_host else plan.preempt).append(victim.request_id)
-                host_free -= victim.num_pages if to_host else 0
+                host_free -= cache.host_pages_for(victim.num_pages) if to_host else 0
                 loc[victim.request_id] = "gone"
             if on_host:
                 plan.swap_in.append(r.request_id)

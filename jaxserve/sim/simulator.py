@@ -72,19 +72,19 @@ class Simulator:
             for rid in plan.preempt:
                 s = active[rid]
                 if s.location == "host":
-                    host_free += s.pages
+                    host_free += CacheState.host_pages_for(s.pages)
                 else:
                     free += s.pages
                 s.pages, s.computed, s.location = 0, 0, "none"
                 self.stats["preemptions"] += 1
             for rid in plan.swap_out:
                 s = active[rid]
-                free, host_free, s.location = free + s.pages, host_free - s.pages, "host"
+                free, host_free, s.location = free + s.pages, host_free - CacheState.host_pages_for(s.pages), "host"
                 swap_pages += s.pages
                 self.stats["swap_outs"] += 1
             for rid in plan.swap_in:
                 s = active[rid]
-                free, host_free, s.location = free - s.pages, host_free + s.pages, "device"
+                free, host_free, s.location = free - s.pages, host_free + CacheState.host_pages_for(s.pages), "device"
                 swap_pages += s.pages
                 blocking_pages += s.pages if rid in running else 0
                 self.stats["swap_ins"] += 1
