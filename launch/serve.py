@@ -8,6 +8,7 @@ Config overrides as in generate.py: --config.scheduler.policy=mlfq --config.engi
 Endpoints: /v1/completions, /v1/chat/completions, /v1/models, /health, /metrics, /openapi.json.
 """
 import os
+import signal
 import sys
 import time
 
@@ -69,7 +70,12 @@ def main(argv):
         config_flags.get_config_filename(flags.FLAGS["config"])))[0]
     engine = engine_from_config(config)
     if jax.process_index() != 0:  # a follower: run process 0's steps until it stops serving
-        from jaxserve.parallel import multihost
+        # A spot VM's notice reaches every process. A follower that stopped now would leave process
+        # 0 inside a collective; it keeps stepping while process 0 drains, which then releases it.
+        def keep_following(sig, frame):
+            sys.stderr.write(f"process {jax.process_index()}: signal {sig}; draining with process 0\n")
+        signal.signal(signal.SIGTERM, keep_following)
+        signal.signal(signal.SIGINT, keep_following)
         sys.stderr.write(f"process {jax.process_index()} followed {engine.runner.follow()} steps\n")
         return
     if _JOURNAL.value:

@@ -102,7 +102,7 @@ def test_a_good_record_with_the_secret_is_taken_over_and_finishes(guarded):
     url, engine = guarded
     r = httpx.post(url + "/v1/requests/import", json=record(id="cmpl-peer-ok"),
                    headers={"Authorization": f"Bearer {SECRET}"})
-    assert r.status_code == 200 and r.json() == {"accepted": 1}
+    assert r.status_code == 200 and r.json() == {"accepted": 1, "finished": 0}
     with httpx.stream("GET", url + "/v1/requests/cmpl-peer-ok/stream", headers={"Authorization": f"Bearer {KEY}"},
                       timeout=60) as s:
         lines = [line for line in s.iter_lines() if line.startswith("data:")]
@@ -117,3 +117,21 @@ def test_without_a_peer_secret_the_peer_route_is_closed(tiny_config):
         assert httpx.get(url + "/v1/models").status_code == 200  # no API key set: open
     finally:
         stop()
+
+
+def test_a_peer_hands_over_the_output_of_a_request_that_ended_while_it_drained(guarded):
+    url, _ = guarded
+    auth = {"Authorization": f"Bearer {SECRET}"}
+    done = {"id": "cmpl-ended", "prompt": [5, 6], "ids": [7, 8], "text": "seven eight", "reason": "length",
+            "logprobs": None, "arrival": 0.0}
+    r = httpx.post(url + "/v1/requests/import", json={"requests": [], "finished": [done]}, headers=auth)
+    assert r.status_code == 200 and r.json() == {"accepted": 0, "finished": 1}
+    for _ in range(2):  # every reconnect gets it
+        with httpx.stream("GET", url + "/v1/requests/cmpl-ended/stream", headers={"Authorization": f"Bearer {KEY}"},
+                          timeout=30) as s:
+            chunks = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: {")]
+        assert "".join(c["choices"][0]["text"] for c in chunks) == "seven eight"
+        assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    bad = httpx.post(url + "/v1/requests/import", json={"requests": [], "finished": [{**done, "ids": "x"}]},
+                     headers=auth)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "finished.0.ids"

@@ -6,40 +6,13 @@ the failed step fail; the engine rebuilds the pool, the others recompute their c
 with exactly an uninterrupted run's tokens, and the failed ones stay unfinished in the journal,
 from which a restarted engine finishes them with the same tokens too.
 """
-import functools
-
 import jax
 import numpy as np
 import pytest
 
 from jaxserve import Engine, EngineConfig, SamplingParams
-from jaxserve.engine import model_runner
+from jaxserve.engine.faults import DeviceFault
 from jaxserve.engine.journal import TokenJournal, replay
-
-
-class DeviceFault:
-    """Replaces model_runner.forward_step with the same step plus a callback that raises while
-    `armed` is set: the pool is donated, then the execution fails."""
-
-    def __init__(self, monkeypatch):
-        self.armed = False
-        real = model_runner.forward_step
-        fault = self
-
-        def boom(x):
-            if fault.armed:
-                raise RuntimeError("injected device fault")
-            return x
-
-        @functools.partial(jax.jit, static_argnames=("cfg", "attention_impl", "mesh", "unroll_layers"),
-                           donate_argnames=("cache",))
-        def faulty(params, cache, prev_tokens, inputs, cfg, attention_impl="reference", mesh=None,
-                   unroll_layers=False):
-            logits, cache = real(params, cache, prev_tokens, inputs, cfg=cfg, attention_impl=attention_impl,
-                                 mesh=mesh, unroll_layers=unroll_layers)
-            logits = jax.pure_callback(boom, jax.ShapeDtypeStruct(logits.shape, logits.dtype), logits)
-            return logits, cache
-        monkeypatch.setattr(model_runner, "forward_step", faulty)
 
 
 def requests(n=5):
@@ -59,8 +32,7 @@ def finish(engine, done=None):
 
 
 @pytest.mark.parametrize("async_scheduling", [True, False])
-def test_a_device_fault_fails_only_its_step_and_the_rest_finish_identically(tiny, tmp_path, monkeypatch,
-                                                                            async_scheduling):
+def test_a_device_fault_fails_only_its_step_and_the_rest_finish_identically(tiny, tmp_path, async_scheduling):
     cfg, params, mesh, tokenizer = tiny
     config = EngineConfig(token_budget=24, max_chunk=16, max_batch=3, async_scheduling=async_scheduling)
     ref_engine = Engine(cfg, params, mesh, tokenizer, config)
@@ -68,7 +40,12 @@ def test_a_device_fault_fails_only_its_step_and_the_rest_finish_identically(tiny
         ref_engine.add_request(rid, prompt, p)
     reference = finish(ref_engine)
 
-    fault = DeviceFault(monkeypatch)
+    with DeviceFault() as fault:
+        check_fault(tiny, tmp_path, config, reference, fault)
+
+
+def check_fault(tiny, tmp_path, config, reference, fault):
+    cfg, params, mesh, tokenizer = tiny
     path = str(tmp_path / "journal.jsonl")
     engine = Engine(cfg, params, mesh, tokenizer, config, journal=TokenJournal(path, fsync_every=1))
     for rid, prompt, p in requests():

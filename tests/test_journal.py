@@ -131,7 +131,9 @@ def test_a_fragment_glued_to_a_record_by_an_older_writer_keeps_the_record(tmp_pa
     assert a.output_ids == [9, 10]
 
 
-def test_compaction_keeps_the_journal_near_the_size_of_the_unfinished_requests(tmp_path):
+def test_compaction_keeps_the_journal_near_the_size_of_the_unfinished_requests(tmp_path, monkeypatch):
+    from jaxserve.engine import journal
+    monkeypatch.setattr(journal, "KEEP_FINISHED", 4)  # the finished ones kept for reconnects
     path = str(tmp_path / "j.jsonl")
     j = TokenJournal(path, compact_bytes=4096)
     j.added(_request("long-lived", arrival=-1.0))
@@ -147,10 +149,14 @@ def test_compaction_keeps_the_journal_near_the_size_of_the_unfinished_requests(t
     (r,) = replay(path)
     assert r.request_id == "long-lived" and r.output_ids == list(range(400))
     assert r.logprobs == [-0.2] * 400
+    assert [x.request_id for x in j.finished_requests()] == ["r396", "r397", "r398", "r399"]
     j.close()
     j = TokenJournal(path)  # reopened: the same state
     (r,) = replay(path)
     assert r.output_ids == list(range(400))
+    done = j.finished_requests()
+    assert [(x.request_id, x.output_ids, x.finish_reason) for x in done][-1] == ("r399", [1, 2, 3], "length")
+    assert len(done) == 4
 
 
 ORBAX_CONFIG = """

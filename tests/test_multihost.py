@@ -1,8 +1,10 @@
 """Serving over two processes (JAX's multi-controller runtime, gloo on CPU) equals one process."""
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 
@@ -66,16 +68,25 @@ def test_serve_py_over_two_processes_answers_like_one_engine(tiny_host, tmp_path
         with open(tmp_path / f"serve{i}.log", "w") as log:
             procs.append(subprocess.Popen(
                 [sys.executable, "launch/serve.py", "--config=configs/tiny.py", "--config.mesh.model=4",
-                 f"--port={port}", f"--coordinator=127.0.0.1:{coord}", "--num_processes=2", f"--process_id={i}"],
+                 f"--port={port}", f"--coordinator=127.0.0.1:{coord}", "--num_processes=2", f"--process_id={i}",
+                 f"--journal={tmp_path}/journal.jsonl", "--shutdown_grace_s=1"],
                 cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT))
     follower, leader = procs
     try:
         wait_healthy(f"http://127.0.0.1:{port}", leader)
         body = {"model": "tiny", "prompt": "Hello there", "max_tokens": 8, "temperature": 0}
         text = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=120).json()["choices"][0]["text"]
-        leader.send_signal(2)  # SIGINT: process 0 stops serving and releases its follower
-        assert leader.wait(60) == 0 and follower.wait(60) == 0
+        # a spot VM's notice reaches every process, the follower first: it keeps stepping while
+        # process 0 drains, syncs its journal and then releases it
+        follower.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        assert follower.poll() is None
+        again = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=120)
+        assert again.status_code == 200 and again.json()["choices"][0]["text"] == text  # the follower still steps
+        leader.send_signal(signal.SIGTERM)
+        assert leader.wait(60) in (0, -signal.SIGTERM) and follower.wait(60) == 0
         assert "followed" in (tmp_path / "serve1.log").read_text()
+        assert "journal synced" in (tmp_path / "serve0.log").read_text()
     finally:
         for p in procs:
             p.kill()

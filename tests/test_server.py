@@ -370,19 +370,16 @@ def test_queue_bound_answers_429_and_recovers(inproc):
     assert metric(inproc.url, "jaxserve_requests_rejected_total", reason="queue_full") == 1
 
 
-def test_engine_failure_fails_its_requests_and_the_server_goes_on(inproc, monkeypatch):
+def test_engine_failure_fails_its_requests_and_the_server_goes_on(inproc):
     """A fault inside the device step (after the pool was donated to it): its requests fail with
     a clear error, the engine rebuilds the pool and goes on serving."""
-    from test_faults import DeviceFault
+    from jaxserve.engine.faults import DeviceFault
     engine = inproc.engine
-    fault = DeviceFault(monkeypatch)
-    fault.armed = True
-    try:
+    with DeviceFault() as fault:
+        fault.armed = True
         whole = httpx.post(inproc.url + C, json={"prompt": "boom", "max_tokens": 3}, timeout=60)
         with httpx.stream("POST", inproc.url + CHAT, json={"messages": USER, "stream": True}, timeout=60) as r:
             events = [line for line in r.iter_lines() if line.startswith("data:")]
-    finally:
-        fault.armed = False
     assert whole.status_code == 500 and whole.json()["error"]["code"] == "engine_failure"
     assert r.status_code == 200 and any('"error"' in e for e in events) and events[-1] == "data: [DONE]"
     assert engine.allocator.num_used == 0 and not engine.has_unfinished()

@@ -14,6 +14,7 @@ owned by the engine thread.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import os
@@ -21,6 +22,8 @@ from typing import Dict, List
 
 from jaxserve.engine.request import Request
 from jaxserve.sampling_params import SamplingParams
+
+KEEP_FINISHED = 256  # finished requests a journal keeps (tokens included) for reconnecting clients
 
 
 def request_record(r: Request) -> dict:
@@ -61,7 +64,7 @@ class TokenJournal:
             raise ValueError(f"journal compact_bytes must be >= 1, got {compact_bytes}")
         self.path, self.fsync_every, self.compact_bytes = path, fsync_every, compact_bytes
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        self._live, good_bytes, ended = _scan(path)
+        self._live, self._done, good_bytes, ended = _scan(path)
         if os.path.exists(path) and os.path.getsize(path) > good_bytes:
             with open(path, "r+b") as f:  # seal the torn tail
                 f.truncate(good_bytes)
@@ -103,22 +106,41 @@ class TokenJournal:
             self.sync()
 
     def finished(self, request_id: str, reason: str) -> None:
-        self._live.pop(request_id, None)
+        record = self._live.pop(request_id, None)
+        if record is not None:  # kept a while, for clients that reconnect after a crash
+            self._done[request_id] = {**record, "reason": reason}
+            while len(self._done) > KEEP_FINISHED:
+                self._done.popitem(last=False)
         self._write({"op": "end", "id": request_id, "reason": reason})
         self.sync()  # an end lost in a crash would resume a finished request
         if self._size >= self._compact_at:
             self.compact()
 
+    def finished_requests(self) -> List[Request]:
+        """The last KEEP_FINISHED requests that ended, oldest first, with their tokens and
+        `finish_reason`: a client cut off by a crash may reconnect for one that ended meanwhile."""
+        out = []
+        for record in self._done.values():
+            r = request_from_record(record)
+            r.finish_reason = record["reason"]
+            out.append(r)
+        return out
+
     def compact(self) -> None:
         """Rewrites the file as one `add` record per unfinished request (with its committed
-        tokens): written aside, synced, then renamed over the old file, so a crash at any point
-        leaves one whole journal or the other."""
+        tokens), after the last KEEP_FINISHED finished ones (add and end): written aside, synced,
+        then renamed over the old file, so a crash at any point leaves one whole journal or the
+        other."""
         if self._f is not None and not self._f.closed:
             self._f.close()
         tmp = self.path + ".compact"
+        line = lambda rec: json.dumps(rec, separators=(",", ":")) + "\n"
         with open(tmp, "w", encoding="utf-8") as f:
+            for rid, record in self._done.items():  # oldest first: replay keeps the newest
+                f.write(line({"op": "add", **{k: v for k, v in record.items() if k != "reason"}}))
+                f.write(line({"op": "end", "id": rid, "reason": record["reason"]}))
             for record in sorted(self._live.values(), key=lambda r: r["arrival"]):
-                f.write(json.dumps({"op": "add", **record}, separators=(",", ":")) + "\n")
+                f.write(line({"op": "add", **record}))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
@@ -167,11 +189,13 @@ def _parse(line: str):
 
 
 def _scan(path: str):
-    """(unfinished request records by id, bytes up to the end of the last whole record, whether
-    any request ended). A bad last line (a torn write) is left out; any other bad line is an error."""
+    """(unfinished request records by id, the last KEEP_FINISHED finished ones (with "reason"),
+    bytes up to the end of the last whole record, whether any request ended). A bad last line
+    (a torn write) is left out; any other bad line is an error."""
     live: Dict[str, dict] = {}
+    done: "collections.OrderedDict[str, dict]" = collections.OrderedDict()
     if not os.path.exists(path):
-        return live, 0, False
+        return live, done, 0, False
     with open(path, "rb") as f:
         data = f.read()
     lines = data.split(b"\n")
@@ -195,11 +219,16 @@ def _scan(path: str):
                 live[rid]["logprobs"] += rec["logprobs"]
             elif op == "end":
                 ended = True
-                live.pop(rid, None)
+                rec_done = live.pop(rid, None)
+                if rec_done is not None:
+                    done[rid] = {**rec_done, "reason": rec.get("reason")}
+                    done.move_to_end(rid)
+                    while len(done) > KEEP_FINISHED:
+                        done.popitem(last=False)
         if not last:
             good = end
         offset = end
-    return live, good, ended
+    return live, done, good, ended
 
 
 def replay(path: str) -> List[Request]:
@@ -208,5 +237,5 @@ def replay(path: str) -> List[Request]:
 
     A torn last line (the crash came mid-write) is ignored; any other bad line is an error.
     """
-    live, _, _ = _scan(path)
+    live, _, _, _ = _scan(path)
     return sorted((request_from_record(rec) for rec in live.values()), key=lambda r: r.arrival_time)

@@ -27,3 +27,21 @@ class RequestOutput:
     @property
     def jct(self) -> Optional[float]:
         return None if self.finish_time is None else self.finish_time - self.arrival_time
+
+
+def finished_output(r, tokenizer=None) -> RequestOutput:
+    """The final output of a finished request (a jaxserve.engine.request.Request) rebuilt from
+    its tokens, as the engine gave it: detokenized incrementally, cut at its stop string."""
+    text = ""
+    if tokenizer is not None:
+        from jaxserve.tokenizer import IncrementalDecoder
+        text = IncrementalDecoder(tokenizer).push(list(r.output_ids))
+        for stop in r.params.stop if r.finish_reason == "stop" else ():
+            at = text.find(stop)
+            if at >= 0:
+                text = text[:at]
+                break
+    return RequestOutput(request_id=r.request_id, prompt_token_ids=list(r.prompt_ids), token_ids=list(r.output_ids),
+                         new_token_ids=list(r.output_ids), text=text, finished=True, finish_reason=r.finish_reason,
+                         logprobs=list(r.logprobs) if r.params.logprobs else None, arrival_time=r.arrival_time,
+                         first_token_time=None, finish_time=None, num_preemptions=r.num_preemptions)

@@ -226,8 +226,9 @@ class OpenAIServer:
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     async def take_over(self, body: dict) -> dict:
-        """Resumes requests a peer hands over as it shuts down: {"requests": [request_record, ...]}.
-        Their clients reconnect here at /v1/requests/{id}/stream."""
+        """Resumes requests a peer hands over as it shuts down: {"requests": [request_record, ...],
+        "finished": [...]} (the outputs of requests that ended while it drained). Their clients
+        reconnect here at /v1/requests/{id}/stream."""
         from jaxserve.engine.journal import request_from_record
         records = body.get("requests") if isinstance(body, dict) else None
         if not isinstance(records, list):
@@ -241,12 +242,39 @@ class OpenAIServer:
             except (KeyError, TypeError) as e:
                 raise APIError(400, f"requests.{i}: not a request record ({type(e).__name__}: {e})",
                                f"requests.{i}") from None
+        ended = body.get("finished", [])
+        if not isinstance(ended, list):
+            raise APIError(400, "finished: must be a list of finished request records", "finished")
+        finished = [self._finished_record(i, rec) for i, rec in enumerate(ended)]
         try:
-            return {"accepted": await self.engine_loop.take_over(requests)}
+            accepted = await self.engine_loop.take_over(requests) if requests else 0
+            self.engine_loop.keep_finished(finished)
+            return {"accepted": accepted, "finished": len(finished)}
         except ValueError as e:
             raise APIError.from_value_error(e) from None
         except EngineUnavailable as e:
             raise APIError(503, str(e), code="engine_unavailable") from None
+
+    def _finished_record(self, i: int, rec) -> "RequestOutput":
+        """A peer's ended request (for its reconnecting client), checked field by field."""
+        from jaxserve.engine.outputs import RequestOutput
+        field = f"finished.{i}"
+        if not isinstance(rec, dict):
+            raise APIError(400, f"{field}: must be an object", field)
+        ints = lambda xs: isinstance(xs, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in xs)
+        checks = {"id": isinstance(rec.get("id"), str) and rec.get("id"), "prompt": ints(rec.get("prompt")),
+                  "ids": ints(rec.get("ids")), "text": isinstance(rec.get("text"), str),
+                  "reason": rec.get("reason") in ("stop", "length", "abort"),
+                  "logprobs": rec.get("logprobs") is None or (isinstance(rec.get("logprobs"), list) and all(
+                      isinstance(x, (int, float)) for x in rec["logprobs"])),
+                  "arrival": isinstance(rec.get("arrival"), (int, float))}
+        bad = next((name for name, ok in checks.items() if not ok), None)
+        if bad is not None:
+            raise APIError(400, f"{field}.{bad}: missing or invalid", f"{field}.{bad}")
+        return RequestOutput(request_id=rec["id"], prompt_token_ids=rec["prompt"], token_ids=rec["ids"],
+                             new_token_ids=rec["ids"], text=rec["text"], finished=True, finish_reason=rec["reason"],
+                             logprobs=rec["logprobs"], arrival_time=float(rec["arrival"]), first_token_time=None,
+                             finish_time=None)
 
     # -- assembly -----------------------------------------------------------------------------
     def routes(self, app: FastAPI) -> None:
@@ -289,15 +317,19 @@ def create_app(engine, model_name: str, *, max_waiting: int = 1024,
             yield
         finally:
             await asyncio.to_thread(server.engine_loop.stop)
-            mirror = getattr(getattr(engine, "runner", None), "mirror", None)
-            if mirror is not None:  # serving over several processes: release the followers
-                mirror.stop()
-            if peer_url and getattr(engine, "requests", None):
-                await asyncio.to_thread(_hand_over, engine, peer_url, peer_secret)
-            if getattr(engine, "journal", None) is not None:  # the engine thread is done: sync it
-                engine.journal.close()
+            journal = getattr(engine, "journal", None)
+            if journal is not None:  # the engine thread is done: make its records durable first
+                journal.sync()
+            ended = server.engine_loop.finished_while_draining
+            if peer_url and (getattr(engine, "requests", None) or ended):
+                await asyncio.to_thread(_hand_over, engine, peer_url, peer_secret, ended)
+            if journal is not None:
+                journal.close()
                 logging.getLogger(__name__).warning("journal synced; %d unfinished requests in it",
                                                     len(engine.requests))
+            mirror = getattr(getattr(engine, "runner", None), "mirror", None)
+            if mirror is not None:  # serving over several processes: release the followers last
+                mirror.stop()
 
     app = FastAPI(title="jaxserve", version=importlib.metadata.version("jaxserve"),
                   description="OpenAI-compatible serving of one model.", lifespan=lifespan)
@@ -310,16 +342,20 @@ def create_app(engine, model_name: str, *, max_waiting: int = 1024,
     return app
 
 
-def _hand_over(engine, peer_url: str, peer_secret: Optional[str]) -> None:
+def _hand_over(engine, peer_url: str, peer_secret: Optional[str], ended=()) -> None:
     """Sends the stopped engine's unfinished requests to a peer server; those it accepts are
-    ended here (journal: "handed_over"); if it cannot take them they stay in the journal."""
+    ended here (journal: "handed_over"); if it cannot take them they stay in the journal. The
+    outputs of requests that ended during the drain go along, for clients cut off before their end."""
     import httpx
 
     from jaxserve.engine.journal import request_record
     log = logging.getLogger(__name__)
     requests = list(engine.requests.values())
+    finished = [{"id": o.request_id, "prompt": list(o.prompt_token_ids), "ids": list(o.token_ids), "text": o.text,
+                 "reason": o.finish_reason, "logprobs": o.logprobs, "arrival": o.arrival_time} for o in ended]
     try:
-        r = httpx.post(peer_url.rstrip("/") + PEER_ROUTE, json={"requests": [request_record(x) for x in requests]},
+        r = httpx.post(peer_url.rstrip("/") + PEER_ROUTE,
+                       json={"requests": [request_record(x) for x in requests], "finished": finished},
                        headers={"Authorization": f"Bearer {peer_secret}"} if peer_secret else {}, timeout=10)
         r.raise_for_status()
     except httpx.HTTPError as e:

@@ -14,7 +14,7 @@ import queue
 import threading
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from jaxserve.engine.outputs import RequestOutput
+from jaxserve.engine.outputs import RequestOutput, finished_output
 from jaxserve.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -81,8 +81,14 @@ class EngineLoop:
         # Resumed requests that finished while no client was attached: every reconnect gets their
         # whole output, until MAX_FINISHED_KEPT newer ones push them out (then 404).
         self._finished: "collections.OrderedDict[str, RequestOutput]" = collections.OrderedDict()
+        journal = getattr(engine, "journal", None)
+        for r in journal.finished_requests() if journal is not None else ():  # ended before a crash
+            self._finished[r.request_id] = finished_output(r, engine.tokenizer)
         self._draining = False
         self._failures = 0   # engine steps failed in a row
+        # Requests that ended while the server drained: their clients may have been cut off
+        # first, so they are handed to a peer too (see app._hand_over).
+        self.finished_while_draining: List[RequestOutput] = []
 
     # -- event-loop side ----------------------------------------------------------------------
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -107,6 +113,15 @@ class EngineLoop:
         """The server is shutting down (SIGTERM): admit nothing more, and let requests whose
         clients are cut off stay unfinished (in the journal) instead of aborting them."""
         self._draining = True
+
+    def keep_finished(self, outputs: Sequence[RequestOutput]) -> None:
+        """Final outputs of requests that ended elsewhere (a peer that shut down) whose clients
+        may reconnect here for them."""
+        for out in outputs:
+            self._finished[out.request_id] = out
+            self._finished.move_to_end(out.request_id)
+        while len(self._finished) > MAX_FINISHED_KEPT:
+            self._finished.popitem(last=False)
 
     async def add(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams,
                   priority: int = 0) -> RequestStream:
@@ -184,6 +199,8 @@ class EngineLoop:
 
     def _deliver(self, batch: List[Tuple[str, object]]) -> None:
         for request_id, item in batch:
+            if self._draining and isinstance(item, RequestOutput) and item.finished:
+                self.finished_while_draining.append(item)
             stream = self._streams.get(request_id)
             if stream is None:
                 if request_id in self._resumed and isinstance(item, RequestOutput):

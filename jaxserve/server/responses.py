@@ -100,10 +100,17 @@ def _new_logprobs(out: RequestOutput) -> list:
     return out.logprobs[len(out.logprobs) - len(out.new_token_ids):] if out.logprobs else []
 
 
-def _skip(deltas: _TextDeltas, reply: Reply, out: RequestOutput, skip_tokens: int) -> None:
-    """A reconnecting client has the text of the first skip_tokens tokens: start after it."""
+def _skip(deltas: _TextDeltas, reply: Reply, out: RequestOutput, skip_tokens: int) -> Optional[RequestOutput]:
+    """The first output a stream sends, or None to wait for a later one. A reconnecting client
+    has the first skip_tokens tokens: the stream starts after their text, and the first output
+    carries every token from there (with their logprobs). A client can be ahead of a resumed
+    request (a crash lost journal records it had streamed): nothing is sent until the request
+    has regenerated them."""
+    if len(out.token_ids) < skip_tokens and not out.finished:
+        return None
     if skip_tokens and reply.tokenizer is not None:
         deltas.sent = len(reply.tokenizer.decode(out.token_ids[:skip_tokens]))
+    return dataclasses.replace(out, new_token_ids=list(out.token_ids[skip_tokens:]))
 
 
 async def completion_events(reply: Reply, stream: RequestStream, skip_tokens: int = 0) -> AsyncIterator[bytes]:
@@ -111,7 +118,9 @@ async def completion_events(reply: Reply, stream: RequestStream, skip_tokens: in
     try:
         async for out in stream:
             if first:
-                _skip(deltas, reply, out, skip_tokens)
+                out = _skip(deltas, reply, out, skip_tokens)
+                if out is None:
+                    continue
                 offset, first = deltas.sent, False
             text = deltas.next(out)
             if not (text or out.finished or (reply.logprobs and out.new_token_ids)):
@@ -136,7 +145,9 @@ async def chat_events(reply: Reply, stream: RequestStream, skip_tokens: int = 0)
         yield chunk([p.ChatChunkChoice(delta=p.Delta(role="assistant", content=""))])
         async for out in stream:
             if first:
-                _skip(deltas, reply, out, skip_tokens)
+                out = _skip(deltas, reply, out, skip_tokens)
+                if out is None:
+                    continue
                 first = False
             text = deltas.next(out)
             if not (text or out.finished or (reply.logprobs and out.new_token_ids)):
