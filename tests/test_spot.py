@@ -59,8 +59,8 @@ def test_preempting_4_of_8_with_grace_loses_and_recomputes_nothing(tiny_host, re
     out = drain(cluster, requests, steps_before=4, event=lambda: events.append(
         cluster.notify_preemption(devices[2:6], grace_s=30.0)))
     (e,) = events
-    assert out == reference
-    assert e.requests_lost == 0 and e.tokens_recomputed == 0 and e.checkpoint_bytes_read == 0
+    assert out == reference  # no request lost: each one's final tokens are the reference run's
+    assert e.tokens_recomputed == 0 and e.checkpoint_bytes_read == 0
     assert e.requests_migrated == len(requests) and e.kv_bytes_moved > 0
     assert cluster.shape[0] * cluster.shape[1] <= 4 and set(cluster.devices) == set(devices[:2] + devices[6:])
     # survivors kept their own shards where the new layout allowed
@@ -104,7 +104,7 @@ def test_deferred_preemption_compiles_the_new_mesh_while_the_old_one_serves(tiny
             switch_compiles = {k: model_runner.TRACE_COUNT[k] - traced[k] for k in traced}
         step()
     assert out == reference
-    assert served_pending == 2 and event.requests_lost == 0 and event.tokens_recomputed == 0
+    assert served_pending == 2 and event.tokens_recomputed == 0
     assert event.shapes_compiled_ahead >= 1 and event.deferred_s > 0
     assert set(cluster.devices) == set(devices[:2] + devices[6:])
     assert switch_compiles == {"forward": 0, "sample": 0}  # its step shapes were ready
@@ -120,7 +120,7 @@ def test_preemption_without_grace_restores_params_from_the_checkpoint_and_recomp
         cluster.notify_preemption(devices[4:], grace_s=0.0)))
     (e,) = events
     assert out == reference
-    assert e.requests_lost == 0 and e.checkpoint_bytes_read == cluster.param_bytes * cluster.shape[0]
+    assert e.checkpoint_bytes_read == cluster.param_bytes * cluster.shape[0]
     assert e.tokens_recomputed > 0 and e.kv_bytes_moved == 0
 
 
@@ -188,7 +188,7 @@ def test_swapped_out_requests_migrate_too(tiny_host, requests, reference):
         if swapped_at_notice is None and any(e.host_pool.used for e in cluster.replicas):
             swapped_at_notice = sum(e.host_pool.used for e in cluster.replicas)
             event = cluster.notify_preemption(devices[:2], grace_s=30.0)
-            assert event.tokens_recomputed == 0 and event.requests_lost == 0
+            assert event.tokens_recomputed == 0
         for o in cluster.step():
             if o.finished:
                 out[o.request_id] = o.token_ids

@@ -47,7 +47,6 @@ class ReparallelizationEvent:
     checkpoint_bytes_read: int = 0
     tokens_recomputed: int = 0
     requests_migrated: int = 0
-    requests_lost: int = 0
     deferred_s: float = 0.0      # notice to switch: the old replicas served meanwhile (defer=True)
     shapes_compiled_ahead: int = 0
     done: bool = False           # False while a deferred switch is pending
@@ -320,7 +319,6 @@ class ServingCluster:
         for e, floor in zip(replicas, plan.decode_floor or []):
             e.runner.decode_floor = floor  # its decode shapes were compiled ahead at least this large
         jax.block_until_ready([e.runner.cache for e in replicas])
-        event.requests_lost = len(exported) - event.requests_migrated
         event.time_to_resume_s = self.clock() - start
         event.done = True
         self.events.append(event)

@@ -44,6 +44,7 @@ _ERRORS = {
 _SSE = {"text/event-stream": {"schema": {"type": "string"},
                               "description": "With `stream: true`: `data: <chunk JSON>` events, then `data: [DONE]`."}}
 _CLIENT_CLOSED = 499   # nginx's code; nobody receives it
+RETRY_LATER = {"Retry-After": "5"}  # 503: the server is shutting down or restarting (its journal resumes the work)
 
 
 DEFAULT_MAX_TOKENS = 1024  # a chat request that names no limit: at most this many (or what fits)
@@ -93,7 +94,7 @@ class OpenAIServer:
     async def health(self) -> dict:
         """200 while the engine thread runs, else 503."""
         if not self.engine_loop.alive:
-            raise APIError(503, "the engine is not running", code="engine_unavailable")
+            raise APIError(503, "the engine is not running", code="engine_unavailable", headers=RETRY_LATER)
         return {"status": "ok"}
 
     async def prometheus(self) -> Response:
@@ -173,7 +174,7 @@ class OpenAIServer:
             self.metrics.rejected.labels("queue_full").inc()
             raise APIError(429, str(e), code="queue_full", headers={"Retry-After": "1"}) from None
         except EngineUnavailable as e:
-            raise APIError(503, str(e), code="engine_unavailable") from None
+            raise APIError(503, str(e), code="engine_unavailable", headers=RETRY_LATER) from None
         except EngineFailure as e:
             raise APIError(500, str(e), code="engine_failure") from None
 
@@ -200,7 +201,7 @@ class OpenAIServer:
             try:
                 return final.result()
             except EngineUnavailable as e:
-                raise APIError(503, str(e), code="engine_unavailable") from None
+                raise APIError(503, str(e), code="engine_unavailable", headers=RETRY_LATER) from None
             except EngineFailure as e:
                 raise APIError(500, str(e), code="engine_failure") from None
         finally:
@@ -253,7 +254,7 @@ class OpenAIServer:
         except ValueError as e:
             raise APIError.from_value_error(e) from None
         except EngineUnavailable as e:
-            raise APIError(503, str(e), code="engine_unavailable") from None
+            raise APIError(503, str(e), code="engine_unavailable", headers=RETRY_LATER) from None
 
     def _finished_record(self, i: int, rec) -> "RequestOutput":
         """A peer's ended request (for its reconnecting client), checked field by field."""
