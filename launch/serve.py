@@ -101,6 +101,11 @@ def main(argv):
             app.state.server.engine_loop.drain()
             super().handle_exit(sig, frame)
 
+        async def shutdown(self, sockets=None):
+            await super().shutdown(sockets)  # the app's shutdown released the followers
+            if jax.process_count() > 1:  # before uvicorn re-raises SIGTERM: they wait in JAX's exit barrier
+                jax.distributed.shutdown()
+
     # uvicorn re-raises SIGTERM once shut down (the exit status says what ended it); Ctrl-C exits 0
     server = DrainingServer(uvicorn.Config(app, host=_HOST.value, port=_PORT.value, access_log=_ACCESS_LOG.value,
                                            log_level="info", timeout_graceful_shutdown=_GRACE.value))

@@ -74,10 +74,10 @@ def test_seeded_sampling_is_reproducible_overlapped_or_not(tiny):
 
 def test_a_stop_seen_late_drops_the_extra_token_and_frees_its_pages(tiny):
     prompt = list(range(5, 40))
-    free = serve(make_engine(tiny, async_scheduling=False), [("a", prompt, SamplingParams(max_tokens=16))])
+    free = serve(make_engine(tiny, async_scheduling=False), [("a", prompt, SamplingParams(max_tokens=16, seed=3))])
     tokens = free["a"][0].token_ids
     stop = tokens[5]
-    params = SamplingParams(max_tokens=16, stop_token_ids=[stop])
+    params = SamplingParams(max_tokens=16, stop_token_ids=[stop], seed=3)
     want = tokens[:tokens.index(stop) + 1]
     engine = make_engine(tiny, async_scheduling=True)
     out = serve(engine, [("a", prompt, params), ("b", prompt[:7], SamplingParams(max_tokens=12))])
