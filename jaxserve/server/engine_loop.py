@@ -223,9 +223,7 @@ class EngineLoop:
             return
         self._detached.pop(out.request_id, None)
         self._resumed.discard(out.request_id)
-        self._finished[out.request_id] = out
-        while len(self._finished) > MAX_FINISHED_KEPT:
-            self._finished.popitem(last=False)
+        self.keep_finished([out])
 
     def _fail_all(self, error: BaseException) -> None:
         self._dead = True
