@@ -84,3 +84,26 @@ def check_fault(tiny, tmp_path, config, reference, fault):
     for rid in failed_ids:
         assert resumed[rid].token_ids == reference[rid].token_ids, rid
     assert replay(path) == []
+
+
+def test_health_answers_503_once_the_engine_gives_up_after_repeated_faults(tiny_config):
+    """A device that keeps failing: after MAX_CONSECUTIVE_FAILURES failed steps the engine thread
+    stops and /health says so, so that an orchestrator restarts the server (the journal resumes
+    the work); before that, /health answers 200 while the engine recovers."""
+    import httpx
+    from jaxserve.server.engine_loop import MAX_CONSECUTIVE_FAILURES
+    from test_auth import serve
+    url, engine, stop = serve(tiny_config)
+    try:
+        with DeviceFault() as fault:
+            fault.armed = True
+            codes = []
+            for i in range(MAX_CONSECUTIVE_FAILURES + 1):
+                codes.append(httpx.post(url + "/v1/completions", json={"prompt": f"try {i}", "max_tokens": 2},
+                                        timeout=60).status_code)
+                if i == 0:
+                    assert httpx.get(url + "/health").status_code == 200  # recovered, still serving
+        assert codes[0] == 500 and all(c in (500, 503) for c in codes), codes
+        assert httpx.get(url + "/health").status_code == 503
+    finally:
+        stop()
