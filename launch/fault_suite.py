@@ -35,12 +35,14 @@ from typing import Dict, List, Optional
 
 import httpx
 from absl import app, flags
+from ml_collections import config_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCENARIOS = ("kill9_twice", "sigterm", "sigterm_peer", "device_fault", "disconnect", "burst", "malformed",
              "import_noauth")
 _SCENARIOS = flags.DEFINE_list("scenarios", list(SCENARIOS), f"Which to run, of {SCENARIOS}.")
-_CONFIG = flags.DEFINE_string("config", "configs/tiny.py", "Model config the servers run.")
+_CONFIG = config_flags.DEFINE_config_file("config", os.path.join(REPO, "configs", "tiny.py"),
+                                          "Model config the servers run.")
 _STREAMS = flags.DEFINE_integer("streams", 4, "Concurrent streaming clients per scenario.", lower_bound=1)
 _MAX_TOKENS = flags.DEFINE_integer("max_tokens", 120, "Tokens each client asks for.", lower_bound=20)
 _OUT = flags.DEFINE_string("out", "", "Also write the table (JSON) here.")
@@ -67,7 +69,8 @@ class Server:
         env.update(PYTHONPATH=REPO, JAX_PLATFORMS=env.get("JAX_PLATFORMS", "cpu"), JAXSERVE_PEER_SECRET=SECRET)
         t = time.time()
         with open(self.log, "a") as out:
-            self.proc = subprocess.Popen([sys.executable, "launch/serve.py", f"--config={_CONFIG.value}",
+            config = os.path.abspath(config_flags.get_config_filename(flags.FLAGS["config"]))
+            self.proc = subprocess.Popen([sys.executable, "launch/serve.py", f"--config={config}",
                                           "--served_model_name=m", f"--port={self.port}", f"--journal={self.journal}",
                                           "--shutdown_grace_s=0.5", *self.extra],
                                          cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -173,10 +176,12 @@ def wait_tokens(clients, n: int, timeout: float = 120):
         time.sleep(0.05)
 
 
-def references(url: str, indices) -> Dict[int, str]:
-    """The texts of the same requests without faults."""
-    with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        outs = pool.map(lambda i: httpx.post(url + "/v1/completions", json=body(i, False), timeout=300), indices)
+def references(url: str, indices, workers: int = 8, **overrides) -> Dict[int, str]:
+    """The texts of the same requests (with `overrides` to their bodies) without faults, asked
+    `workers` at a time (no more than the server admits)."""
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        outs = pool.map(lambda i: httpx.post(url + "/v1/completions", json={**body(i, False), **overrides},
+                                             timeout=300), indices)
         return {i: r.json()["choices"][0]["text"] for i, r in zip(indices, outs)}
 
 
@@ -242,21 +247,15 @@ def device_fault(workdir: str) -> dict:
 
     sys.path.insert(0, REPO)
     from jaxserve.engine.faults import DeviceFault
-    from jaxserve.engine.journal import TokenJournal, replay
+    from jaxserve.engine.journal import TokenJournal
     from jaxserve.llm import engine_from_config
     from jaxserve.server import create_app
-    from ml_collections import config_flags  # noqa: F401  (configs are ml_collections files)
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("suite_config", os.path.join(REPO, _CONFIG.value))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
     journal = os.path.join(workdir, "fault.journal")
 
     def serve():
-        engine = engine_from_config(config)
+        engine = engine_from_config(_CONFIG.value)
         engine.journal = TokenJournal(journal)
-        engine.resume_valid(replay(journal))
+        engine.resume_valid(engine.journal.unfinished_requests())
         port = free_port()
         served = create_app(engine, "m")
         uv = uvicorn.Server(uvicorn.Config(served, host="127.0.0.1", port=port, log_level="error",
@@ -343,7 +342,7 @@ def burst(workdir: str) -> dict:
     for t in threads:
         t.join(600)
     rss1 = _rss(s.proc.pid)
-    ref = {i: r.json()["choices"][0]["text"] for i, r in references_short(s.url).items()}
+    ref = references(s.url, range(8), workers=waiting, max_tokens=24)
     ok = [i for i, r in enumerate(results) if r is not None and r.status_code == 200]
     refused = [r for r in results if r is not None and r.status_code in (429, 503)]
     lost = [i for i in ok if results[i].json()["choices"][0]["text"] != ref[i % 8]]
@@ -352,11 +351,6 @@ def burst(workdir: str) -> dict:
     return {"requests": n, "given_an_id": len(ok), "refused": len(refused), "lost": len(lost), "lost_ids": lost,
             "faults": 1, "retry_after_on_every_refusal": all("retry-after" in r.headers for r in refused),
             "rss_mb_before_after": [rss0, rss1]}
-
-
-def references_short(url: str) -> dict:
-    return {i: httpx.post(url + "/v1/completions", json={**body(i, False), "max_tokens": 24}, timeout=300)
-            for i in range(8)}
 
 
 def _rss(pid: int) -> Optional[float]:

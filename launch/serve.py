@@ -79,9 +79,9 @@ def main(argv):
         sys.stderr.write(f"process {jax.process_index()} followed {engine.runner.follow()} steps\n")
         return
     if _JOURNAL.value:
-        from jaxserve.engine.journal import TokenJournal, replay
-        pending = replay(_JOURNAL.value)
-        engine.journal = TokenJournal(_JOURNAL.value, _FSYNC_EVERY.value)
+        from jaxserve.engine.journal import TokenJournal
+        engine.journal = TokenJournal(_JOURNAL.value, _FSYNC_EVERY.value)  # reads it once, seals and compacts it
+        pending = engine.journal.unfinished_requests()
         if pending:
             rejected = engine.resume_valid(pending)
             for request_id, why in rejected:

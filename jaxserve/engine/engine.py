@@ -283,14 +283,9 @@ class Engine:
         self._dispatching, self._held, self._dispatched = [], [], False
         outputs = []
         for rid, r in failed.items():
-            if self.requests.get(rid) is not r:
-                continue
-            self.kv.release(r)
-            r.status, r.finish_reason, r.finish_time = Status.FINISHED, "error", self.clock()
-            del self.requests[rid]
-            self._decoders.pop(rid, None)
-            self.stats["failed"] += 1
-            outputs.append(self._output(r, []))
+            if self.requests.get(rid) is r:
+                self._finish(r, "error", journal=False)
+                outputs.append(self._output(r, []))
         lost = self.runner.recover()
         for r in self.requests.values():
             r.num_pending, r.pending_row = 0, -1
@@ -470,13 +465,14 @@ class Engine:
         if len(r.output_ids) >= p.max_tokens or r.num_tokens >= self.max_context:
             return self._finish(r, "length", now)
 
-    def _finish(self, r: Request, reason: str, now: Optional[float] = None) -> None:
-        if self.journal is not None:
+    def _finish(self, r: Request, reason: str, now: Optional[float] = None, journal: bool = True) -> None:
+        """Ends r here. journal=False leaves it unfinished in the journal: a restart resumes it."""
+        if journal and self.journal is not None:
             self.journal.finished(r.request_id, reason)
         self.kv.release(r)
         r.status, r.finish_reason = Status.FINISHED, reason
         r.finish_time = self.clock() if now is None else now
-        self.stats["aborted" if reason == "abort" else "finished"] += 1
+        self.stats[{"abort": "aborted", "error": "failed"}.get(reason, "finished")] += 1
         del self.requests[r.request_id]
         self._decoders.pop(r.request_id, None)
 

@@ -83,7 +83,7 @@ class TokenJournal:
         self._size = self._f.tell()
 
     def _write(self, record: dict) -> None:
-        line = json.dumps(record, separators=(",", ":")) + "\n"
+        line = _line(record)
         self._f.write(line)
         self._size += len(line)
 
@@ -108,13 +108,15 @@ class TokenJournal:
     def finished(self, request_id: str, reason: str) -> None:
         record = self._live.pop(request_id, None)
         if record is not None:  # kept a while, for clients that reconnect after a crash
-            self._done[request_id] = {**record, "reason": reason}
-            while len(self._done) > KEEP_FINISHED:
-                self._done.popitem(last=False)
+            _keep_done(self._done, request_id, record, reason)
         self._write({"op": "end", "id": request_id, "reason": reason})
         self.sync()  # an end lost in a crash would resume a finished request
         if self._size >= self._compact_at:
             self.compact()
+
+    def unfinished_requests(self) -> List[Request]:
+        """What `replay` gives, from the state this journal read when it opened (and kept since)."""
+        return _unfinished(self._live)
 
     def finished_requests(self) -> List[Request]:
         """The last KEEP_FINISHED requests that ended, oldest first, with their tokens and
@@ -134,13 +136,12 @@ class TokenJournal:
         if self._f is not None and not self._f.closed:
             self._f.close()
         tmp = self.path + ".compact"
-        line = lambda rec: json.dumps(rec, separators=(",", ":")) + "\n"
         with open(tmp, "w", encoding="utf-8") as f:
             for rid, record in self._done.items():  # oldest first: replay keeps the newest
-                f.write(line({"op": "add", **{k: v for k, v in record.items() if k != "reason"}}))
-                f.write(line({"op": "end", "id": rid, "reason": record["reason"]}))
+                f.write(_line({"op": "add", **{k: v for k, v in record.items() if k != "reason"}}))
+                f.write(_line({"op": "end", "id": rid, "reason": record["reason"]}))
             for record in sorted(self._live.values(), key=lambda r: r["arrival"]):
-                f.write(line({"op": "add", **record}))
+                f.write(_line({"op": "add", **record}))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
@@ -159,6 +160,22 @@ class TokenJournal:
         if not self._f.closed:
             self.sync()
             self._f.close()
+
+
+def _line(record: dict) -> str:
+    return json.dumps(record, separators=(",", ":")) + "\n"
+
+
+def _keep_done(done: "collections.OrderedDict[str, dict]", request_id: str, record: dict, reason) -> None:
+    """Remembers an ended request (newest last), forgetting all but the last KEEP_FINISHED."""
+    done[request_id] = {**record, "reason": reason}
+    done.move_to_end(request_id)
+    while len(done) > KEEP_FINISHED:
+        done.popitem(last=False)
+
+
+def _unfinished(live: Dict[str, dict]) -> List[Request]:
+    return sorted((request_from_record(rec) for rec in live.values()), key=lambda r: r.arrival_time)
 
 
 def _sync_dir(path: str) -> None:
@@ -221,10 +238,7 @@ def _scan(path: str):
                 ended = True
                 rec_done = live.pop(rid, None)
                 if rec_done is not None:
-                    done[rid] = {**rec_done, "reason": rec.get("reason")}
-                    done.move_to_end(rid)
-                    while len(done) > KEEP_FINISHED:
-                        done.popitem(last=False)
+                    _keep_done(done, rid, rec_done, rec.get("reason"))
         if not last:
             good = end
         offset = end
@@ -237,5 +251,4 @@ def replay(path: str) -> List[Request]:
 
     A torn last line (the crash came mid-write) is ignored; any other bad line is an error.
     """
-    live, _, _, _ = _scan(path)
-    return sorted((request_from_record(rec) for rec in live.values()), key=lambda r: r.arrival_time)
+    return _unfinished(_scan(path)[0])

@@ -199,7 +199,6 @@ class ModelRunner:
         self.attention_impl, self.unroll_layers = settings["attention_impl"], settings["unroll_layers"]
         # a caller-made pool (benchmarks fill one with random keys and values) or zeros
         self.cache = paged_kv.init_pool(cfg, num_pages, page_size, mesh) if cache is None else cache
-        self.prev_tokens = None
         self._reset_prev_tokens()
         # serving over several processes: process 0 sends each step's inputs to the others first
         self.mirror = None

@@ -81,14 +81,14 @@ class EngineLoop:
         # Resumed requests that finished while no client was attached: every reconnect gets their
         # whole output, until MAX_FINISHED_KEPT newer ones push them out (then 404).
         self._finished: "collections.OrderedDict[str, RequestOutput]" = collections.OrderedDict()
-        journal = getattr(engine, "journal", None)
-        for r in journal.finished_requests() if journal is not None else ():  # ended before a crash
-            self._finished[r.request_id] = finished_output(r, engine.tokenizer)
         self._draining = False
         self._failures = 0   # engine steps failed in a row
         # Requests that ended while the server drained: their clients may have been cut off
         # first, so they are handed to a peer too (see app._hand_over).
         self.finished_while_draining: List[RequestOutput] = []
+        journal = getattr(engine, "journal", None)
+        if journal is not None:  # ended before a crash: their clients may reconnect too
+            self.keep_finished([finished_output(r, engine.tokenizer) for r in journal.finished_requests()])
 
     # -- event-loop side ----------------------------------------------------------------------
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
