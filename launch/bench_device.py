@@ -263,10 +263,10 @@ def part_jax(config, res: Results, deadline: float, variant: bool = False):
             q = jax.random.normal(jax.random.key(B), (B, cfg.num_heads, D), jnp.float32).astype(cfg.jnp_dtype)
             li = min(5, L - 1)
             layer = jnp.int32(li)
-            ppcb, ks = ak.decode_params(B, ctx // PAGE, K)
+            ppcb, ks, warps = ak.decode_params(B, ctx // PAGE, K)
             scaled = (q.astype(jnp.float32) * D ** -0.5).astype(cfg.jnp_dtype)
             got = jax.jit(functools.partial(ak.pallas_decode_attention, pages_per_compute_block=ppcb, k_splits=ks,
-                                            interpret=jax.default_backend() != "gpu"))(
+                                            num_warps=warps, interpret=jax.default_backend() != "gpu"))(
                 scaled, pool["k"], pool["v"], layer, table, lengths)
             kk = pool["k"][li][table].reshape(B, ctx, K, D).astype(jnp.float32)
             vv = pool["v"][li][table].reshape(B, ctx, K, D).astype(jnp.float32)
@@ -280,9 +280,10 @@ def part_jax(config, res: Results, deadline: float, variant: bool = False):
         return out
     res.set("attention_check", res.section("attention_check", check_kernel) if not variant else None)
 
-    sweep_grid = {1: [(8, 8), (8, 16), (4, 32)], 16: [(8, 4), (8, 8)], 64: [(8, 1), (8, 2), (8, 4)],
-                  128: [(8, 1), (8, 2)]}
-    sweep_grid = {B: [(p, s) for p, s in g if p * s <= CTX // PAGE] for B, g in sweep_grid.items() if B in BATCHES}
+    # (pages per block, splits, warps): a block of ppcb pages fills `warps` warps' registers alike
+    sweep_grid = {1: [(4, 8, 4), (4, 16, 4), (2, 32, 2)], 16: [(4, 4, 4), (1, 8, 1)],
+                  64: [(1, 1, 1), (1, 2, 1), (2, 1, 2)], 128: [(1, 1, 1), (2, 1, 2), (4, 1, 4)]}
+    sweep_grid = {B: [c for c in g if c[0] * c[1] <= CTX // PAGE] for B, g in sweep_grid.items() if B in BATCHES}
 
     def sweep():
         rows = []
@@ -293,10 +294,10 @@ def part_jax(config, res: Results, deadline: float, variant: bool = False):
             q = jax.random.normal(jax.random.key(0), (B, cfg.num_heads, D), jnp.float32).astype(cfg.jnp_dtype)
             kv = ak.decode_bytes(B, ctx, L, K, D)
             best = ak.decode_params(B, ctx // PAGE, K)
-            configs = [("pallas", p, s, 4, 2) for p, s in grid]
+            configs = [("pallas", p, s, w, 2) for p, s, w in grid]
             if best not in grid:
-                configs.append(("pallas", *best, 4, 2))
-            configs += [("pallas", *best, 4, 3), ("pallas", *best, 4, 4), ("pallas", *best, 8, 3)]
+                configs.append(("pallas", *best, 2))
+            configs += [("pallas", *best, 3)]
             if B in (1, B_MID) and "reference" not in _SKIP.value:
                 configs.append(("reference", 0, 0, 0, 0))
             for impl, ppcb, ks, nw, stages in configs:

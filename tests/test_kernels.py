@@ -67,19 +67,20 @@ def test_auto_picks_pallas_on_gpu_only_and_bad_names_name_the_field():
 @pytest.mark.parametrize("batch", [1, 2, 8, 16, 64, 128, 256])
 @pytest.mark.parametrize("pages", [1, 2, 4, 8, 64, 128, 512])
 def test_kernel_parameters_always_divide_the_bucketed_page_table(batch, pages):
-    ppcb, ks = ak.decode_params(batch, pages, 8)
+    ppcb, ks, warps = ak.decode_params(batch, pages, 8)
     assert pages % ks == 0 and (pages // ks) % min(ppcb, pages // ks) == 0
+    assert ppcb <= warps  # at most a page a warp: a bigger block and the prefetched one spill registers
     if batch == 1 and pages >= 128:
         assert ks >= 8  # a lone sequence is split so that the GPU's SMs all get work
 
 
 # -- kernel vs reference (interpreted on CPU) ---------------------------------------------------
-@pytest.mark.parametrize("ppcb, ks", [(8, 1), (2, 2), (1, 4), (1, 8)])
-def test_interpreted_kernel_equals_reference(ppcb, ks):
+@pytest.mark.parametrize("ppcb, ks, prefetch", [(8, 1, 1), (2, 2, 1), (1, 4, 2), (1, 8, 1), (1, 1, 3)])
+def test_interpreted_kernel_equals_reference(ppcb, ks, prefetch):
     q, k_pool, v_pool, table, lengths = random_case(np.random.default_rng(ks))
     layer = jnp.int32(2)
     got = ak.pallas_decode_attention(q * 16 ** -0.5, k_pool, v_pool, layer, table, lengths,
-                                     pages_per_compute_block=ppcb, k_splits=ks, interpret=True)
+                                     pages_per_compute_block=ppcb, k_splits=ks, prefetch=prefetch, interpret=True)
     want = reference_decode(q, k_pool, v_pool, layer, table, lengths)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-5)
     assert not np.asarray(got)[2].any()  # the padding row is zeros, not NaN
@@ -211,7 +212,8 @@ def test_a_mixed_step_gives_what_separate_steps_give_and_padding_writes_only_the
     np.testing.assert_allclose(outs[False][2][:, :-1], outs[True][2][:, :-1], rtol=1e-5, atol=1e-6)
 
 
-def test_prefill_kernel_interpreted_matches_the_reference():
+@pytest.mark.parametrize("prefetch", [0, 1])
+def test_prefill_kernel_interpreted_matches_the_reference(prefetch):
     rng = np.random.default_rng(4)
     L, NP, S, K, G, D, N = 2, 20, 4, 2, 3, 16, 40
     pools = [jnp.asarray(rng.standard_normal((L, NP, S, K, D)), jnp.float32) for _ in range(2)]
@@ -221,7 +223,7 @@ def test_prefill_kernel_interpreted_matches_the_reference():
     start, length, pos, seq = (np.array(a, np.int32) for a in ([2, 18, 32, 0], [16, 13, 5, 0], [3, 19, 0, 0],
                                                                  [0, 0, 1, 0]))
     args = (q, *pools, jnp.int32(1), jnp.asarray(tables[seq]), start, length, pos)
-    got = np.asarray(ak.pallas_prefill_attention(*args, query_block=16, pages_per_compute_block=2,
+    got = np.asarray(ak.pallas_prefill_attention(*args, query_block=16, pages_per_compute_block=2, prefetch=prefetch,
                                                  interpret=True)).reshape(4, 16, K * G, D)
     want = np.asarray(paged_kv._reference_prefill(*args, 16)).reshape(4, 16, K * G, D)
     for b in range(3):
@@ -288,15 +290,15 @@ def pool_kind(x):
 # -- on the GPU: the Triton-compiled kernel ------------------------------------------------------
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("ppcb, ks", [(8, 1), (4, 4), (8, 4), (4, 16)])
-def test_gpu_kernel_matches_reference_in_bf16(ppcb, ks):
+@pytest.mark.parametrize("ppcb, ks, warps", [(8, 1, 4), (4, 4, 4), (1, 4, 1), (1, 1, 1), (4, 16, 4)])
+def test_gpu_kernel_matches_reference_in_bf16(ppcb, ks, warps):
     rng = np.random.default_rng(ks)
     q, k_pool, v_pool, table, lengths = random_case(rng, L=2, num_pages=300, S=16, K=8, G=4, D=128,
                                                     B=5, P=64, dtype=jnp.bfloat16)
     layer = jnp.int32(1)
     scaled = (q.astype(jnp.float32) * 128 ** -0.5).astype(jnp.bfloat16)
-    got = jax.jit(functools.partial(ak.pallas_decode_attention, pages_per_compute_block=ppcb, k_splits=ks))(
-        scaled, k_pool, v_pool, layer, table, lengths)
+    got = jax.jit(functools.partial(ak.pallas_decode_attention, pages_per_compute_block=ppcb, k_splits=ks,
+                                    num_warps=warps))(scaled, k_pool, v_pool, layer, table, lengths)
     want = reference_decode(q, k_pool, v_pool, layer, table, lengths)
     assert np.isfinite(np.asarray(got, np.float32)).all()
     assert rel_err(got, want) < 1e-2

@@ -4,15 +4,15 @@
 `prefill_attention` for its prefill query blocks when the engine's `attention_impl` resolves
 to 'pallas'; the 'reference' impl keeps the pure-JAX gather path.
 
-Decode: The kernel body is JAX's GPU `paged_attention_kernel` (Triton); only the
-grid and block specs are ours, so that it reads the engine's pool layout
-[layers, pages, page_size, kv_heads, head_dim] in place: the pool is viewed as
+Decode (`_decode_kernel`, ours): one program per (sequence, kv head, split) reads the engine's
+pool layout [layers, pages, page_size, kv_heads, head_dim] in place: the pool is viewed as
 [layers*pages, page_size, kv_heads, head_dim] (a free reshape), each program picks one kv head
-as a strided slice, and the kernel adds the layer's offset to each page number it loads
-(`_LayerPages`: no per-layer op outside the kernel, and with unrolled layers a constant). After
-it, one small kernel of ours merges the sequence splits (`_combine`). The shipped wrapper
-(`paged_attention`) wants a head-major [kv_heads, pages, page_size, head_dim] array, which would
-cost a transpose of a whole layer of the pool on every step.
+as a strided slice and adds the layer's offset to each page number it loads (no per-layer op
+outside the kernel). The next block of pages is loaded before the current one's math: the
+kernel is bound by load latency, not by bandwidth, without it. After it, one small kernel
+merges the sequence splits (`_combine`). JAX's shipped GPU paged attention wants a head-major
+[kv_heads, pages, page_size, head_dim] array (a transpose of a whole layer of the pool on every
+step) and loads each block only when its math needs it.
 
 Prefill (`_prefill_kernel`, ours): one program per (query block, kv head) holds the block's
 tokens times the kv head's query heads as rows, so one pass over the sequence's pages serves
@@ -41,41 +41,79 @@ def resolve_impl(impl: str, backend: Optional[str] = None) -> str:
 
 
 def decode_params(batch: int, pages_per_seq: int, num_kv_heads: int) -> tuple:
-    """(pages_per_compute_block, k_splits) for a decode step of this bucketed shape.
+    """(pages_per_compute_block, k_splits, num_warps) for a decode step of this bucketed shape.
 
-    The grid is batch x kv_heads x k_splits programs. Splitting the sequence (k_splits) only pays
-    when batch x kv_heads alone leaves the GPU's SMs idle: batch 1 has 8 programs, so there the
-    sequence is cut into up to 32 pieces; each split costs a partial output and a combine.
-    Blocks of 4 pages (64 tokens x 256 B per head) and about 512 programs were the fastest pairs
-    of an H200 sweep at batch 1, 64 and 128 (docs/benchmarks.md); 3-4 pipeline stages changed
-    < 1%, 8 warps lost a third.
+    The grid is batch x kv_heads x k_splits programs; the sequence is split until there are
+    about 1024 of them (each split costs a partial output and a combine). From 16 sequences up,
+    one warp per program on one page at a time keeps the most loads in flight; a lone sequence
+    is better served by 4 warps on 4 pages. Either way each thread holds 128 bytes of a block's K
+    (and of V): a bigger block, or a second one prefetched, spills registers. The fastest of an
+    H200 sweep at batch 1-128 (docs/benchmarks.md).
     """
-    target_programs = 512
-    ppcb = min(4, pages_per_seq)
+    ppcb, warps = (1, 1) if batch * num_kv_heads >= 128 else (min(4, pages_per_seq), 4)
     k_splits = 1
-    while (batch * num_kv_heads * k_splits < target_programs
+    while (batch * num_kv_heads * k_splits < 1024
            and pages_per_seq // (2 * k_splits) >= ppcb and k_splits < 32):
         k_splits *= 2
-    return ppcb, k_splits
+    return ppcb, k_splits, warps
 
 
-class _LayerPages:
-    """The page-table block as the shipped kernel body reads it (`.shape`, `[slice]`), with each
-    loaded page number moved to the layer's pages of the flattened [layers*pages, ...] pool."""
-
-    def __init__(self, table_ref, offset):
-        self.table_ref, self.offset, self.shape = table_ref, offset, table_ref.shape
-
-    def __getitem__(self, idx):
-        return self.table_ref[idx] + self.offset
+_MASK = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
-def _layer_kernel(q_ref, k_ref, v_ref, table_ref, lengths_ref, layer_ref, *out_refs, num_pages, **kw):
-    """The shipped decode kernel body on one layer of the pool: `layer_ref` holds the layer."""
-    from jax.experimental.pallas.ops.gpu import paged_attention as shipped
+def _page_block_loader(k_ref, v_ref, table_ref, offset, ppcb: int, num_blocks):
+    """j -> (K, V) [ppcb*page_size, head_dim] of the j-th block of pages in `table_ref` (offset:
+    the layer's first page in the flattened pool). Past the last block it reloads that one: a
+    prefetch beyond the end stays in bounds and is never used."""
+    from jax.experimental import pallas as pl
 
-    pages = _LayerPages(table_ref, layer_ref[0] * num_pages)
-    shipped.paged_attention_kernel(q_ref, k_ref, None, v_ref, None, pages, lengths_ref, *out_refs, **kw)
+    D = k_ref.shape[-1]
+    rows = ppcb * k_ref.shape[-2]
+
+    def load(j):
+        pages = table_ref[pl.ds(jnp.minimum(j, num_blocks - 1) * ppcb, ppcb)] + offset
+        return k_ref[pages].reshape(rows, D), v_ref[pages].reshape(rows, D)
+    return load
+
+
+def _decode_kernel(q_ref, k_ref, v_ref, table_ref, len_ref, layer_ref, o_ref, l_ref, m_ref, *, num_pages: int,
+                   pages_per_compute_block: int, prefetch: int):
+    """One (sequence, kv head, split): the kv head's query rows (the group, padded to Triton's 16)
+    over the split's pages, an online softmax over blocks of pages; o is left unnormalized for
+    the combine. Blocks are loaded `prefetch` blocks ahead of the math, so their loads' latency
+    hides behind it (the kernel is otherwise latency-bound: 1.4x with one block ahead)."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plgpu
+
+    rows, D = q_ref.shape
+    ppcb = pages_per_compute_block
+    page_size = k_ref.shape[-2]
+    block_k = ppcb * page_size
+    per_split = table_ref.shape[0]
+    first = pl.program_id(2) * per_split
+    length, offset = len_ref[0], layer_ref[0] * num_pages  # the layer's pages of the flattened pool
+    end = jnp.minimum(pl.cdiv(length, page_size), first + per_split)
+    num_blocks = jnp.maximum(pl.cdiv(end - first, ppcb), 0)
+    q = q_ref[...]
+    load = _page_block_loader(k_ref, v_ref, table_ref, offset, ppcb, per_split // ppcb)
+
+    def body(j, carry):
+        o, m, l, ahead = carry
+        ahead = ahead + (load(j + prefetch),)
+        k, v = ahead[0]
+        logits = plgpu.dot(q, k.T)  # [rows, block_k]
+        kv_pos = (first + j * ppcb) * page_size + jnp.arange(block_k, dtype=jnp.int32)
+        logits = jnp.where((kv_pos < length)[None, :], logits, _MASK)
+        m_next = jnp.maximum(m, logits.max(axis=-1))
+        correction = jnp.exp(m - m_next)
+        s = jnp.exp(logits - m_next[:, None])
+        o = correction[:, None] * o + plgpu.dot(s.astype(v.dtype), v)
+        return o, m_next, correction * l + s.sum(axis=-1), ahead[1:]
+
+    init = (jnp.zeros((rows, D), jnp.float32), jnp.full((rows,), _MASK, jnp.float32), jnp.zeros((rows,), jnp.float32),
+            tuple(load(j) for j in range(prefetch)))
+    o, m, l, _ = jax.lax.fori_loop(0, num_blocks, body, init)
+    o_ref[...], l_ref[...], m_ref[...] = o, l, m
 
 
 def _combine_kernel(o_ref, l_ref, m_ref, out_ref, *, batch: int):
@@ -124,7 +162,7 @@ def _combine(o, l, m, out_rows: int, num_heads: int, dtype, interpret: bool):
 
 def pallas_decode_attention(q, k_pool, v_pool, layer, page_table, lengths, *,
                             pages_per_compute_block: int, k_splits: int, out_rows: Optional[int] = None,
-                            num_warps: int = 4, num_stages: int = 2, interpret: bool = False):
+                            num_warps: int = 4, num_stages: int = 2, prefetch: int = 1, interpret: bool = False):
     """Attention of one query token per sequence over its pages, for one layer.
 
     q [B,H,D] (already scaled by 1/sqrt(D): the kernel does not scale); k_pool, v_pool
@@ -133,7 +171,6 @@ def pallas_decode_attention(q, k_pool, v_pool, layer, page_table, lengths, *,
     """
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
-    from jax.experimental.pallas.ops.gpu import paged_attention as shipped
 
     L, NP, S, K, D = k_pool.shape
     B, H, _ = q.shape
@@ -154,9 +191,7 @@ def pallas_decode_attention(q, k_pool, v_pool, layer, page_table, lengths, *,
     v_flat = v_pool.reshape(L * NP, S, K, D)
     tables = page_table.astype(jnp.int32).reshape(B, k_splits, per_split)
 
-    kernel = functools.partial(_layer_kernel, num_pages=NP, num_heads=G,
-                               pages_per_compute_block=ppcb, mask_value=shipped.DEFAULT_MASK_VALUE,
-                               attn_logits_soft_cap=None)
+    kernel = functools.partial(_decode_kernel, num_pages=NP, pages_per_compute_block=ppcb, prefetch=prefetch)
     # Grid (batch, kv head, split): the kernel reads its split index as program_id(2).
     pool_spec = pl.BlockSpec((L * NP, S, None, D), lambda b, h, s: (0, 0, h, 0))
     o, l, m = pl.pallas_call(
@@ -180,7 +215,7 @@ def pallas_decode_attention(q, k_pool, v_pool, layer, page_table, lengths, *,
                    jax.ShapeDtypeStruct((k_splits, B, K, block_h), jnp.float32)],
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
-        name=f"jaxserve_paged_decode_ppcb{ppcb}_ks{k_splits}",
+        name=f"jaxserve_paged_decode_ppcb{ppcb}_ks{k_splits}_w{num_warps}",
     )(qg, k_flat, v_flat, tables, lengths.astype(jnp.int32), jnp.reshape(layer, (1,)).astype(jnp.int32))
     return _combine(o, l, m, out_rows or B, G, q.dtype, interpret)
 
@@ -196,11 +231,11 @@ def decode_attention(q, k_pool, v_pool, layer, page_table, lengths, *, mesh: Opt
     """
     L, NP, S, K, D = k_pool.shape
     B, num_p = page_table.shape
-    ppcb, ks = decode_params(B, num_p, K)
+    ppcb, ks, warps = decode_params(B, num_p, K)
     ppcb = pages_per_compute_block or ppcb
     ks = k_splits or ks
     kernel = functools.partial(pallas_decode_attention, pages_per_compute_block=ppcb, k_splits=ks,
-                               out_rows=out_rows, interpret=jax.default_backend() != "gpu")
+                               num_warps=warps, out_rows=out_rows, interpret=jax.default_backend() != "gpu")
     model = 1 if mesh is None else mesh.shape.get("model", 1)
     if model == 1 or K % model:
         return kernel(q, k_pool, v_pool, layer, page_table, lengths)
@@ -211,26 +246,25 @@ def decode_attention(q, k_pool, v_pool, layer, page_table, lengths, *, mesh: Opt
 
 
 def _prefill_kernel(q_ref, k_ref, v_ref, table_ref, start_ref, len_ref, pos_ref, layer_ref, o_ref, *,
-                    num_pages: int, group: int, pages_per_compute_block: int):
+                    num_pages: int, group: int, pages_per_compute_block: int, prefetch: int):
     """One (query block, kv head): up to `block` tokens of one sequence, each with the `group`
     query heads of this kv head (rows token-major), over the sequence's keys up to each token
-    (causal), with an online softmax over blocks of pages."""
+    (causal), with an online softmax over blocks of pages, loaded `prefetch` blocks ahead."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
 
     rows, D = o_ref.shape
-    page_size = k_ref.shape[-2]
-    block_k = pages_per_compute_block * page_size
+    ppcb = pages_per_compute_block
+    block_k = ppcb * k_ref.shape[-2]
     n, pos0 = len_ref[0], pos_ref[0]
     q = q_ref[pl.ds(start_ref[0] * group, rows), :]
     row_pos = pos0 + jax.lax.shift_right_logical(jnp.arange(rows, dtype=jnp.int32), group.bit_length() - 1)
-    offset = layer_ref[0] * num_pages
+    load = _page_block_loader(k_ref, v_ref, table_ref, layer_ref[0] * num_pages, ppcb, table_ref.shape[0] // ppcb)
 
     def body(j, carry):
-        o, m, l = carry
-        pages = table_ref[pl.ds(j * pages_per_compute_block, pages_per_compute_block)] + offset
-        k = k_ref[pages].reshape(block_k, D)
-        v = v_ref[pages].reshape(block_k, D)
+        o, m, l, ahead = carry
+        ahead = ahead + (load(j + prefetch),)
+        k, v = ahead[0]
         logits = plgpu.dot(q, k.T)  # [rows, block_k]
         kv_pos = j * block_k + jnp.arange(block_k, dtype=jnp.int32)
         logits = jnp.where(kv_pos[None, :] <= row_pos[:, None], logits, _MASK)
@@ -239,21 +273,18 @@ def _prefill_kernel(q_ref, k_ref, v_ref, table_ref, start_ref, len_ref, pos_ref,
         s = jnp.exp(logits - m_next[:, None])
         l_next = correction * l + s.sum(axis=-1)
         o_next = correction[:, None] * o + plgpu.dot(s.astype(v.dtype), v)
-        return o_next, m_next, l_next
+        return o_next, m_next, l_next, ahead[1:]
 
     num_blocks = jnp.where(n > 0, pl.cdiv(pos0 + n, block_k), 0)
     init = (jnp.zeros((rows, D), jnp.float32), jnp.full((rows,), _MASK, jnp.float32),
-            jnp.zeros((rows,), jnp.float32))
-    o, _, l = jax.lax.fori_loop(0, num_blocks, body, init)
+            jnp.zeros((rows,), jnp.float32), tuple(load(j) for j in range(prefetch)))
+    o, _, l, _ = jax.lax.fori_loop(0, num_blocks, body, init)
     o_ref[...] = (o / jnp.where(l > 0, l, 1.0)[:, None]).astype(o_ref.dtype)
 
 
-_MASK = -0.7 * float(jnp.finfo(jnp.float32).max)
-
-
 def pallas_prefill_attention(q, k_pool, v_pool, layer, block_tables, block_start, block_len, block_pos, *,
-                             query_block: int, pages_per_compute_block: int = 8, num_warps: int = 4,
-                             num_stages: int = 2, interpret: bool = False):
+                             query_block: int, pages_per_compute_block: int = 4, num_warps: int = 4,
+                             num_stages: int = 2, prefetch: int = 1, interpret: bool = False):
     """Causal attention of a flattened step's prefill query blocks over their pages, one layer.
 
     q [N,H,D] (scaled by 1/sqrt(D)); pools [L, pages, page_size, K, D]; block_tables [NB,P] (each
@@ -282,7 +313,7 @@ def pallas_prefill_attention(q, k_pool, v_pool, layer, block_tables, block_start
     pool_spec = pl.BlockSpec((L * NP, S, None, D), lambda b, h: (0, 0, h, 0))
     scalar = pl.BlockSpec((1,), lambda b, h: (b,))
     out = pl.pallas_call(
-        functools.partial(_prefill_kernel, num_pages=NP, group=Gp, pages_per_compute_block=ppcb),
+        functools.partial(_prefill_kernel, num_pages=NP, group=Gp, pages_per_compute_block=ppcb, prefetch=prefetch),
         grid=(NB, K),
         in_specs=[pl.BlockSpec((None, (N + query_block) * Gp, D), lambda b, h: (h, 0, 0)),
                   pool_spec, pool_spec,
