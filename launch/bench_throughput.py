@@ -309,7 +309,7 @@ def device_busy(trace_dir: str) -> Optional[dict]:
                         by_kernel[ev.name] += ev.duration_ns
     if not spans:
         return None
-    top = {name: ns / 1e9 for name, ns in by_kernel.most_common(12)}
+    top = {name: ns / 1e9 for name, ns in by_kernel.most_common(20)}
     span = max(b for _, b in spans) - min(a for a, _ in spans)
     return {"busy_s": union_length(spans) / 1e9, "span_s": span / 1e9, "kernels": len(spans), "top_kernels_s": top}
 

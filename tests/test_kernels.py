@@ -70,6 +70,8 @@ def test_kernel_parameters_always_divide_the_bucketed_page_table(batch, pages):
     ppcb, ks, warps = ak.decode_params(batch, pages, 8)
     assert pages % ks == 0 and (pages // ks) % min(ppcb, pages // ks) == 0
     assert ppcb <= warps  # at most a page a warp: a bigger block and the prefetched one spill registers
+    # ragged rows: no program reads more than SPLIT_PAGES pages, unless splits ran out
+    assert pages // ks <= ak.SPLIT_PAGES or ks == 32 or pages // (2 * ks) < ppcb
     if batch == 1 and pages >= 128:
         assert ks >= 8  # a lone sequence is split so that the GPU's SMs all get work
 

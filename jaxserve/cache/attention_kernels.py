@@ -40,19 +40,24 @@ def resolve_impl(impl: str, backend: Optional[str] = None) -> str:
     return impl
 
 
+SPLIT_PAGES = 32  # most pages one decode program reads (see decode_params)
+
+
 def decode_params(batch: int, pages_per_seq: int, num_kv_heads: int) -> tuple:
     """(pages_per_compute_block, k_splits, num_warps) for a decode step of this bucketed shape.
 
-    The grid is batch x kv_heads x k_splits programs; the sequence is split until there are
-    about 1024 of them (each split costs a partial output and a combine). From 16 sequences up,
-    one warp per program on one page at a time keeps the most loads in flight; a lone sequence
-    is better served by 4 warps on 4 pages. Either way each thread holds 128 bytes of a block's K
-    (and of V): a bigger block, or a second one prefetched, spills registers. The fastest of an
-    H200 sweep at batch 1-128 (docs/benchmarks.md).
+    The grid is batch x kv_heads x k_splits programs. The sequence is split until there are about
+    1024 programs and no split holds more than SPLIT_PAGES pages: with ragged lengths the longest
+    rows would otherwise run alone at the end (a split past a row's end exits at once), and each
+    split costs a partial output and a combine. From 16 sequences up, one warp per program on one
+    page at a time keeps the most loads in flight; a lone sequence is better served by 4 warps on
+    4 pages. Either way each thread holds 128 bytes of a block's K (and of V): a bigger block, or
+    a second one prefetched, spills registers. The fastest of H200 sweeps at batch 1-128, uniform
+    and ragged lengths (docs/benchmarks.md).
     """
     ppcb, warps = (1, 1) if batch * num_kv_heads >= 128 else (min(4, pages_per_seq), 4)
     k_splits = 1
-    while (batch * num_kv_heads * k_splits < 1024
+    while ((batch * num_kv_heads * k_splits < 1024 or pages_per_seq // k_splits > SPLIT_PAGES)
            and pages_per_seq // (2 * k_splits) >= ppcb and k_splits < 32):
         k_splits *= 2
     return ppcb, k_splits, warps
