@@ -34,9 +34,9 @@ def policy_from_config(scheduler, cost_model: CostModel):
     name = scheduler.policy
     if name == "fcfs":
         return make_policy(name)
-    common = dict(watermark_pages=scheduler.watermark_pages, prefetch=scheduler.prefetch)
+    common = dict(watermark_pages=scheduler.watermark_pages, prefetch=scheduler.prefetch, cost_model=cost_model)
     if name == "mlfq":
-        return make_policy(name, cost_model=cost_model, **scheduler.mlfq, **common)
+        return make_policy(name, **scheduler.mlfq, **common)
     return make_policy(name, **common)
 
 

@@ -394,9 +394,13 @@ class Engine:
 
     def cache_state(self) -> CacheState:
         c = self.config
+        # On an accelerator swaps are DMA beside compute: policies weigh them by the link's fitted
+        # time per page. On CPU they are copies inside the step, already in its fitted time.
+        beside = self.runner.mesh.devices.flat[0].platform != "cpu"
+        link = float(self.cost_model.coef[-1]) * self.cost_model.page_bytes if beside else 0.0
         return CacheState(page_size=c.page_size, free_pages=self.kv.num_free, total_pages=c.num_pages,
                           free_host_pages=self.host_pool.num_free, max_batch=c.max_batch,
-                          token_budget=c.token_budget, max_chunk=c.max_chunk)
+                          token_budget=c.token_budget, max_chunk=c.max_chunk, swap_s_per_page=link)
 
     @property
     def host_pages_in_use(self) -> int:

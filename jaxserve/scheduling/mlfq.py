@@ -34,12 +34,11 @@ class MLFQPolicy(PreemptivePolicy):
 
     def __init__(self, num_levels: int = 6, base_quantum_s: float = 0.01, quantum_growth: float = 2.0,
                  starvation_s: float = 3.0, cost_model: Optional[CostModel] = None, **kwargs):
-        super().__init__(**kwargs)
+        super().__init__(cost_model=cost_model, **kwargs)
         if num_levels < 1 or base_quantum_s <= 0 or quantum_growth < 1:
             raise ValueError("scheduler.mlfq: num_levels >= 1, base_quantum_s > 0, quantum_growth >= 1 required")
         self.quanta = [base_quantum_s * quantum_growth ** i for i in range(num_levels)]
         self.starvation_s = starvation_s
-        self.cost_model = cost_model or CostModel()
         self.jobs: Dict[str, JobState] = {}
         self._running: Sequence[str] = ()
         self._step_start: Optional[float] = None

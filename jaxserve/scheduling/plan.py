@@ -38,6 +38,10 @@ class CacheState:
     max_batch: int = 64
     token_budget: int = 512  # tokens run per step (prefill chunks + decodes)
     max_chunk: int = 512     # longest prefill chunk
+    # Seconds the host link takes to move one page while the step computes beside it (0: swaps
+    # cost no step time that a policy should weigh, e.g. none configured). Preemptive policies
+    # keep the swaps they choose within what the link moves during the step's compute.
+    swap_s_per_page: float = 0.0
 
     def pages_needed(self, r: RequestView, n: int) -> int:
         """New pages `r` needs to run its next `n` tokens."""

@@ -10,20 +10,28 @@ pages are short. Memory is managed ahead of need:
     transfer overlaps this step and they never wait on their own upload;
   * only when the host pool is full too, and nothing could run otherwise, is a job's cache
     dropped (recomputed later; counted).
+Swaps the policy chooses stay within what the host link moves while the step computes (its
+compute from the cost model, the link's speed from `CacheState.swap_s_per_page`), and a job
+brought back from host memory runs from the step after its upload: otherwise swap traffic, not
+compute, sets the step's length, and under overload a preemptive policy serves fewer requests
+than FCFS (docs/benchmarks.md, issue 16).
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
+from jaxserve.cache.page_allocator import pages_for
+from jaxserve.scheduling.cost_model import CostModel
 from jaxserve.scheduling.plan import CacheState, Plan, RequestView
 
 
 class PreemptivePolicy:
     name = "preemptive"
 
-    def __init__(self, watermark_pages: int = 0, prefetch: bool = True):
+    def __init__(self, watermark_pages: int = 0, prefetch: bool = True, cost_model: Optional[CostModel] = None):
         self.watermark_pages = watermark_pages
         self.prefetch = prefetch
+        self.cost_model = cost_model or CostModel()
 
     # -- what subclasses define ---------------------------------------------------------------
     def observe(self, requests: Sequence[RequestView], now: float) -> None:
@@ -43,11 +51,28 @@ class PreemptivePolicy:
     def schedule(self, requests: Sequence[RequestView], cache: CacheState, now: float = 0.0) -> Plan:
         self.observe(requests, now)
         ordered = sorted(requests, key=self.rank)
+        by_id = {r.request_id: r for r in ordered}
+        plan, link = self._plan(ordered, cache, None), None
+        # Swaps beyond what the link moves during the step's compute would lengthen the step:
+        # plan again within that (a plan with fewer swaps may compute less: a few rounds).
+        for _ in range(3):
+            if cache.swap_s_per_page <= 0:
+                break
+            chunks = [(n, pages_for(by_id[rid].num_computed + n, cache.page_size)) for rid, n in plan.run]
+            fits = int(self.cost_model.step_time(chunks) / cache.swap_s_per_page) if chunks else 0
+            if sum(by_id[rid].num_pages for rid in plan.swap_out + plan.swap_in) <= fits or fits == link:
+                break
+            plan, link = self._plan(ordered, cache, fits), fits
+        self.ran(plan, now)
+        return plan
+
+    def _plan(self, ordered: Sequence[RequestView], cache: CacheState, link: Optional[int]) -> Plan:
+        """The step's plan with at most `link` pages swapped by choice (None: any number)."""
         # Dropping a cache throws away work, so a first pass only moves caches to host memory;
         # only if that runs nothing at all (device and host full) may caches be dropped.
-        plan, chosen, free, host_free, loc = self._admit(ordered, cache, allow_drop=False)
+        plan, chosen, free, host_free, loc, link = self._admit(ordered, cache, link, forced=False)
         if not chosen:
-            plan, chosen, free, host_free, loc = self._admit(ordered, cache, allow_drop=True)
+            plan, chosen, free, host_free, loc, link = self._admit(ordered, cache, link, forced=True)
         # The token budget goes to decodes first (a decode token costs little beside the others)
         # and to prefill chunks after.
         budget = cache.token_budget
@@ -63,35 +88,41 @@ class PreemptivePolicy:
         chosen_ids = {r.request_id for r in chosen}
         idle = [r for r in ordered if r.request_id not in chosen_ids]
         # keep a watermark of free pages for the next steps' growth and arrivals
+        uploading = set(plan.swap_in)
         for victim in reversed(idle):
             if free >= self.watermark_pages:
                 break
+            if victim.request_id in uploading:
+                continue
             held = cache.host_pages_for(victim.num_pages)
-            if loc[victim.request_id] == "device" and victim.num_pages and held <= host_free:
+            if (loc[victim.request_id] == "device" and victim.num_pages and held <= host_free
+                    and victim.num_pages <= link):
                 plan.swap_out.append(victim.request_id)
                 loc[victim.request_id] = "host"
-                free, host_free = free + victim.num_pages, host_free - held
+                free, host_free, link = free + victim.num_pages, host_free - held, link - victim.num_pages
         # prefetch the host-resident jobs next in line, while the watermark still holds
         if self.prefetch and not plan.swap_out and not plan.preempt:
             for r in idle:
                 if loc[r.request_id] != "host":
                     continue
-                if free - r.num_pages < self.watermark_pages:
+                if free - r.num_pages < self.watermark_pages or r.num_pages > link:
                     break
                 plan.swap_in.append(r.request_id)
-                free -= r.num_pages
-        self.ran(plan, now)
+                free, link = free - r.num_pages, link - r.num_pages
         return plan
 
-    def _admit(self, ordered: Sequence[RequestView], cache: CacheState, allow_drop: bool):
-        """Batch membership by rank, under the slots and pages: (plan, chosen, free, host_free, loc).
+    def _admit(self, ordered: Sequence[RequestView], cache: CacheState, link: Optional[int], forced: bool):
+        """Batch membership by rank, under the slots, pages and link budget:
+        (plan, chosen, free, host_free, loc, link budget left).
 
         A job that lacks pages evicts device-resident jobs ranked below it, worst first, to host
-        memory (its own upload frees its host pages first) or, if `allow_drop`, by dropping
-        their caches; nothing is evicted for a job that would not fit anyway.
+        memory (its own upload frees its host pages first); nothing is evicted for a job that
+        would not fit anyway. `forced` (nothing could run otherwise): caches may be dropped, and
+        the link budget does not hold.
         """
         plan = Plan()
         free, host_free, slots = cache.free_pages, cache.free_host_pages, cache.max_batch
+        link = float("inf") if forced or link is None else link
         loc: Dict[str, str] = {r.request_id: r.location for r in ordered}
         chosen: List[RequestView] = []
         for i, r in enumerate(ordered):
@@ -103,20 +134,22 @@ class PreemptivePolicy:
             on_host = r.num_pages if r.location == "host" else 0      # device pages its upload needs
             freed = cache.host_pages_for(on_host) if on_host else 0   # host pages the upload frees
             need = cache.pages_needed(r, n) + on_host
-            room, victims, gain = host_free + freed, [], 0
+            room, victims, gain, moved = host_free + freed, [], 0, on_host
             for victim in (reversed(ordered[i + 1:]) if self.may_evict_for(r) else ()):
                 if need <= free + gain:
                     break
                 if loc[victim.request_id] != "device" or not victim.num_pages:
                     continue
-                to_host = cache.host_pages_for(victim.num_pages) <= room
-                if not to_host and not allow_drop:
+                to_host = cache.host_pages_for(victim.num_pages) <= room and moved + victim.num_pages <= link
+                if not to_host and not forced:
                     continue
                 room -= cache.host_pages_for(victim.num_pages) if to_host else 0
+                moved += victim.num_pages if to_host else 0
                 victims.append((victim, to_host))
                 gain += victim.num_pages
-            if need > free + gain:
+            if need > free + gain or moved > link:
                 continue
+            link -= moved
             host_free += freed
             for victim, to_host in victims:
                 (plan.swap_out if to_host else plan.preempt).append(victim.request_id)
@@ -124,6 +157,10 @@ class PreemptivePolicy:
                 loc[victim.request_id] = "gone"
             if on_host:
                 plan.swap_in.append(r.request_id)
+                loc[r.request_id] = "device"
+                if not forced:  # it runs from the next step: its upload overlaps this one
+                    free += gain - on_host
+                    continue
             chosen.append(r)
             free, slots = free + gain - need, slots - 1
-        return plan, chosen, free, host_free, loc
+        return plan, chosen, free, host_free, loc, link

@@ -56,6 +56,8 @@ class Simulator:
         heapq.heapify(pending)
         active = {}
         free, host_free, now = c.num_pages, c.host_pages, 0.0
+        # what policies weigh swaps by: the link's time per page, where it runs beside compute
+        link_s_per_page = self.cost.coef[-1] * c.bytes_per_page if c.overlap_swaps else 0.0
         while pending or active:
             while pending and pending[0][0] <= now:
                 j = heapq.heappop(pending)[2]
@@ -65,7 +67,8 @@ class Simulator:
                 continue
             views = [RequestView(s.job.request_id, s.job.arrival, s.job.priority, s.tokens, s.computed,
                                  s.generated, s.job.output_len, s.pages, s.location) for s in active.values()]
-            cache = CacheState(c.page_size, free, c.num_pages, host_free, c.max_batch, c.token_budget, c.max_chunk)
+            cache = CacheState(c.page_size, free, c.num_pages, host_free, c.max_batch, c.token_budget, c.max_chunk,
+                               link_s_per_page)
             plan = self.policy.schedule(views, cache, now)
             swap_pages, blocking_pages = 0, 0
             running = {rid for rid, _ in plan.run}

@@ -97,6 +97,32 @@ def poisson(n: int, rate: float, prompt_len: int, output_len: int, seed: int = 0
     return [Job(f"job{i}", float(t), prompt_len, output_len) for i, t in enumerate(np.cumsum(gaps) - gaps[0])]
 
 
+def lognormal_lengths(rng: np.random.Generator, n: int, mean: float, cv: float, cap: int) -> np.ndarray:
+    """n integer lengths in [1, cap] from a lognormal of this mean and coefficient of variation."""
+    if mean < 1 or cv < 0 or cap < 1:
+        raise ValueError(f"lengths: mean >= 1, cv >= 0 and cap >= 1 required (got {mean}, {cv}, {cap})")
+    s2 = np.log1p(cv * cv)
+    return np.clip(np.round(rng.lognormal(np.log(mean) - s2 / 2, np.sqrt(s2), n)), 1, cap).astype(int)
+
+
+def synthetic(n: int, rate: float, prompt_mean: float = 2000, prompt_cv: float = 1.0, output_mean: float = 30,
+              output_cv: float = 4.0, max_prompt: int = 8192, max_output: int = 2048, seed: int = 0) -> List[Job]:
+    """n jobs, Poisson arrivals at `rate`/s, lognormal prompt and output lengths (capped).
+
+    The defaults are the prefill-heavy, heavy-tailed workload of issue 16: long prompts, short
+    outputs whose tail reaches past 1,000 tokens. The lengths depend on `seed` only, not on the
+    rate, so that runs at several loads serve the same jobs.
+    """
+    if n < 1 or rate <= 0:
+        raise ValueError(f"synthetic: n >= 1 and rate > 0 required (got n={n}, rate={rate})")
+    rng = np.random.default_rng(seed)
+    prompts = lognormal_lengths(rng, n, prompt_mean, prompt_cv, max_prompt)
+    outputs = lognormal_lengths(rng, n, output_mean, output_cv, max_output)
+    gaps = rng.exponential(1.0 / rate, n)
+    times = np.cumsum(gaps) - gaps[0]
+    return [Job(f"job{i}", float(t), int(p), int(o)) for i, (t, p, o) in enumerate(zip(times, prompts, outputs))]
+
+
 def summarize(jobs: Sequence[Job], ttft_slo: float = None, tpot_slo: float = None) -> dict:
     """Average and p50/p95/p99 JCT and TTFT (seconds), TPOT, and goodput under the SLOs."""
     done = [j for j in jobs if j.finish is not None]
