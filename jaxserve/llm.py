@@ -34,10 +34,9 @@ def policy_from_config(scheduler, cost_model: CostModel):
     name = scheduler.policy
     if name == "fcfs":
         return make_policy(name)
-    common = dict(watermark_pages=scheduler.watermark_pages, prefetch=scheduler.prefetch, cost_model=cost_model)
-    if name == "mlfq":
-        return make_policy(name, **scheduler.mlfq, **common)
-    return make_policy(name, **common)
+    own = dict(scheduler[name]) if name in scheduler else {}  # e.g. scheduler.mlfq's quanta
+    return make_policy(name, cost_model, watermark_pages=scheduler.watermark_pages, prefetch=scheduler.prefetch,
+                       max_prefill_slowdown=scheduler.max_prefill_slowdown, **own)
 
 
 class LLM:

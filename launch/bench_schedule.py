@@ -1,13 +1,23 @@
-"""Scheduling benchmark: FCFS vs MLFQ vs priority on a replayed trace, on the engine and in the simulator.
+"""Scheduling benchmark: FCFS, MLFQ, priority and Gittins on a workload, on the engine and in the simulator.
 
     # (a)+(b): the real engine on CPU (tiny model, lengths scaled down) and the simulator
     # calibrated from that engine's measured steps, at several loads (requests/s):
     python launch/bench_schedule.py --backend=both --loads=4,8,12
     # the simulator alone, in FastServe's artifact setting (OPT-13B fp16 on one A100-class GPU):
     python launch/bench_schedule.py --backend=sim --setting=fastserve --loads=0.5,1,2,3,4
+    # the prefill-heavy, heavy-tailed synthetic workload (Poisson arrivals, lognormal lengths):
+    python launch/bench_schedule.py --backend=sim --setting=fastserve --workload=synthetic --num_requests=1000 \
+        --loads=0.5,2,2.5,3
+
+Workloads: `--workload=trace` replays any CSV with the Azure columns (`--trace`); `synthetic`
+draws lengths from `--prompt_mean/--prompt_cv/--output_mean/--output_cv` (capped by
+`--synthetic_max_prompt/--synthetic_max_output`). On the engine and its calibrated simulator
+every workload's lengths are then scaled by `--length_scale` and capped by `--max_prompt` and
+`--max_output`, so that the tiny model on CPU can serve them.
 
 The last line printed is one JSON object: per backend, policy and load, the average, p50, p95
-and p99 JCT and TTFT (seconds), TPOT and goodput.
+and p99 JCT and TTFT (seconds), TPOT, goodput, requests served per second and, in the
+simulator, the one-server Gittins bound (`queueing.py`) on the same job sizes.
 """
 import copy
 import json
@@ -24,7 +34,15 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Model an
 _TRACE = flags.DEFINE_string("trace", "../shared/data/azure_llm_2023_conv.csv", "CSV with TIMESTAMP, ContextTokens, GeneratedTokens.")
 _BACKEND = flags.DEFINE_enum("backend", "both", ["sim", "engine", "both"], "Where to replay.")
 _SETTING = flags.DEFINE_enum("setting", "engine", ["engine", "fastserve"], "Sim cost model: calibrated to this engine, or FastServe's artifact setting.")
-_POLICIES = flags.DEFINE_list("policies", ["fcfs", "mlfq", "priority"], "Policies to compare.")
+_POLICIES = flags.DEFINE_list("policies", ["fcfs", "mlfq", "priority", "gittins"], "Policies to compare.")
+_WORKLOAD = flags.DEFINE_enum("workload", "trace", ["trace", "synthetic"], "Replay --trace, or draw a synthetic workload.")
+_PROMPT_MEAN = flags.DEFINE_float("prompt_mean", 2000, "Synthetic: mean prompt length (tokens).")
+_PROMPT_CV = flags.DEFINE_float("prompt_cv", 1.0, "Synthetic: coefficient of variation of prompt lengths.")
+_OUTPUT_MEAN = flags.DEFINE_float("output_mean", 30, "Synthetic: mean output length (tokens).")
+_OUTPUT_CV = flags.DEFINE_float("output_cv", 4.0, "Synthetic: coefficient of variation of output lengths.")
+_SYN_MAX_PROMPT = flags.DEFINE_integer("synthetic_max_prompt", 8192, "Synthetic: cap on prompt lengths.")
+_SYN_MAX_OUTPUT = flags.DEFINE_integer("synthetic_max_output", 2048, "Synthetic: cap on output lengths.")
+_SEED = flags.DEFINE_integer("seed", 0, "Synthetic: seed of the lengths and arrivals.")
 _LOADS = flags.DEFINE_list("loads", ["4", "8", "12"], "Arrival rates (requests/s) to rescale the trace to.")
 _N = flags.DEFINE_integer("num_requests", 150, "Requests taken from the trace.")
 _OFFSET = flags.DEFINE_integer("offset", 0, "First trace row used.")
@@ -33,14 +51,23 @@ _MAX_PROMPT = flags.DEFINE_integer("max_prompt", 240, "Cap on prompt length afte
 _MAX_OUTPUT = flags.DEFINE_integer("max_output", 64, "Cap on output length after scaling.")
 _TTFT_SLO = flags.DEFINE_float("ttft_slo", 1.0, "TTFT SLO (s) for goodput.")
 _TPOT_SLO = flags.DEFINE_float("tpot_slo", 0.1, "TPOT SLO (s) for goodput.")
-_OUT = flags.DEFINE_string("out", "docs/bench_schedule.json", "Where to write the results.")
-_PLOT = flags.DEFINE_string("plot", "docs/jct_vs_load.png", "JCT-vs-load plot ('' = none).")
+_OUT = flags.DEFINE_string("out", "results/bench_schedule.json", "Where to write the results ('' = nowhere).")
+_PLOT = flags.DEFINE_string("plot", "results/jct_vs_load.png", "JCT-vs-load plot ('' = none; skipped without matplotlib).")
+
+
+def source_jobs(load):
+    """The workload at `load` requests/s, lengths as drawn or recorded."""
+    from jaxserve.sim.workload import read_trace, synthetic
+    if _WORKLOAD.value == "synthetic":
+        return synthetic(_N.value, load, _PROMPT_MEAN.value, _PROMPT_CV.value, _OUTPUT_MEAN.value, _OUTPUT_CV.value,
+                         _SYN_MAX_PROMPT.value, _SYN_MAX_OUTPUT.value, seed=_SEED.value)
+    return read_trace(_TRACE.value, limit=_N.value, offset=_OFFSET.value)
 
 
 def workload(load):
-    from jaxserve.sim.workload import read_trace, rescale
-    jobs = read_trace(_TRACE.value, limit=_N.value, offset=_OFFSET.value)
-    return rescale(jobs, load, _SCALE.value, _MAX_PROMPT.value, _MAX_OUTPUT.value)
+    """The workload scaled to the engine's setting (tiny model on CPU)."""
+    from jaxserve.sim.workload import rescale
+    return rescale(source_jobs(load), load, _SCALE.value, _MAX_PROMPT.value, _MAX_OUTPUT.value)
 
 
 def make_engine(config, policy_name, cfg, params, mesh, tokenizer, cost_model):
@@ -93,6 +120,8 @@ def sim_runs(config, loads, cost, sim_config, results, key):
     from jaxserve.llm import policy_from_config
     from jaxserve.sim.simulator import Simulator
     for load in loads:
+        jobs = workload(load) if key == "sim" else fastserve_jobs(load)
+        results.setdefault(key, {}).setdefault("one_server_bound", {})[str(load)] = one_server_bound(jobs, cost)
         for name in _POLICIES.value:
             jobs = workload(load) if key == "sim" else fastserve_jobs(load)
             sched = copy.deepcopy(config.scheduler)
@@ -105,10 +134,24 @@ def sim_runs(config, loads, cost, sim_config, results, key):
                   f"({time.perf_counter() - t:.1f}s wall)", flush=True)
 
 
+def one_server_bound(jobs, cost):
+    """Mean JCT (s) of the same jobs in one server (queueing.py) under FCFS and the Gittins index
+    of their sizes: each job's prefill at batch 1 plus its output tokens at a decode token's cost."""
+    from jaxserve.scheduling.gittins import decode_token_s
+    from jaxserve.sim.queueing import simulate
+    token_s = decode_token_s(cost)
+    sizes = np.array([max(1, round(1e3 * (cost.prefill_time(j.prompt_len) + j.output_len * token_s))) for j in jobs])
+    arrivals = np.array([j.arrival for j in jobs]) * 1e3
+    return {p: float(simulate(arrivals, sizes, p).mean() / 1e3) for p in ("fcfs", "gittins")}
+
+
 def fastserve_jobs(rate):
-    """Poisson arrivals at `rate`, lengths from the trace capped to OPT's 2048-token window."""
-    from jaxserve.sim.workload import Job, read_trace
-    trace = read_trace(_TRACE.value, limit=_N.value, offset=_OFFSET.value)
+    """Poisson arrivals at `rate`; the trace's lengths capped to OPT's 2048-token window, or the
+    synthetic workload as drawn."""
+    from jaxserve.sim.workload import Job
+    if _WORKLOAD.value == "synthetic":
+        return source_jobs(rate)
+    trace = source_jobs(rate)
     gaps = np.random.default_rng(0).exponential(1.0 / rate, size=len(trace))
     t = np.cumsum(gaps) - gaps[0]
     return [Job(j.request_id, float(a), min(j.prompt_len, 1536), min(j.output_len, 512)) for j, a in zip(trace, t)]
@@ -126,17 +169,24 @@ def summary(jobs, stats):
 
 def fmt(s):
     return (f"JCT avg {s['jct_avg']:.3f} p50 {s['jct_p50']:.3f} p95 {s['jct_p95']:.3f} p99 {s['jct_p99']:.3f} | "
-            f"TTFT avg {s['ttft_avg']:.3f} p99 {s['ttft_p99']:.3f} | goodput {s.get('goodput_rps', 0):.2f}/s")
+            f"TTFT avg {s['ttft_avg']:.3f} p99 {s['ttft_p99']:.3f} | served {s['served_rps']:.3f}/s "
+            f"goodput {s.get('goodput_rps', 0):.2f}/s")
 
 
 def plot(results, path):
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib is not installed: no plot")
+        return
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     backends = [b for b in ("engine", "sim", "fastserve") if b in results]
     fig, axes = plt.subplots(1, len(backends), figsize=(5 * len(backends), 3.8), squeeze=False)
     for ax, b in zip(axes[0], backends):
         for name, by_load in results[b].items():
+            if name == "one_server_bound":
+                continue
             loads = sorted(by_load, key=float)
             metric = "latency_per_token_avg" if b == "fastserve" else "jct_avg"
             ax.plot([float(x) for x in loads], [by_load[x][metric] for x in loads], marker="o", label=name)
@@ -184,6 +234,7 @@ def main(argv):
         with open(_OUT.value, "w") as f:
             json.dump(results, f, indent=1)
     if _PLOT.value:
+        os.makedirs(os.path.dirname(_PLOT.value) or ".", exist_ok=True)
         plot(results, _PLOT.value)
     print(json.dumps(results))
 

@@ -47,7 +47,7 @@ def test_every_step_is_one_forward_call_whatever_the_mix(tiny, monkeypatch):
     assert sum(shapes) >= 3  # steps that held decodes and prefill chunks together
 
 
-@pytest.mark.parametrize("policy", ["fcfs", "mlfq", "priority"])
+@pytest.mark.parametrize("policy", ["fcfs", "mlfq", "priority", "gittins"])
 def test_overlapped_loop_gives_the_plain_loops_tokens_for_every_policy(tiny, policy):
     # few pages and a host pool: requests wait, are preempted or swapped while others run
     kw = dict(token_budget=40, max_chunk=16, max_batch=6, num_pages=24, host_pages=32, policy=policy)

@@ -135,3 +135,16 @@ def test_a_promoted_job_waits_for_free_pages_instead_of_evicting():
     assert plan.swap_out == [] and plan.preempt == [] and plan.run == [("run", 1)]
     plan = p.schedule([old, runner], cache(free=4, host=100, batch=1), 2.1)  # pages free up: it runs
     assert plan.run == [("old", 64)] and plan.swap_out == []
+
+
+def test_a_chunk_ranked_below_a_decode_gets_a_short_step_and_one_above_the_whole_budget():
+    decode = view("d", prompt=16, computed=16, generated=1, pages=2, location="device", priority=0)
+    below = view("p", prompt=1000, priority=1)
+    plan = PriorityPolicy(cost_model=COST).schedule([decode, below], cache())
+    # by COST, 128-token steps keep prefill within 10% of a full budget's rate (64 do not)
+    assert plan.run == [("d", 1), ("p", 127)]
+    above = view("p", prompt=1000, priority=-1)
+    assert PriorityPolicy(cost_model=COST).schedule([decode, above], cache()).run == [("d", 1), ("p", 1000)]
+    # no slowdown allowed: the chunk fills the budget as before
+    plan = PriorityPolicy(cost_model=COST, max_prefill_slowdown=0.0).schedule([decode, below], cache())
+    assert plan.run == [("d", 1), ("p", 1000)]

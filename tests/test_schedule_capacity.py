@@ -30,7 +30,7 @@ def fcfs():
     return {rate: replay("fcfs", rate) for rate in RATES}
 
 
-@pytest.mark.parametrize("name", ["mlfq", "priority"])
+@pytest.mark.parametrize("name", ["mlfq", "priority", "gittins"])
 def test_no_preemptive_policy_serves_fewer_requests_than_fcfs_where_fcfs_keeps_up(fcfs, name):
     lightest = fcfs[RATES[0]][0]
     kept_up = [rate for rate in RATES if fcfs[rate][0] <= 10 * lightest]

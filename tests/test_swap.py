@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from jaxserve import Engine, EngineConfig, SamplingParams
-from jaxserve.scheduling import FCFSPolicy, MLFQPolicy, PriorityPolicy
+from jaxserve.scheduling import FCFSPolicy, GittinsPolicy, MLFQPolicy, PriorityPolicy
 from jaxserve.scheduling.cost_model import CostModel
 from jaxserve.scheduling.plan import Plan
 
@@ -93,15 +93,16 @@ def test_no_page_leaks_across_thousands_of_swap_cycles(tiny):
     assert engine.allocator.num_free == 64 and engine.host_pool.used == 0 and not engine.host_pool.entries
 
 
-@pytest.mark.parametrize("policy", ["mlfq", "priority"])
+@pytest.mark.parametrize("policy", ["mlfq", "priority", "gittins"])
 def test_preemptive_policies_under_memory_pressure_keep_outputs_and_pages(tiny, policy):
     prompts = mixed_prompts(12, seed=13)
     params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
     reqs = [(f"r{i}", p, params) for i, p in enumerate(prompts)]
     plain = run_all(engine_with(tiny, FCFSPolicy()), reqs)
     cost = CostModel(coef=np.array([1e-3, 1e-4, 0, 1e-3, 1e-4, 0, 0]), page_size=8, max_chunk=32)
-    pol = (MLFQPolicy(base_quantum_s=0.002, cost_model=cost, watermark_pages=2) if policy == "mlfq"
-           else PriorityPolicy(watermark_pages=2))
+    pol = {"mlfq": lambda: MLFQPolicy(base_quantum_s=0.002, cost_model=cost, watermark_pages=2),
+           "priority": lambda: PriorityPolicy(watermark_pages=2),
+           "gittins": lambda: GittinsPolicy(cost_model=cost, watermark_pages=2)}[policy]()
     engine = engine_with(tiny, pol, num_pages=24, page_size=8, host_pages=200, max_batch=4, token_budget=48,
                          max_chunk=32)
     for i, (rid, p, sp) in enumerate(reqs):  # later requests get higher priority: forces preemption

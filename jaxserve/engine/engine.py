@@ -33,6 +33,8 @@ from jaxserve.scheduling.cost_model import CostModel
 from jaxserve.scheduling.plan import CacheState, RequestView
 from jaxserve.tokenizer import IncrementalDecoder, Tokenizer
 
+REFIT_STEPS = 256  # the cost model is refitted to the recent steps this often while serving
+
 
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
@@ -79,7 +81,7 @@ class Engine:
         if jax.process_count() > 1:
             from jaxserve.parallel.multihost import check_supported
             check_supported(config)
-        self.policy = policy or make_policy(config.policy)
+        self.policy = policy or make_policy(config.policy, self.cost_model)
         if config.compile_cache_dir:
             enable_compile_cache(config.compile_cache_dir)
         self.runner = ModelRunner(cfg, params, mesh, config.num_pages, config.page_size, config.max_batch,
@@ -92,6 +94,7 @@ class Engine:
                       "dropped_tokens": 0, "failed": 0}
         self.kv = KVManager(config.num_pages, config.page_size, config.host_pages, mesh, self.runner, self.stats)
         self.step_log: List[tuple] = []      # (cost features, seconds) of recent steps, for calibration
+        self._unfitted, self._fits = 0, 0     # steps since the last refit; refits so far
         self.max_context = min(cfg.max_seq_len, config.num_pages * config.page_size)
         self.requests: Dict[str, Request] = {}
         self._decoders: Dict[str, IncrementalDecoder] = {}
@@ -354,6 +357,11 @@ class Engine:
         self.step_log.append((record.features, now - max(record.start, self._last_read)))
         self._last_read = now
         del self.step_log[:-4096]
+        # keep the cost model (the policy's too) fitted to this engine: first after a few
+        # steps, then every REFIT_STEPS
+        self._unfitted += 1
+        if self._unfitted >= (REFIT_STEPS if self._fits else 32):
+            self.calibrate()
 
     # -- moving requests between engines (re-parallelization) ---------------------------------
     def export_requests(self, with_kv: bool = True) -> list:
@@ -413,7 +421,9 @@ class Engine:
 
     def calibrate(self) -> CostModel:
         """Refits the cost model (shared with the policy) to the steps run so far."""
+        self._unfitted = 0
         if len(self.step_log) >= 8:
+            self._fits += 1
             fitted = self.cost_model.fit([f for f, _ in self.step_log], [t for _, t in self.step_log])
             self.cost_model.coef = fitted.coef
         return self.cost_model

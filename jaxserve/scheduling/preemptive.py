@@ -28,9 +28,13 @@ from jaxserve.scheduling.plan import CacheState, Plan, RequestView
 class PreemptivePolicy:
     name = "preemptive"
 
-    def __init__(self, watermark_pages: int = 0, prefetch: bool = True, cost_model: Optional[CostModel] = None):
+    def __init__(self, watermark_pages: int = 0, prefetch: bool = True, cost_model: Optional[CostModel] = None,
+                 max_prefill_slowdown: float = 0.10):
+        if not 0 <= max_prefill_slowdown < 1:
+            raise ValueError(f"scheduler.max_prefill_slowdown must be in [0, 1), got {max_prefill_slowdown}")
         self.watermark_pages = watermark_pages
         self.prefetch = prefetch
+        self.max_prefill_slowdown = max_prefill_slowdown
         self.cost_model = cost_model or CostModel()
 
     # -- what subclasses define ---------------------------------------------------------------
@@ -74,17 +78,21 @@ class PreemptivePolicy:
         if not chosen:
             plan, chosen, free, host_free, loc, link = self._admit(ordered, cache, link, forced=True)
         # The token budget goes to decodes first (a decode token costs little beside the others)
-        # and to prefill chunks after.
-        budget = cache.token_budget
-        for r in chosen:
-            if r.num_remaining == 1 and budget >= 1:
-                plan.run.append((r.request_id, 1))
-                budget -= 1
-        for r in chosen:
-            if r.num_remaining > 1 and budget >= 1:
-                n = min(r.num_remaining, cache.max_chunk, budget)
+        # and to prefill chunks after. A chunk ranked below a decode of this step would slow that
+        # decode down: such chunks fill the step only up to `short_step` tokens.
+        decodes = [r for r in chosen if r.num_remaining == 1][:cache.token_budget]
+        plan.run += [(r.request_id, 1) for r in decodes]
+        total, cap = len(decodes), cache.token_budget
+        first_decode = next((i for i, r in enumerate(chosen) if r.num_remaining == 1), len(chosen))
+        for i, r in enumerate(chosen):
+            if r.num_remaining > 1:
+                if i > first_decode and cap == cache.token_budget:
+                    cap = max(total, self.short_step(decodes, chosen, cache))
+                n = min(r.num_remaining, cache.max_chunk, cap - total)
+                if n < 1:
+                    break
                 plan.run.append((r.request_id, n))
-                budget -= n
+                total += n
         chosen_ids = {r.request_id for r in chosen}
         idle = [r for r in ordered if r.request_id not in chosen_ids]
         # keep a watermark of free pages for the next steps' growth and arrivals
@@ -110,6 +118,26 @@ class PreemptivePolicy:
                 plan.swap_in.append(r.request_id)
                 free, link = free - r.num_pages, link - r.num_pages
         return plan
+
+    def short_step(self, decodes: Sequence[RequestView], chosen: Sequence[RequestView], cache: CacheState) -> int:
+        """The fewest tokens (a power of two) a step with these decodes may hold while its prefill
+        throughput stays within `max_prefill_slowdown` of a full token budget's, by the cost model.
+
+        Shorter steps finish the decodes sooner; under load, prefill throughput is the capacity,
+        and a step much shorter than the budget spends more of its time on fixed costs."""
+        d = len(decodes)
+        dec_pages = max((r.num_pages + 1 for r in decodes), default=1)
+        pre_pages = max(pages_for(r.num_tokens, cache.page_size) for r in chosen)
+
+        def rate(tokens: int) -> float:  # prefill tokens per second in a step of `tokens`
+            chunks = [(1, dec_pages)] * d + [(tokens - d, pre_pages)]
+            return (tokens - d) / max(self.cost_model.step_time(chunks), 1e-12)
+
+        full = rate(cache.token_budget)
+        tokens = 1 << max(0, d).bit_length()  # the first power of two with room for a chunk
+        while tokens < cache.token_budget and rate(tokens) < (1 - self.max_prefill_slowdown) * full:
+            tokens *= 2
+        return min(tokens, cache.token_budget)
 
     def _admit(self, ordered: Sequence[RequestView], cache: CacheState, link: Optional[int], forced: bool):
         """Batch membership by rank, under the slots, pages and link budget:

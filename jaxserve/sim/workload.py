@@ -130,7 +130,7 @@ def summarize(jobs: Sequence[Job], ttft_slo: float = None, tpot_slo: float = Non
         return {"completed": 0}
     jct, ttft, tpot = (np.array([getattr(j, k) for j in done]) for k in ("jct", "ttft", "tpot"))
     span = max(j.finish for j in done) - min(j.arrival for j in done)
-    out = {"completed": len(done), "of": len(jobs)}
+    out = {"completed": len(done), "of": len(jobs), "served_rps": len(done) / span if span > 0 else 0.0}
     for name, v in (("jct", jct), ("ttft", ttft), ("tpot", tpot)):
         out[f"{name}_avg"] = float(v.mean())
         for q in (50, 95, 99):
