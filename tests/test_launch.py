@@ -1,4 +1,5 @@
 """The launchers, run as a user runs them: answers, and one-line errors that name the field or file."""
+import json
 import os
 import subprocess
 import sys
@@ -55,3 +56,17 @@ def test_spot_tpu_dry_run_prints_the_whole_recipe():
     assert "launch/serve.py" in cmds[2] and "--journal=/mnt/j/journal.jsonl" in cmds[2]
     assert "checkpoint.path=gs://b/ckpt" in cmds[2]
     assert "describe t" in cmds[3]
+
+
+def test_bench_schedule_replays_a_synthetic_workload_and_writes_where_asked(tmp_path):
+    out = tmp_path / "sched.json"
+    proc = launch("launch/bench_schedule.py", "--backend=sim", "--setting=fastserve", "--workload=synthetic",
+                  "--num_requests=200", "--loads=1,3", "--policies=fcfs,gittins", f"--out={out}", "--plot=")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads(out.read_text())["fastserve"]
+    for name in ("fcfs", "gittins"):
+        for load in ("1.0", "3.0"):
+            s = results[name][load]
+            assert s["completed"] == s["of"] == 200 and s["served_rps"] > 0
+    assert set(results["one_server_bound"]["3.0"]) == {"fcfs", "gittins"}
+    assert "gittins  load  3.00/s" in proc.stdout
