@@ -1,15 +1,17 @@
 """Preemptive scheduling at token granularity, with proactive KV swapping.
 
-Each step the policy ranks every job (subclasses say how: MLFQ level, user priority) and runs
-the best-ranked jobs that fit the batch, the token budget and the KV pages. Jobs not picked are
-preempted but keep their KV: it stays on the device, or is swapped to host memory when device
-pages are short. Memory is managed ahead of need:
+Each step the policy ranks every job (subclasses say how: MLFQ level, user priority, Gittins
+index) and runs the best-ranked jobs that fit the batch, the token budget and the KV pages.
+Jobs not picked are preempted but keep their KV: it stays on the device, or is swapped to host
+memory when device pages are short. Memory is managed ahead of need:
   * swap-out: keep `watermark_pages` free by offloading the jobs whose next run is furthest away
     (worst rank first);
   * prefetch: upload the host-resident jobs that rank next after the running set, so that their
     transfer overlaps this step and they never wait on their own upload;
   * only when the host pool is full too, and nothing could run otherwise, is a job's cache
     dropped (recomputed later; counted).
+A prefill chunk ranked below one of the step's decodes fills the step only to `short_step`
+tokens, so that better-ranked decodes are not held up by a full budget of worse-ranked prefill.
 Swaps the policy chooses stay within what the host link moves while the step computes (its
 compute from the cost model, the link's speed from `CacheState.swap_s_per_page`), and a job
 brought back from host memory runs from the step after its upload: otherwise swap traffic, not
