@@ -101,11 +101,13 @@ def test_watermark_offloads_idle_jobs_and_prefetch_brings_back_the_next_in_line(
     assert plan.swap_in == []  # 6 - 3 would break the watermark
 
 
-def test_host_resident_job_that_runs_is_swapped_in():
+def test_host_resident_job_is_uploaded_then_runs_from_the_next_step():
     p = PriorityPolicy()
     back = view("back", computed=16, generated=1, pages=2, location="host", priority=0)
     plan = p.schedule([back], cache(free=3, host=0), 0.0)
-    assert plan.run == [("back", 1)] and plan.swap_in == ["back"]
+    assert plan.swap_in == ["back"] and plan.run == []  # its upload overlaps a step, not holds one
+    uploaded = view("back", computed=16, generated=1, pages=2, location="device", priority=0)
+    assert p.schedule([uploaded], cache(free=1, host=2), 0.01).run == [("back", 1)]
 
 
 def test_fcfs_runs_to_completion_and_waits_to_admit():
@@ -148,3 +150,14 @@ def test_a_chunk_ranked_below_a_decode_gets_a_short_step_and_one_above_the_whole
     # no slowdown allowed: the chunk fills the budget as before
     plan = PriorityPolicy(cost_model=COST, max_prefill_slowdown=0.0).schedule([decode, below], cache())
     assert plan.run == [("d", 1), ("p", 1000)]
+
+
+def test_a_long_job_on_host_comes_back_though_its_upload_exceeds_the_link_budget():
+    # the link moves 2 pages during this step's compute; the job needs 40 back: it goes alone,
+    # uploaded this step to run from the next, rather than wait for a step with nothing to run
+    on_host = view("big", prompt=600, computed=600, generated=1, pages=40, location="host", priority=0)
+    running = view("run", prompt=16, computed=16, generated=1, pages=2, location="device", priority=1)
+    link = CacheState(page_size=16, free_pages=60, total_pages=100, free_host_pages=100, max_batch=8,
+                      token_budget=4096, max_chunk=4096, swap_s_per_page=COST.step_time([(1, 2)]) / 2)
+    plan = PriorityPolicy(cost_model=COST).schedule([on_host, running], link)
+    assert plan.swap_in == ["big"] and plan.run == [("run", 1)] and not plan.swap_out

@@ -43,19 +43,20 @@ def resolve_impl(impl: str, backend: Optional[str] = None) -> str:
 SPLIT_PAGES = 32  # most pages one decode program reads (see decode_params)
 
 
-def decode_params(batch: int, pages_per_seq: int, num_kv_heads: int) -> tuple:
+def decode_params(batch: int, pages_per_seq: int, num_kv_heads: int, page_size: int = 16) -> tuple:
     """(pages_per_compute_block, k_splits, num_warps) for a decode step of this bucketed shape.
 
     The grid is batch x kv_heads x k_splits programs. The sequence is split until there are about
     1024 programs and no split holds more than SPLIT_PAGES pages: with ragged lengths the longest
     rows would otherwise run alone at the end (a split past a row's end exits at once), and each
-    split costs a partial output and a combine. From 16 sequences up, one warp per program on one
-    page at a time keeps the most loads in flight; a lone sequence is better served by 4 warps on
-    4 pages. Either way each thread holds 128 bytes of a block's K (and of V): a bigger block, or
-    a second one prefetched, spills registers. The fastest of H200 sweeps at batch 1-128, uniform
+    split costs a partial output and a combine. From 16 sequences up, one warp per program on 16
+    tokens (a page of 16) at a time keeps the most loads in flight; a lone sequence is better
+    served by 4 warps on 4 pages. Either way each thread holds 128 bytes of a block's K (and of
+    V) at head_dim 128: a bigger block, or a second one prefetched, spills registers. The fastest of H200 sweeps at batch 1-128, uniform
     and ragged lengths (docs/benchmarks.md).
     """
-    ppcb, warps = (1, 1) if batch * num_kv_heads >= 128 else (min(4, pages_per_seq), 4)
+    # a block holds at least 16 tokens: Triton's dot needs 16 along each side
+    ppcb, warps = (max(1, 16 // page_size), 1) if batch * num_kv_heads >= 128 else (min(4, pages_per_seq), 4)
     k_splits = 1
     while ((batch * num_kv_heads * k_splits < 1024 or pages_per_seq // k_splits > SPLIT_PAGES)
            and pages_per_seq // (2 * k_splits) >= ppcb and k_splits < 32):
@@ -236,7 +237,7 @@ def decode_attention(q, k_pool, v_pool, layer, page_table, lengths, *, mesh: Opt
     """
     L, NP, S, K, D = k_pool.shape
     B, num_p = page_table.shape
-    ppcb, ks, warps = decode_params(B, num_p, K)
+    ppcb, ks, warps = decode_params(B, num_p, K, S)
     ppcb = pages_per_compute_block or ppcb
     ks = k_splits or ks
     kernel = functools.partial(pallas_decode_attention, pages_per_compute_block=ppcb, k_splits=ks,

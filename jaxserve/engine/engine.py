@@ -95,6 +95,7 @@ class Engine:
         self.kv = KVManager(config.num_pages, config.page_size, config.host_pages, mesh, self.runner, self.stats)
         self.step_log: List[tuple] = []      # (cost features, seconds) of recent steps, for calibration
         self._unfitted, self._fits = 0, 0     # steps since the last refit; refits so far
+        self._swaps_beside = mesh.devices.flat[0].platform != "cpu"  # DMA beside compute
         self.max_context = min(cfg.max_seq_len, config.num_pages * config.page_size)
         self.requests: Dict[str, Request] = {}
         self._decoders: Dict[str, IncrementalDecoder] = {}
@@ -402,10 +403,9 @@ class Engine:
 
     def cache_state(self) -> CacheState:
         c = self.config
-        # On an accelerator swaps are DMA beside compute: policies weigh them by the link's fitted
-        # time per page. On CPU they are copies inside the step, already in its fitted time.
-        beside = self.runner.mesh.devices.flat[0].platform != "cpu"
-        link = float(self.cost_model.coef[-1]) * self.cost_model.page_bytes if beside else 0.0
+        # On an accelerator swaps are DMA beside compute: policies weigh them by the link's time
+        # per page. On CPU they are copies inside the step, already in its fitted time.
+        link = float(self.cost_model.coef[-1]) * self.cost_model.page_bytes if self._swaps_beside else 0.0
         return CacheState(page_size=c.page_size, free_pages=self.kv.num_free, total_pages=c.num_pages,
                           free_host_pages=self.host_pool.num_free, max_batch=c.max_batch,
                           token_budget=c.token_budget, max_chunk=c.max_chunk, swap_s_per_page=link)
@@ -424,8 +424,10 @@ class Engine:
         self._unfitted = 0
         if len(self.step_log) >= 8:
             self._fits += 1
-            fitted = self.cost_model.fit([f for f, _ in self.step_log], [t for _, t in self.step_log])
-            self.cost_model.coef = fitted.coef
+            coef = self.cost_model.fit([f for f, _ in self.step_log], [t for _, t in self.step_log]).coef
+            if self._swaps_beside:  # transfers beside compute add little step time: the fit would
+                coef[-1] = self.cost_model.coef[-1]  # take the link for free; keep its speed
+            self.cost_model.coef = coef
         return self.cost_model
 
     # -- internals ----------------------------------------------------------------------------

@@ -55,6 +55,10 @@ class OutputLengths:
         values = np.array(sorted(self.weights), dtype=np.float64)
         self.values, self.counts = values, np.array([self.weights[int(v)] for v in values])
         self._built_at = self.observed
+        self.forget_indices()
+
+    def forget_indices(self) -> None:
+        """Drops the cached indices (their costs changed: the cost model was refitted)."""
         self._cache.clear()
 
     def index(self, generated: int, prefill_s: float, token_s: float) -> float:
@@ -92,6 +96,7 @@ class GittinsPolicy(PreemptivePolicy):
             self.lengths.observe(self._generated.pop(rid) + 1)
         if self._coef is None or not np.array_equal(self._coef, self.cost_model.coef):  # refitted
             self._coef, self._prefill = np.array(self.cost_model.coef), {}
+            self.lengths.forget_indices()
         token_s = decode_token_s(self.cost_model)
         self._index = {}
         for r in requests:

@@ -77,7 +77,7 @@ class PreemptivePolicy:
         # Dropping a cache throws away work, so a first pass only moves caches to host memory;
         # only if that runs nothing at all (device and host full) may caches be dropped.
         plan, chosen, free, host_free, loc, link = self._admit(ordered, cache, link, forced=False)
-        if not chosen:
+        if not chosen and not plan.swap_in:
             plan, chosen, free, host_free, loc, link = self._admit(ordered, cache, link, forced=True)
         # The token budget goes to decodes first (a decode token costs little beside the others)
         # and to prefill chunks after. A chunk ranked below a decode of this step would slow that
@@ -152,7 +152,11 @@ class PreemptivePolicy:
         """
         plan = Plan()
         free, host_free, slots = cache.free_pages, cache.free_host_pages, cache.max_batch
+        untouched = link
         link = float("inf") if forced or link is None else link
+        # One upload bigger than the whole budget may still go, alone: else a long job swapped out
+        # would come back only when nothing else could run.
+        oversize_ok = not forced and link < float("inf")
         loc: Dict[str, str] = {r.request_id: r.location for r in ordered}
         chosen: List[RequestView] = []
         for i, r in enumerate(ordered):
@@ -177,9 +181,10 @@ class PreemptivePolicy:
                 moved += victim.num_pages if to_host else 0
                 victims.append((victim, to_host))
                 gain += victim.num_pages
-            if need > free + gain or moved > link:
+            alone = oversize_ok and on_host and moved > link == untouched
+            if need > free + gain or (moved > link and not alone):
                 continue
-            link -= moved
+            link = 0 if alone else link - moved
             host_free += freed
             for victim, to_host in victims:
                 (plan.swap_out if to_host else plan.preempt).append(victim.request_id)
