@@ -294,9 +294,7 @@ class Engine:
         for r in self.requests.values():
             r.num_pending, r.pending_row = 0, -1
             if lost and (r.status is Status.RUNNING or r.pages):  # their KV went with the pool
-                self.kv.release(r)
-                self.stats["recomputed_tokens"] += r.num_computed
-                r.num_computed, r.status = 0, Status.WAITING
+                self._preempt(r, counted=False)
         return outputs
 
     def drain(self) -> List[RequestOutput]:
@@ -451,13 +449,15 @@ class Engine:
         return Chunk(tokens, r.num_computed, r.pages, p.temperature, p.top_k, p.top_p, r.seed, r.num_generated,
                      prev_row)
 
-    def _preempt(self, r: Request) -> None:
-        """Drops r's cache; it keeps its committed tokens and recomputes their KV when readmitted."""
+    def _preempt(self, r: Request, counted: bool = True) -> None:
+        """Drops r's cache; it keeps its committed tokens and recomputes their KV when readmitted.
+        counted=False: the cache was lost (a failed step), not taken by the scheduler."""
         self.kv.release(r)
-        self.stats["preemptions"] += 1
         self.stats["recomputed_tokens"] += r.num_computed
         r.num_computed, r.status = 0, Status.WAITING
-        r.num_preemptions += 1
+        if counted:
+            self.stats["preemptions"] += 1
+            r.num_preemptions += 1
 
     def _commit(self, r: Request, token: int, logprob: float, now: float) -> None:
         r.output_ids.append(token)
