@@ -24,7 +24,7 @@ from jaxserve.cache import paged_kv
 from jaxserve.engine.journal import TokenJournal
 from jaxserve.engine.kv_manager import KVManager
 from jaxserve.engine.model_runner import UNROLL_CHOICES, Chunk, Dispatched, ModelRunner, enable_compile_cache
-from jaxserve.engine.outputs import RequestOutput
+from jaxserve.engine.outputs import RequestOutput, cut_at_stop
 from jaxserve.engine.request import Request, Status
 from jaxserve.model.config import ModelConfig
 from jaxserve.sampling_params import SamplingParams
@@ -473,11 +473,10 @@ class Engine:
         p = r.params
         if (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
             return self._finish(r, "stop", now)
-        for s in p.stop:
-            at = r.text.find(s)
-            if at >= 0:
-                r.text = r.text[:at]
-                return self._finish(r, "stop", now)
+        cut = cut_at_stop(r.text, p.stop)
+        if cut is not None:
+            r.text = cut
+            return self._finish(r, "stop", now)
         if len(r.output_ids) >= p.max_tokens or r.num_tokens >= self.max_context:
             return self._finish(r, "length", now)
 

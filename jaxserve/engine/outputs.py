@@ -29,6 +29,25 @@ class RequestOutput:
         return None if self.finish_time is None else self.finish_time - self.arrival_time
 
 
+def cut_at_stop(text: str, stops) -> Optional[str]:
+    """text up to the first of the stop strings found in it, or None when none is."""
+    for stop in stops:
+        at = text.find(stop)
+        if at >= 0:
+            return text[:at]
+    return None
+
+
+def final_output(request_id: str, prompt: List[int], ids: List[int], text: str, reason: str,
+                 logprobs: Optional[List[float]], arrival: float, num_preemptions: int = 0) -> RequestOutput:
+    """The whole output of a request that ended elsewhere (a crashed run, a peer), for a client
+    that reconnects: every token new, no timings."""
+    return RequestOutput(request_id=request_id, prompt_token_ids=list(prompt), token_ids=list(ids),
+                         new_token_ids=list(ids), text=text, finished=True, finish_reason=reason,
+                         logprobs=logprobs, arrival_time=arrival, first_token_time=None, finish_time=None,
+                         num_preemptions=num_preemptions)
+
+
 def finished_output(r, tokenizer=None) -> RequestOutput:
     """The final output of a finished request (a jaxserve.engine.request.Request) rebuilt from
     its tokens, as the engine gave it: detokenized incrementally, cut at its stop string."""
@@ -36,12 +55,33 @@ def finished_output(r, tokenizer=None) -> RequestOutput:
     if tokenizer is not None:
         from jaxserve.tokenizer import IncrementalDecoder
         text = IncrementalDecoder(tokenizer).push(list(r.output_ids))
-        for stop in r.params.stop if r.finish_reason == "stop" else ():
-            at = text.find(stop)
-            if at >= 0:
-                text = text[:at]
-                break
-    return RequestOutput(request_id=r.request_id, prompt_token_ids=list(r.prompt_ids), token_ids=list(r.output_ids),
-                         new_token_ids=list(r.output_ids), text=text, finished=True, finish_reason=r.finish_reason,
-                         logprobs=list(r.logprobs) if r.params.logprobs else None, arrival_time=r.arrival_time,
-                         first_token_time=None, finish_time=None, num_preemptions=r.num_preemptions)
+        cut = cut_at_stop(text, r.params.stop) if r.finish_reason == "stop" else None
+        text = text if cut is None else cut
+    return final_output(r.request_id, r.prompt_ids, r.output_ids, text, r.finish_reason,
+                        list(r.logprobs) if r.params.logprobs else None, r.arrival_time, r.num_preemptions)
+
+
+def finished_record(out: RequestOutput) -> dict:
+    """A finished request's output as JSON data, for a peer whose clients may reconnect there
+    (`output_from_finished_record` reads it back)."""
+    return {"id": out.request_id, "prompt": list(out.prompt_token_ids), "ids": list(out.token_ids), "text": out.text,
+            "reason": out.finish_reason, "logprobs": out.logprobs, "arrival": out.arrival_time}
+
+
+def output_from_finished_record(rec) -> RequestOutput:
+    """`finished_record` data back, checked field by field (a peer's data is not trusted):
+    ValueError "<field>: ..." on a bad record."""
+    if not isinstance(rec, dict):
+        raise ValueError("must be an object")
+    ints = lambda xs: isinstance(xs, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in xs)
+    checks = {"id": isinstance(rec.get("id"), str) and rec.get("id"), "prompt": ints(rec.get("prompt")),
+              "ids": ints(rec.get("ids")), "text": isinstance(rec.get("text"), str),
+              "reason": rec.get("reason") in ("stop", "length", "abort"),
+              "logprobs": rec.get("logprobs") is None or (isinstance(rec.get("logprobs"), list) and all(
+                  isinstance(x, (int, float)) for x in rec["logprobs"])),
+              "arrival": isinstance(rec.get("arrival"), (int, float))}
+    bad = next((name for name, ok in checks.items() if not ok), None)
+    if bad is not None:
+        raise ValueError(f"{bad}: missing or invalid")
+    return final_output(rec["id"], rec["prompt"], rec["ids"], rec["text"], rec["reason"], rec["logprobs"],
+                        float(rec["arrival"]))

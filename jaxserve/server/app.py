@@ -21,6 +21,7 @@ from fastapi import FastAPI, Query, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 
+from jaxserve.engine.outputs import RequestOutput, finished_record, output_from_finished_record
 from jaxserve.sampling_params import SamplingParams
 from jaxserve.server import errors, protocol as p, responses
 from jaxserve.server.auth import PEER_ROUTE, Credentials
@@ -256,26 +257,14 @@ class OpenAIServer:
         except EngineUnavailable as e:
             raise APIError(503, str(e), code="engine_unavailable", headers=RETRY_LATER) from None
 
-    def _finished_record(self, i: int, rec) -> "RequestOutput":
-        """A peer's ended request (for its reconnecting client), checked field by field."""
-        from jaxserve.engine.outputs import RequestOutput
-        field = f"finished.{i}"
-        if not isinstance(rec, dict):
-            raise APIError(400, f"{field}: must be an object", field)
-        ints = lambda xs: isinstance(xs, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in xs)
-        checks = {"id": isinstance(rec.get("id"), str) and rec.get("id"), "prompt": ints(rec.get("prompt")),
-                  "ids": ints(rec.get("ids")), "text": isinstance(rec.get("text"), str),
-                  "reason": rec.get("reason") in ("stop", "length", "abort"),
-                  "logprobs": rec.get("logprobs") is None or (isinstance(rec.get("logprobs"), list) and all(
-                      isinstance(x, (int, float)) for x in rec["logprobs"])),
-                  "arrival": isinstance(rec.get("arrival"), (int, float))}
-        bad = next((name for name, ok in checks.items() if not ok), None)
-        if bad is not None:
-            raise APIError(400, f"{field}.{bad}: missing or invalid", f"{field}.{bad}")
-        return RequestOutput(request_id=rec["id"], prompt_token_ids=rec["prompt"], token_ids=rec["ids"],
-                             new_token_ids=rec["ids"], text=rec["text"], finished=True, finish_reason=rec["reason"],
-                             logprobs=rec["logprobs"], arrival_time=float(rec["arrival"]), first_token_time=None,
-                             finish_time=None)
+    @staticmethod
+    def _finished_record(i: int, rec) -> RequestOutput:
+        """A peer's ended request (for its reconnecting client); 400 naming the bad field."""
+        try:
+            return output_from_finished_record(rec)
+        except ValueError as e:
+            message = f"finished.{i}: {e}" if not isinstance(rec, dict) else f"finished.{i}.{e}"
+            raise APIError.from_value_error(ValueError(message)) from None
 
     # -- assembly -----------------------------------------------------------------------------
     def routes(self, app: FastAPI) -> None:
@@ -352,8 +341,7 @@ def _hand_over(engine, peer_url: str, peer_secret: Optional[str], ended=()) -> N
     from jaxserve.engine.journal import request_record
     log = logging.getLogger(__name__)
     requests = list(engine.requests.values())
-    finished = [{"id": o.request_id, "prompt": list(o.prompt_token_ids), "ids": list(o.token_ids), "text": o.text,
-                 "reason": o.finish_reason, "logprobs": o.logprobs, "arrival": o.arrival_time} for o in ended]
+    finished = [finished_record(o) for o in ended]
     try:
         r = httpx.post(peer_url.rstrip("/") + PEER_ROUTE,
                        json={"requests": [request_record(x) for x in requests], "finished": finished},
