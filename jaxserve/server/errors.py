@@ -21,9 +21,9 @@ log = logging.getLogger(__name__)
 
 # SamplingParams and Engine.add_request start their messages with the field: "top_p=1.5: ..."
 _FIELD_PREFIX = re.compile(r"^([A-Za-z_][\w.]*)\s*[=:]")
-_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error", 405: "invalid_request_error",
-          413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error",
-          503: "service_unavailable"}
+_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+          404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error",
+          429: "rate_limit_error", 500: "server_error", 503: "service_unavailable"}
 
 
 class APIError(Exception):
