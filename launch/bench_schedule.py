@@ -120,10 +120,10 @@ def sim_runs(config, loads, cost, sim_config, results, key):
     from jaxserve.llm import policy_from_config
     from jaxserve.sim.simulator import Simulator
     for load in loads:
-        jobs = workload(load) if key == "sim" else fastserve_jobs(load)
-        results.setdefault(key, {}).setdefault("one_server_bound", {})[str(load)] = one_server_bound(jobs, cost)
+        fresh = lambda: workload(load) if key == "sim" else fastserve_jobs(load)  # a replay fills its jobs in
+        results.setdefault(key, {}).setdefault("one_server_bound", {})[str(load)] = one_server_bound(fresh(), cost)
         for name in _POLICIES.value:
-            jobs = workload(load) if key == "sim" else fastserve_jobs(load)
+            jobs = fresh()
             sched = copy.deepcopy(config.scheduler)
             sched.policy = name
             sim = Simulator(policy_from_config(sched, cost), cost, sim_config)

@@ -86,8 +86,8 @@ class GittinsPolicy(PreemptivePolicy):
         self.lengths = OutputLengths(prior_max, prior_weight)
         self._generated: Dict[str, int] = {}
         self._index: Dict[str, float] = {}
-        self._prefill: Dict[int, float] = {}
-        self._coef = None
+        self._prefill: Dict[int, float] = {}  # these three follow the cost model's coefficients
+        self._coef, self._token_s = None, 0.0
 
     def observe(self, requests: Sequence[RequestView], now: float) -> None:
         live = {r.request_id for r in requests}
@@ -96,13 +96,13 @@ class GittinsPolicy(PreemptivePolicy):
             self.lengths.observe(self._generated.pop(rid) + 1)
         if self._coef is None or not np.array_equal(self._coef, self.cost_model.coef):  # refitted
             self._coef, self._prefill = np.array(self.cost_model.coef), {}
+            self._token_s = decode_token_s(self.cost_model)
             self.lengths.forget_indices()
-        token_s = decode_token_s(self.cost_model)
         self._index = {}
         for r in requests:
             self._generated[r.request_id] = r.num_generated
             prefill = self._prefill_s(r.num_remaining) if r.num_remaining > 1 else 0.0
-            self._index[r.request_id] = self.lengths.index(r.num_generated, prefill, token_s)
+            self._index[r.request_id] = self.lengths.index(r.num_generated, prefill, self._token_s)
 
     def rank(self, r: RequestView) -> tuple:
         return (-self._index[r.request_id], r.arrival_time, r.request_id)

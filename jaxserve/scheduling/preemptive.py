@@ -57,19 +57,23 @@ class PreemptivePolicy:
     def schedule(self, requests: Sequence[RequestView], cache: CacheState, now: float = 0.0) -> Plan:
         self.observe(requests, now)
         ordered = sorted(requests, key=self.rank)
+        plan = self._plan(ordered, cache, None)
+        if cache.swap_s_per_page > 0:
+            plan = self._within_link(plan, ordered, cache)
+        self.ran(plan, now)
+        return plan
+
+    def _within_link(self, plan: Plan, ordered: Sequence[RequestView], cache: CacheState) -> Plan:
+        """Swaps beyond what the link moves during the step's compute would lengthen the step:
+        plans again within that (a plan with fewer swaps may compute less: a few rounds)."""
         by_id = {r.request_id: r for r in ordered}
-        plan, link = self._plan(ordered, cache, None), None
-        # Swaps beyond what the link moves during the step's compute would lengthen the step:
-        # plan again within that (a plan with fewer swaps may compute less: a few rounds).
+        link = None
         for _ in range(3):
-            if cache.swap_s_per_page <= 0:
-                break
             chunks = [(n, pages_for(by_id[rid].num_computed + n, cache.page_size)) for rid, n in plan.run]
             fits = int(self.cost_model.step_time(chunks) / cache.swap_s_per_page) if chunks else 0
             if sum(by_id[rid].num_pages for rid in plan.swap_out + plan.swap_in) <= fits or fits == link:
                 break
             plan, link = self._plan(ordered, cache, fits), fits
-        self.ran(plan, now)
         return plan
 
     def _plan(self, ordered: Sequence[RequestView], cache: CacheState, link: Optional[int]) -> Plan:
