@@ -443,7 +443,7 @@ class Engine:
 
     def _chunk(self, r: Request, n: int) -> Chunk:
         p = r.params
-        tokens, prev_row = r.all_ids[r.num_computed: r.num_computed + n], -1
+        tokens, prev_row = r.token_ids(r.num_computed, r.num_computed + n), -1
         if len(tokens) < n:  # the last token was sampled by the step in flight: it stays on the device
             tokens, prev_row = tokens + [0], r.pending_row
         return Chunk(tokens, r.num_computed, r.pages, p.temperature, p.top_k, p.top_p, r.seed, r.num_generated,

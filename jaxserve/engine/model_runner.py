@@ -316,30 +316,46 @@ def pack(chunks: Sequence[Chunk], page_size: int, max_batch: int, max_pages: int
     lay = step.layout
     order = sorted(range(len(chunks)), key=lambda i: lens[i] > 1)  # decodes first, stable
     rows = [0] * len(chunks)
-    t = b = 0
     for row, i in enumerate(order):
-        c, L = chunks[i], lens[i]
         rows[i] = row
+        lay.page_table[row, :len(chunks[i].pages)] = chunks[i].pages
+    # Decode rows (token i is sequence i's) are filled in bulk: per-row numpy calls cost more
+    # host time at batch 128 than the rest of the step's scheduling.
+    decodes = [chunks[i] for i in order if lens[i] == 1]
+    D = len(decodes)
+    if D:
+        starts = np.fromiter((c.start for c in decodes), np.int32, D)
+        step.tokens[:D] = [c.tokens[0] for c in decodes]
+        step.positions[:D] = starts
+        step.prev_rows[:D] = [c.prev_row for c in decodes]
+        lay.kv_page[:D] = [c.pages[c.start // page_size] for c in decodes]
+        lay.kv_offset[:D] = starts % page_size
+        lay.decode_lens[:D] = starts + 1
+        step.logit_index[:D] = np.arange(D)
+    t, b = D, 0
+    for row in range(D, len(order)):
+        c = chunks[order[row]]
+        L = len(c.tokens)
         pos = np.arange(c.start, c.start + L, dtype=np.int32)
-        table = np.asarray(c.pages, np.int32)
         step.tokens[t:t + L] = c.tokens
         step.positions[t:t + L] = pos
         if c.prev_row >= 0:
             step.prev_rows[t + L - 1] = c.prev_row
-        lay.kv_page[t:t + L] = table[pos // page_size]
+        lay.kv_page[t:t + L] = np.asarray(c.pages, np.int32)[pos // page_size]
         lay.kv_offset[t:t + L] = pos % page_size
-        lay.page_table[row, :len(table)] = table
         step.logit_index[row] = t + L - 1
-        if L == 1:
-            lay.decode_lens[row] = c.start + 1
-        else:
-            for k in range(0, L, QUERY_BLOCK):
-                lay.block_seq[b], lay.block_start[b] = row, t + k
-                lay.block_len[b], lay.block_pos[b] = min(QUERY_BLOCK, L - k), c.start + k
-                b += 1
-        sample.temperature[row], sample.top_k[row], sample.top_p[row] = c.temperature, c.top_k, c.top_p
-        sample.seeds[row], sample.steps[row] = c.seed, c.step
+        for k in range(0, L, QUERY_BLOCK):
+            lay.block_seq[b], lay.block_start[b] = row, t + k
+            lay.block_len[b], lay.block_pos[b] = min(QUERY_BLOCK, L - k), c.start + k
+            b += 1
         t += L
+    n = len(order)
+    ordered = [chunks[i] for i in order]
+    sample.temperature[:n] = [c.temperature for c in ordered]
+    sample.top_k[:n] = [c.top_k for c in ordered]
+    sample.top_p[:n] = [c.top_p for c in ordered]
+    sample.seeds[:n] = [c.seed for c in ordered]
+    sample.steps[:n] = [c.step for c in ordered]
     return shape, step, sample, rows
 
 

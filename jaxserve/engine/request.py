@@ -3,7 +3,7 @@
 `num_computed` counts the tokens whose keys/values are in the cache; everything after it is
 still to be run. Generated tokens are committed once read from the device: they are never
 regenerated. Tokens sampled on the device but not yet read (the engine reads a step's tokens
-while the next step runs) are `num_pending`: they count in `num_tokens` but not in `all_ids`.
+while the next step runs) are `num_pending`: they count in `num_tokens` but not in `token_ids`.
 """
 from __future__ import annotations
 
@@ -43,9 +43,15 @@ class Request:
     num_pending: int = 0                   # sampled on the device, not read yet
     pending_row: int = -1                  # the latest pending token's row in its step's output
 
-    @property
-    def all_ids(self) -> list:
-        return self.prompt_ids + self.output_ids
+    def token_ids(self, start: int, stop: int) -> list:
+        """Committed tokens start..stop-1 of prompt + output, without concatenating the two
+        (a step takes one or a chunk of them from every running request)."""
+        P = len(self.prompt_ids)
+        if stop <= P:
+            return self.prompt_ids[start:stop]
+        if start >= P:
+            return self.output_ids[start - P:stop - P]
+        return self.prompt_ids[start:] + self.output_ids[:stop - P]
 
     @property
     def num_tokens(self) -> int:

@@ -11,6 +11,9 @@ import dataclasses
 from typing import NamedTuple, Sequence
 
 import numpy as np
+# At import, not in `fit`: the engine refits while serving, and the first import of scipy.optimize
+# (about a second) would stall the device for that long.
+from scipy.optimize import nnls
 
 # A step is one call over every scheduled token. A step that holds a prefill chunk is compute
 # bound (every token through every layer); a decode-only step streams the weights and the KV, so
@@ -116,7 +119,6 @@ class CostModel:
         Outliers are steps far slower than the model predicts (a compilation, a GC pause).
         Features never seen keep their prior coefficient.
         """
-        from scipy.optimize import nnls
         X, y = np.asarray(features, float), np.asarray(seconds, float)
         seen = X.any(axis=0)
         scale = np.where(seen, np.abs(X).max(axis=0), 1.0)
