@@ -109,11 +109,13 @@ def _online_softmax(q, load, num_blocks, visible, prefetch: int):
 
 
 def _decode_kernel(q_ref, k_ref, v_ref, table_ref, len_ref, layer_ref, o_ref, l_ref, m_ref, *, num_pages: int,
-                   pages_per_compute_block: int, prefetch: int):
+                   pages_per_compute_block: int, prefetch: int, group: int):
     """One (sequence, kv head, split): the kv head's query rows (the group, padded to Triton's 16)
     over the split's pages, an online softmax over blocks of pages (`_online_softmax`); o is left
-    unnormalized for the combine."""
+    unnormalized for the combine, and only the group's rows of it are stored (the padding rows'
+    would be most of the partials' traffic)."""
     from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plgpu
 
     ppcb = pages_per_compute_block
     page_size = k_ref.shape[-2]
@@ -130,7 +132,10 @@ def _decode_kernel(q_ref, k_ref, v_ref, table_ref, len_ref, layer_ref, o_ref, l_
         return (kv_pos < length)[None, :]
 
     o, m, l = _online_softmax(q_ref[...], load, num_blocks, visible, prefetch)
-    o_ref[...], l_ref[...], m_ref[...] = o, l, m
+    real = jnp.arange(o.shape[0], dtype=jnp.int32) < group
+    plgpu.store(o_ref, o, mask=real[:, None])
+    plgpu.store(l_ref, l, mask=real)
+    plgpu.store(m_ref, m, mask=real)
 
 
 def _combine_kernel(o_ref, l_ref, m_ref, out_ref, *, batch: int):
@@ -208,7 +213,8 @@ def pallas_decode_attention(q, k_pool, v_pool, layer, page_table, lengths, *,
     v_flat = v_pool.reshape(L * NP, S, K, D)
     tables = page_table.astype(jnp.int32).reshape(B, k_splits, per_split)
 
-    kernel = functools.partial(_decode_kernel, num_pages=NP, pages_per_compute_block=ppcb, prefetch=prefetch)
+    kernel = functools.partial(_decode_kernel, num_pages=NP, pages_per_compute_block=ppcb, prefetch=prefetch,
+                               group=G)
     # Grid (batch, kv head, split): the kernel reads its split index as program_id(2).
     pool_spec = pl.BlockSpec((L * NP, S, None, D), lambda b, h, s: (0, 0, h, 0))
     o, l, m = pl.pallas_call(

@@ -112,13 +112,16 @@ def paged_attend(q, k, v, cache, layer, positions, *, layout: StepLayout, impl: 
     cache = {"k": write(cache["k"], k), "v": write(cache["v"], v)}
     scaled = (q.astype(jnp.float32) * D ** -0.5).astype(q.dtype)
     S = L.page_table.shape[0]
+    NB = L.block_seq.shape[0]
+    # A decode-only step's rows are its sequences (and GEMM padding, zeros); in a mixed step only
+    # the first S rows can be decodes, and the merge below places them.
+    dec_rows = N if not NB else S
     if impl == "pallas":
         out = attention_kernels.decode_attention(scaled[:S], cache["k"], cache["v"], layer, L.page_table,
-                                                 L.decode_lens, mesh=mesh, out_rows=N)
+                                                 L.decode_lens, mesh=mesh, out_rows=dec_rows)
     else:
         dec = _reference_decode(scaled[:S], cache["k"], cache["v"], layer, L.page_table, L.decode_lens)
-        out = jnp.pad(dec, ((0, N - S), (0, 0), (0, 0)))
-    NB = L.block_seq.shape[0]
+        out = jnp.pad(dec, ((0, dec_rows - S), (0, 0), (0, 0)))
     if NB:
         QB = QUERY_BLOCK
         tables = L.page_table[L.block_seq]
@@ -128,12 +131,14 @@ def paged_attend(q, k, v, cache, layer, positions, *, layout: StepLayout, impl: 
         else:
             blocks = _reference_prefill(scaled, cache["k"], cache["v"], layer, tables, L.block_start, L.block_len,
                                         L.block_pos, QB)
-        # Each token takes its row of the blocks' output by a gather: a scatter of the big rows
-        # would run as atomic compare-and-swap loops on GPU (bf16). Only the small index map
-        # token -> block row is scattered.
+        # Each token takes its row, of the blocks' output or of the decodes', by a gather: a
+        # scatter of the big rows would run as atomic compare-and-swap loops on GPU (bf16). Only
+        # the small index map token -> block row is scattered.
         t = jnp.arange(QB)[None, :]
         rows = jnp.where(t < L.block_len[:, None], L.block_start[:, None] + t, N).reshape(-1)  # N: dropped
         source = jnp.full((N,), -1, jnp.int32).at[rows].set(jnp.arange(NB * QB, dtype=jnp.int32), mode="drop")
+        token = jnp.arange(N)
+        decoded = jnp.where((token < S)[:, None, None], out[jnp.minimum(token, S - 1)], 0)
         taken = blocks[jnp.maximum(source, 0)].astype(out.dtype)
-        out = jnp.where((source >= 0)[:, None, None], taken, out)
+        out = jnp.where((source >= 0)[:, None, None], taken, decoded)
     return out[None], cache
