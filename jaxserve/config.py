@@ -25,7 +25,10 @@ def default_config() -> config_dict.ConfigDict:
                     compile_cache_dir="")
     # fcfs | mlfq | priority. mlfq and priority preempt at token granularity and keep preempted
     # jobs' KV, swapping it to host memory (engine.host_pages) to keep `watermark_pages` free.
+    # max_prefill_slowdown / idle_prefill_slowdown: how much prefill throughput a step may give up
+    # to finish better-ranked decodes sooner, with a backlog / with all waiting prefill in one budget.
     c.scheduler = dict(policy="fcfs", watermark_pages=0, prefetch=True, max_prefill_slowdown=0.1,
+                       idle_prefill_slowdown=0.5,
                        mlfq=dict(num_levels=6, base_quantum_s=0.01, quantum_growth=2.0, starvation_s=3.0),
                        gittins=dict(prior_max=2048, prior_weight=4.0))
     return c

@@ -36,7 +36,8 @@ def policy_from_config(scheduler, cost_model: CostModel):
         return make_policy(name)
     own = dict(scheduler[name]) if name in scheduler else {}  # e.g. scheduler.mlfq's quanta
     return make_policy(name, cost_model, watermark_pages=scheduler.watermark_pages, prefetch=scheduler.prefetch,
-                       max_prefill_slowdown=scheduler.max_prefill_slowdown, **own)
+                       max_prefill_slowdown=scheduler.max_prefill_slowdown,
+                       idle_prefill_slowdown=scheduler.idle_prefill_slowdown, **own)
 
 
 class LLM:

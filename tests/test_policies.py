@@ -142,14 +142,28 @@ def test_a_promoted_job_waits_for_free_pages_instead_of_evicting():
 def test_a_chunk_ranked_below_a_decode_gets_a_short_step_and_one_above_the_whole_budget():
     decode = view("d", prompt=16, computed=16, generated=1, pages=2, location="device", priority=0)
     below = view("p", prompt=1000, priority=1)
-    plan = PriorityPolicy(cost_model=COST).schedule([decode, below], cache())
+    queued = view("q", prompt=4000, priority=2)  # more prefill waits than one budget holds
+    plan = PriorityPolicy(cost_model=COST).schedule([decode, below, queued], cache())
     # by COST, 128-token steps keep prefill within 10% of a full budget's rate (64 do not)
     assert plan.run == [("d", 1), ("p", 127)]
     above = view("p", prompt=1000, priority=-1)
-    assert PriorityPolicy(cost_model=COST).schedule([decode, above], cache()).run == [("d", 1), ("p", 1000)]
+    assert PriorityPolicy(cost_model=COST).schedule([decode, above, queued], cache()).run == [("d", 1), ("p", 1000)]
     # no slowdown allowed: the chunk fills the budget as before
-    plan = PriorityPolicy(cost_model=COST, max_prefill_slowdown=0.0).schedule([decode, below], cache())
+    plan = PriorityPolicy(cost_model=COST, max_prefill_slowdown=0.0).schedule([decode, below, queued], cache())
     assert plan.run == [("d", 1), ("p", 1000)]
+
+
+def test_with_all_waiting_prefill_inside_one_budget_the_step_may_be_shorter():
+    decode = view("d", prompt=16, computed=16, generated=1, pages=2, location="device", priority=0)
+    below = view("p", prompt=1000, priority=1)
+    # 1,000 waiting tokens fit the 4,096 budget: up to half the prefill rate may go (16 tokens
+    # keep more than half of it by COST, 8 do not), so the decode's step is short
+    assert PriorityPolicy(cost_model=COST).schedule([decode, below], cache()).run == [("d", 1), ("p", 15)]
+    # set to the backlog's slowdown, the backlog's step
+    plan = PriorityPolicy(cost_model=COST, idle_prefill_slowdown=0.1).schedule([decode, below], cache())
+    assert plan.run == [("d", 1), ("p", 127)]
+    with pytest.raises(ValueError, match="scheduler.idle_prefill_slowdown"):
+        PriorityPolicy(cost_model=COST, idle_prefill_slowdown=1.0)
 
 
 def test_a_long_job_on_host_comes_back_though_its_upload_exceeds_the_link_budget():

@@ -11,7 +11,10 @@ memory when device pages are short. Memory is managed ahead of need:
   * only when the host pool is full too, and nothing could run otherwise, is a job's cache
     dropped (recomputed later; counted).
 A prefill chunk ranked below one of the step's decodes fills the step only to `short_step`
-tokens, so that better-ranked decodes are not held up by a full budget of worse-ranked prefill.
+tokens, so that better-ranked decodes are not held up by a full budget of worse-ranked prefill:
+the step may cost up to `max_prefill_slowdown` of the prefill throughput, or up to
+`idle_prefill_slowdown` while all the prefill waiting fits in one token budget (then throughput
+is not what holds the queue back).
 Swaps the policy chooses stay within what the host link moves while the step computes (its
 compute from the cost model, the link's speed from `CacheState.swap_s_per_page`), and a job
 brought back from host memory runs from the step after its upload: otherwise swap traffic, not
@@ -31,12 +34,15 @@ class PreemptivePolicy:
     name = "preemptive"
 
     def __init__(self, watermark_pages: int = 0, prefetch: bool = True, cost_model: Optional[CostModel] = None,
-                 max_prefill_slowdown: float = 0.10):
-        if not 0 <= max_prefill_slowdown < 1:
-            raise ValueError(f"scheduler.max_prefill_slowdown must be in [0, 1), got {max_prefill_slowdown}")
+                 max_prefill_slowdown: float = 0.10, idle_prefill_slowdown: float = 0.5):
+        for name, value in (("max_prefill_slowdown", max_prefill_slowdown),
+                            ("idle_prefill_slowdown", idle_prefill_slowdown)):
+            if not 0 <= value < 1:
+                raise ValueError(f"scheduler.{name} must be in [0, 1), got {value}")
         self.watermark_pages = watermark_pages
         self.prefetch = prefetch
         self.max_prefill_slowdown = max_prefill_slowdown
+        self.idle_prefill_slowdown = idle_prefill_slowdown
         self.cost_model = cost_model or CostModel()
 
     # -- what subclasses define ---------------------------------------------------------------
@@ -93,7 +99,10 @@ class PreemptivePolicy:
         for i, r in enumerate(chosen):
             if r.num_remaining > 1:
                 if i > first_decode and cap == cache.token_budget:
-                    cap = max(total, self.short_step(decodes, chosen, cache))
+                    backlog = sum(q.num_remaining for q in ordered if q.num_remaining > 1)
+                    slowdown = (self.idle_prefill_slowdown if backlog <= cache.token_budget
+                                else self.max_prefill_slowdown)
+                    cap = max(total, self.short_step(decodes, chosen, cache, slowdown))
                 n = min(r.num_remaining, cache.max_chunk, cap - total)
                 if n < 1:
                     break
@@ -125,9 +134,10 @@ class PreemptivePolicy:
                 free, link = free - r.num_pages, link - r.num_pages
         return plan
 
-    def short_step(self, decodes: Sequence[RequestView], chosen: Sequence[RequestView], cache: CacheState) -> int:
+    def short_step(self, decodes: Sequence[RequestView], chosen: Sequence[RequestView], cache: CacheState,
+                   slowdown: float) -> int:
         """The fewest tokens (a power of two) a step with these decodes may hold while its prefill
-        throughput stays within `max_prefill_slowdown` of a full token budget's, by the cost model.
+        throughput stays within `slowdown` of a full token budget's, by the cost model.
 
         Shorter steps finish the decodes sooner; under load, prefill throughput is the capacity,
         and a step much shorter than the budget spends more of its time on fixed costs."""
@@ -141,7 +151,7 @@ class PreemptivePolicy:
 
         full = rate(cache.token_budget)
         tokens = 1 << max(0, d).bit_length()  # the first power of two with room for a chunk
-        while tokens < cache.token_budget and rate(tokens) < (1 - self.max_prefill_slowdown) * full:
+        while tokens < cache.token_budget and rate(tokens) < (1 - slowdown) * full:
             tokens *= 2
         return min(tokens, cache.token_budget)
 
