@@ -42,14 +42,21 @@ def test_a_known_prefill_puts_short_prompts_first():
     assert plan.run == [("short", 100)]
 
 
-def test_output_lengths_are_learned_from_requests_that_finish():
+def test_output_lengths_are_learned_from_requests_that_finish_not_from_those_cut_short():
     p = GittinsPolicy(cost_model=COST, prior_weight=1e-9)
     p.lengths.refresh = 0.0
-    for i in range(20):  # each request is seen at 6 tokens, then is gone: it ended with its 7th
+    for i in range(20):  # each request is seen at 6 tokens, then ends with its 7th
         p.schedule([view(f"r{i}", generated=6)], cache())
+        p.finished(f"r{i}", 7, "stop" if i % 2 else "length")
         p.schedule([], cache())
+    for i, reason in enumerate(("abort", "error", "handed_over")):  # lengths they never reached
+        p.schedule([view(f"cut{i}", generated=2)], cache())
+        p.finished(f"cut{i}", 3, reason)
+    p.schedule([view("moved", generated=4)], cache())
+    p.schedule([], cache())  # gone without an end: moved to another engine, nothing learned
     assert list(p.lengths.values) == [1, 2, 4, 7, 8, 16, 32, 64, 128, 256, 512, 1024, 2048]
     assert p.lengths.counts[list(p.lengths.values).index(7)] == pytest.approx(20)
+    assert p.lengths.counts.sum() == pytest.approx(20)
 
 
 def test_heavy_tails_favour_the_young_and_even_lengths_the_old():

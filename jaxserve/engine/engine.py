@@ -485,6 +485,9 @@ class Engine:
         if journal and self.journal is not None:
             self.journal.finished(r.request_id, reason)
         self.kv.release(r)
+        told = getattr(self.policy, "finished", None)  # optional: policies that learn from ends
+        if told is not None:
+            told(r.request_id, len(r.output_ids), reason)
         r.status, r.finish_reason = Status.FINISHED, reason
         r.finish_time = self.clock() if now is None else now
         self.stats[{"abort": "aborted", "error": "failed"}.get(reason, "finished")] += 1

@@ -78,6 +78,10 @@ class OutputLengths:
         return float(np.max((done / done[-1]) / (prefill_s + token_s * spent)))
 
 
+# finish reasons that cut a request short of its own length
+CENSORED = frozenset({"abort", "error", "handed_over"})
+
+
 class GittinsPolicy(PreemptivePolicy):
     name = "gittins"
 
@@ -89,11 +93,18 @@ class GittinsPolicy(PreemptivePolicy):
         self._prefill: Dict[int, float] = {}  # these three follow the cost model's coefficients
         self._coef, self._token_s = None, 0.0
 
+    def finished(self, request_id: str, num_generated: int, reason: str) -> None:
+        """Learns r's output length from its end. A request that ended early (its client went
+        away, a failure, handed to a peer) says only that its length was at least that much: it
+        is left out rather than counted as a short job."""
+        self._generated.pop(request_id, None)
+        if reason not in CENSORED:
+            self.lengths.observe(num_generated)
+
     def observe(self, requests: Sequence[RequestView], now: float) -> None:
         live = {r.request_id for r in requests}
         for rid in [rid for rid in self._generated if rid not in live]:
-            # gone since the last step: finished with the token of that step (or aborted)
-            self.lengths.observe(self._generated.pop(rid) + 1)
+            del self._generated[rid]  # gone without an end told (moved to another engine)
         if self._coef is None or not np.array_equal(self._coef, self.cost_model.coef):  # refitted
             self._coef, self._prefill = np.array(self.cost_model.coef), {}
             self._token_s = decode_token_s(self.cost_model)

@@ -55,6 +55,9 @@ class PreemptivePolicy:
     def ran(self, plan: Plan, now: float) -> None:
         """Told which jobs run in the step that starts at `now`; default: nothing."""
 
+    def finished(self, request_id: str, num_generated: int, reason: str) -> None:
+        """Told when a request ends (reason: its finish reason); default: nothing."""
+
     def may_evict_for(self, r: RequestView) -> bool:
         """Whether r may evict lower-ranked jobs' caches to get pages; default: yes."""
         return True
