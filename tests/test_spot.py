@@ -180,7 +180,12 @@ def test_swapped_out_requests_migrate_too(tiny_host, requests, reference):
     cfg, params, tok = tiny_host
     devices = jax.devices()
     small = EngineConfig(num_pages=14, page_size=8, host_pages=200, max_batch=4, token_budget=64, max_chunk=32)
-    cluster = ServingCluster(cfg, params, devices[:4], 2, 2, small, tok, make_policy=lambda: PriorityPolicy(watermark_pages=2))
+    policies = []
+
+    def make_policy(cost_model):
+        policies.append(PriorityPolicy(watermark_pages=2, cost_model=cost_model))
+        return policies[-1]
+    cluster = ServingCluster(cfg, params, devices[:4], 2, 2, small, tok, make_policy=make_policy)
     for i, (rid, prompt, p) in enumerate(requests):
         cluster.add_request(rid, prompt, p, priority=-i)  # later ones outrank: forces swaps
     out, swapped_at_notice = {}, None
@@ -194,6 +199,8 @@ def test_swapped_out_requests_migrate_too(tiny_host, requests, reference):
                 out[o.request_id] = o.token_ids
     assert swapped_at_notice  # the notice really found swapped-out KV
     assert out == {rid: reference[rid] for rid, _, _ in requests}
+    # every replica's policy sizes jobs with its own engine's cost model (the one it refits)
+    assert policies and all(e.policy.cost_model is e.cost_model for e in cluster.replicas)
 
 
 def _spot_setting(**kw):

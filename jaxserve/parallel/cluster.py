@@ -22,7 +22,7 @@ from jaxserve import sampling
 from jaxserve.cache.paged_kv import pool_bytes_per_page
 from jaxserve.checkpoint import store
 from jaxserve.engine import model_runner
-from jaxserve.engine.engine import Engine, EngineConfig
+from jaxserve.engine.engine import Engine, EngineConfig, engine_cost_model
 from jaxserve.model.config import ModelConfig
 from jaxserve.model.params import abstract_params
 from jaxserve.parallel import matching, planner
@@ -79,6 +79,8 @@ class ServingCluster:
                  clock: Callable[[], float] = time.monotonic, method: str = "spotserve"):
         """params: a parameter tree placed anywhere (host numpy or device arrays).
 
+        make_policy: cost_model -> a scheduling policy for each replica's engine (default: the
+        engine config's), given that engine's cost model so that its refits reach the policy.
         method: how to react to a change of devices. "spotserve" (re-plan, match, migrate),
         or a baseline: "restart" (re-deploy a new plan from the checkpoint and restart every
         in-flight request from scratch) or "reroute" (keep the replica shape, drop replicas that
@@ -374,8 +376,11 @@ class ServingCluster:
         return r
 
     def _engine(self, params, mesh) -> Engine:
-        policy = self.make_policy() if self.make_policy else None
-        return Engine(self.cfg, params, mesh, self.tokenizer, self.engine_config, policy=policy, clock=self.clock)
+        # the policy shares the engine's cost model, which the engine refits while serving
+        cost_model = engine_cost_model(self.cfg, self.engine_config)
+        policy = self.make_policy(cost_model) if self.make_policy else None
+        return Engine(self.cfg, params, mesh, self.tokenizer, self.engine_config, policy=policy, clock=self.clock,
+                      cost_model=cost_model)
 
     def _page_bytes(self) -> int:
         return pool_bytes_per_page(self.cfg, self.engine_config.page_size)
