@@ -403,7 +403,7 @@ class Engine:
         c = self.config
         # On an accelerator swaps are DMA beside compute: policies weigh them by the link's time
         # per page. On CPU they are copies inside the step, already in its fitted time.
-        link = float(self.cost_model.coef[-1]) * self.cost_model.page_bytes if self._swaps_beside else 0.0
+        link = self.cost_model.swap_s_per_page() if self._swaps_beside else 0.0
         return CacheState(page_size=c.page_size, free_pages=self.kv.num_free, total_pages=c.num_pages,
                           free_host_pages=self.host_pool.num_free, max_batch=c.max_batch,
                           token_budget=c.token_budget, max_chunk=c.max_chunk, swap_s_per_page=link)

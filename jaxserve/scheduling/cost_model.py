@@ -8,7 +8,7 @@ shapes are what the device really computes.
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 # At import, not in `fit`: the engine refits while serving, and the first import of scipy.optimize
@@ -95,6 +95,10 @@ class CostModel:
     def step_time(self, chunks: Sequence[tuple], swap_bytes: int = 0) -> float:
         """chunks: (num_tokens, pages_after) per scheduled request. Mirrors the engine's step."""
         return float(self.features(chunks, swap_bytes) @ self.coef)
+
+    def swap_s_per_page(self, page_bytes: Optional[int] = None) -> float:
+        """Link time to move one page (of `page_bytes`, default this model's) to or from the host."""
+        return float(self.coef[FEATURES.index("swap_bytes")]) * (self.page_bytes if page_bytes is None else page_bytes)
 
     def features(self, chunks: Sequence[tuple], swap_bytes: int = 0) -> np.ndarray:
         f = np.zeros(len(FEATURES))

@@ -57,7 +57,7 @@ class Simulator:
         active = {}
         free, host_free, now = c.num_pages, c.host_pages, 0.0
         # what policies weigh swaps by: the link's time per page, where it runs beside compute
-        link_s_per_page = self.cost.coef[-1] * c.bytes_per_page if c.overlap_swaps else 0.0
+        link_s_per_page = self.cost.swap_s_per_page(c.bytes_per_page) if c.overlap_swaps else 0.0
         while pending or active:
             while pending and pending[0][0] <= now:
                 j = heapq.heappop(pending)[2]
