@@ -175,3 +175,17 @@ def test_a_long_job_on_host_comes_back_though_its_upload_exceeds_the_link_budget
                       token_budget=4096, max_chunk=4096, swap_s_per_page=COST.step_time([(1, 2)]) / 2)
     plan = PriorityPolicy(cost_model=COST).schedule([on_host, running], link)
     assert plan.swap_in == ["big"] and plan.run == [("run", 1)] and not plan.swap_out
+
+
+def test_a_job_whose_upload_just_landed_is_not_evicted_before_it_runs():
+    on_host = view("a", prompt=60, computed=60, generated=1, pages=4, location="host", priority=0)
+    p = PriorityPolicy(cost_model=COST)
+    plan = p.schedule([on_host], cache(free=10, host=16))
+    assert plan.swap_in == ["a"] and plan.run == []  # uploaded now, runs from the next step
+    landed = view("a", prompt=60, computed=60, generated=1, pages=4, location="device", priority=0)
+    better = view("b", prompt=150, priority=-1)  # needs 10 pages: only evicting "a" would make room
+    plan = p.schedule([landed, better], cache(free=6, host=16))
+    assert "a" not in plan.swap_out and ("a", 1) in plan.run
+    # a step later "a" is an ordinary running job again, and the better one may evict it
+    plan = p.schedule([landed, better], cache(free=6, host=16))
+    assert plan.swap_out == ["a"] and plan.run == [("b", 150)]

@@ -44,6 +44,7 @@ class PreemptivePolicy:
         self.max_prefill_slowdown = max_prefill_slowdown
         self.idle_prefill_slowdown = idle_prefill_slowdown
         self.cost_model = cost_model or CostModel()
+        self._uploaded: set = set()  # swapped in by the last plan: they run in this step
 
     # -- what subclasses define ---------------------------------------------------------------
     def observe(self, requests: Sequence[RequestView], now: float) -> None:
@@ -69,6 +70,7 @@ class PreemptivePolicy:
         plan = self._plan(ordered, cache, None)
         if cache.swap_s_per_page > 0:
             plan = self._within_link(plan, ordered, cache)
+        self._uploaded = set(plan.swap_in)
         self.ran(plan, now)
         return plan
 
@@ -118,7 +120,7 @@ class PreemptivePolicy:
         for victim in reversed(idle):
             if free >= self.watermark_pages:
                 break
-            if victim.request_id in uploading:
+            if victim.request_id in uploading or victim.request_id in self._uploaded:
                 continue
             held = cache.host_pages_for(victim.num_pages)
             if (loc[victim.request_id] == "device" and victim.num_pages and held <= host_free
@@ -191,6 +193,8 @@ class PreemptivePolicy:
                     break
                 if loc[victim.request_id] != "device" or not victim.num_pages:
                     continue
+                if victim.request_id in self._uploaded and not forced:
+                    continue  # its upload has just landed: evicting it now moves it twice for nothing
                 to_host = cache.host_pages_for(victim.num_pages) <= room and moved + victim.num_pages <= link
                 if not to_host and not forced:
                     continue
