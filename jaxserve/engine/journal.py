@@ -20,6 +20,7 @@ import json
 import os
 from typing import Dict, List
 
+from jaxserve.engine.outputs import keep_newest
 from jaxserve.engine.request import Request
 from jaxserve.sampling_params import SamplingParams
 
@@ -108,7 +109,7 @@ class TokenJournal:
     def finished(self, request_id: str, reason: str) -> None:
         record = self._live.pop(request_id, None)
         if record is not None:  # kept a while, for clients that reconnect after a crash
-            _keep_done(self._done, request_id, record, reason)
+            keep_newest(self._done, request_id, {**record, "reason": reason}, KEEP_FINISHED)
         self._write({"op": "end", "id": request_id, "reason": reason})
         self.sync()  # an end lost in a crash would resume a finished request
         if self._size >= self._compact_at:
@@ -164,14 +165,6 @@ class TokenJournal:
 
 def _line(record: dict) -> str:
     return json.dumps(record, separators=(",", ":")) + "\n"
-
-
-def _keep_done(done: "collections.OrderedDict[str, dict]", request_id: str, record: dict, reason) -> None:
-    """Remembers an ended request (newest last), forgetting all but the last KEEP_FINISHED."""
-    done[request_id] = {**record, "reason": reason}
-    done.move_to_end(request_id)
-    while len(done) > KEEP_FINISHED:
-        done.popitem(last=False)
 
 
 def _unfinished(live: Dict[str, dict]) -> List[Request]:
@@ -238,7 +231,7 @@ def _scan(path: str):
                 ended = True
                 rec_done = live.pop(rid, None)
                 if rec_done is not None:
-                    _keep_done(done, rid, rec_done, rec.get("reason"))
+                    keep_newest(done, rid, {**rec_done, "reason": rec.get("reason")}, KEEP_FINISHED)
         if not last:
             good = end
         offset = end

@@ -1,6 +1,7 @@
 """What the engine hands back to callers, per request and per step."""
 from __future__ import annotations
 
+import collections
 import dataclasses
 from typing import List, Optional
 
@@ -85,3 +86,12 @@ def output_from_finished_record(rec) -> RequestOutput:
         raise ValueError(f"{bad}: missing or invalid")
     return final_output(rec["id"], rec["prompt"], rec["ids"], rec["text"], rec["reason"], rec["logprobs"],
                         float(rec["arrival"]))
+
+
+def keep_newest(kept: "collections.OrderedDict", key, value, limit: int) -> None:
+    """Puts key -> value last in `kept`, forgetting the oldest entries beyond `limit` (the
+    finished requests a journal or a server keeps for clients that reconnect)."""
+    kept[key] = value
+    kept.move_to_end(key)
+    while len(kept) > limit:
+        kept.popitem(last=False)

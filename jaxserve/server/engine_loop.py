@@ -14,7 +14,7 @@ import queue
 import threading
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from jaxserve.engine.outputs import RequestOutput, finished_output
+from jaxserve.engine.outputs import RequestOutput, finished_output, keep_newest
 from jaxserve.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -118,10 +118,7 @@ class EngineLoop:
         """Final outputs of requests that ended elsewhere (a peer that shut down) whose clients
         may reconnect here for them."""
         for out in outputs:
-            self._finished[out.request_id] = out
-            self._finished.move_to_end(out.request_id)
-        while len(self._finished) > MAX_FINISHED_KEPT:
-            self._finished.popitem(last=False)
+            keep_newest(self._finished, out.request_id, out, MAX_FINISHED_KEPT)
 
     async def add(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams,
                   priority: int = 0) -> RequestStream:
