@@ -16,15 +16,17 @@ from absl import flags
 from ml_collections import config_flags
 
 from jaxserve.cli import run
+from jaxserve.server.app import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_TOKENS, DEFAULT_MAX_WAITING
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/smollm2_135m.py", "Model/serving config file.")
 _HOST = flags.DEFINE_string("host", "127.0.0.1", "Address to listen on (0.0.0.0 for every interface).")
 _PORT = flags.DEFINE_integer("port", 8000, "Port to listen on.")
 _MODEL_NAME = flags.DEFINE_string("served_model_name", "", "Model id clients send; default: the config "
                                   "file's name (e.g. smollm2_135m).")
-_MAX_WAITING = flags.DEFINE_integer("max_waiting_requests", 1024, "Requests that may wait for their first "
-                                    "token; beyond it new requests get 429.", lower_bound=0)
-_MAX_BODY = flags.DEFINE_integer("max_body_bytes", 4 << 20, "Largest request body; beyond it 413.", lower_bound=1)
+_MAX_WAITING = flags.DEFINE_integer("max_waiting_requests", DEFAULT_MAX_WAITING, "Requests that may wait for "
+                                    "their first token; beyond it new requests get 429.", lower_bound=0)
+_MAX_BODY = flags.DEFINE_integer("max_body_bytes", DEFAULT_MAX_BODY_BYTES, "Largest request body; beyond it 413.",
+                                 lower_bound=1)
 _ACCESS_LOG = flags.DEFINE_bool("access_log", False, "Log every HTTP request.")
 _JOURNAL = flags.DEFINE_string("journal", "", "File recording every request's progress; on start, unfinished "
                                "requests in it are resumed (their clients reconnect at /v1/requests/ID/stream).")
@@ -47,8 +49,8 @@ _API_KEY = flags.DEFINE_string("api_key", os.environ.get("JAXSERVE_API_KEY", "")
 _PEER_SECRET = flags.DEFINE_string("peer_secret", os.environ.get("JAXSERVE_PEER_SECRET", ""), "Secret shared with "
                                    "peer servers: sent when handing requests over (--peer) and required to take "
                                    "them (default: $JAXSERVE_PEER_SECRET; empty: this server takes none).")
-_DEFAULT_MAX_TOKENS = flags.DEFINE_integer("default_max_tokens", 1024, "Limit of a chat request that sets no "
-                                          "max_tokens (cut to what the context leaves).", lower_bound=1)
+_DEFAULT_MAX_TOKENS = flags.DEFINE_integer("default_max_tokens", DEFAULT_MAX_TOKENS, "Limit of a chat request that "
+                                          "sets no max_tokens (cut to what the context leaves).", lower_bound=1)
 _PRECOMPILE = flags.DEFINE_bool("precompile", False, "Compile every step shape before listening, so that no "
                                 "request waits on XLA (minutes on CPU for a real model; worth it on accelerators).")
 

@@ -52,8 +52,8 @@ def decode_params(batch: int, pages_per_seq: int, num_kv_heads: int, page_size: 
     split costs a partial output and a combine. From 16 sequences up, one warp per program on 16
     tokens (a page of 16) at a time keeps the most loads in flight; a lone sequence is better
     served by 4 warps on 4 pages. Either way each thread holds 128 bytes of a block's K (and of
-    V) at head_dim 128: a bigger block, or a second one prefetched, spills registers. The fastest of H200 sweeps at batch 1-128, uniform
-    and ragged lengths (docs/benchmarks.md).
+    V) at head_dim 128: a bigger block, or a second one prefetched, spills registers. The fastest
+    of H200 sweeps at batch 1-128, uniform and ragged lengths (docs/benchmarks.md).
     """
     # a block holds at least 16 tokens: Triton's dot needs 16 along each side
     ppcb, warps = (max(1, 16 // page_size), 1) if batch * num_kv_heads >= 128 else (min(4, pages_per_seq), 4)

@@ -30,6 +30,7 @@ from jaxserve.server.errors import APIError
 from jaxserve.server.metrics import CONTENT_TYPE, ServerMetrics
 
 DEFAULT_MAX_BODY_BYTES = 4 << 20
+DEFAULT_MAX_WAITING = 1024  # requests waiting for their first token; beyond it 429
 
 _ERRORS = {
     400: {"model": p.ErrorResponse, "description": "Invalid request; `error.param` names the field."},
@@ -52,7 +53,8 @@ DEFAULT_MAX_TOKENS = 1024  # a chat request that names no limit: at most this ma
 
 
 class OpenAIServer:
-    def __init__(self, engine, model_name: str, max_waiting: int = 1024, default_max_tokens: int = DEFAULT_MAX_TOKENS):
+    def __init__(self, engine, model_name: str, max_waiting: int = DEFAULT_MAX_WAITING,
+                 default_max_tokens: int = DEFAULT_MAX_TOKENS):
         self.model_name, self.default_max_tokens = model_name, default_max_tokens
         self.tokenizer = engine.tokenizer
         self.max_context = engine.max_context
@@ -285,7 +287,7 @@ class OpenAIServer:
         app.add_api_route("/metrics", self.prometheus, methods=["GET"], response_class=PlainTextResponse)
 
 
-def create_app(engine, model_name: str, *, max_waiting: int = 1024,
+def create_app(engine, model_name: str, *, max_waiting: int = DEFAULT_MAX_WAITING,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, peer_url: str = "",
                api_key: Optional[str] = None, peer_secret: Optional[str] = None,
                default_max_tokens: int = DEFAULT_MAX_TOKENS) -> FastAPI:
