@@ -47,8 +47,8 @@ def rope_frequencies(cfg: ModelConfig):
 def rope_angles(positions, inv_freq):
     """(cos, sin) [B,T,1,D/2] of positions [B,T], computed once for every layer.
 
-    The barrier keeps them one kernel: otherwise XLA recomputes them in each layer (a kernel a
-    layer, about 1.4 us each on an H200)."""
+    The barrier keeps them one kernel: otherwise XLA recomputes them in each layer, a kernel a
+    layer (docs/benchmarks.md, issue 14)."""
     freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B,T,D/2]
     return jax.lax.optimization_barrier((jnp.cos(freqs)[:, :, None, :], jnp.sin(freqs)[:, :, None, :]))
 
