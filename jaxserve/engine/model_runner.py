@@ -315,14 +315,15 @@ def pack(chunks: Sequence[Chunk], page_size: int, max_batch: int, max_pages: int
     step, sample = padding_inputs(shape, scratch_page)
     lay = step.layout
     order = sorted(range(len(chunks)), key=lambda i: lens[i] > 1)  # decodes first, stable
+    ordered = [chunks[i] for i in order]
     rows = [0] * len(chunks)
     for row, i in enumerate(order):
         rows[i] = row
         lay.page_table[row, :len(chunks[i].pages)] = chunks[i].pages
     # Decode rows (token i is sequence i's) are filled in bulk: per-row numpy calls cost more
     # host time at batch 128 than the rest of the step's scheduling.
-    decodes = [chunks[i] for i in order if lens[i] == 1]
-    D = len(decodes)
+    D = lens.count(1)
+    decodes = ordered[:D]
     if D:
         starts = np.fromiter((c.start for c in decodes), np.int32, D)
         step.tokens[:D] = [c.tokens[0] for c in decodes]
@@ -333,8 +334,8 @@ def pack(chunks: Sequence[Chunk], page_size: int, max_batch: int, max_pages: int
         lay.decode_lens[:D] = starts + 1
         step.logit_index[:D] = np.arange(D)
     t, b = D, 0
-    for row in range(D, len(order)):
-        c = chunks[order[row]]
+    for row in range(D, len(ordered)):
+        c = ordered[row]
         L = len(c.tokens)
         pos = np.arange(c.start, c.start + L, dtype=np.int32)
         step.tokens[t:t + L] = c.tokens
@@ -349,8 +350,7 @@ def pack(chunks: Sequence[Chunk], page_size: int, max_batch: int, max_pages: int
             lay.block_len[b], lay.block_pos[b] = min(QUERY_BLOCK, L - k), c.start + k
             b += 1
         t += L
-    n = len(order)
-    ordered = [chunks[i] for i in order]
+    n = len(ordered)
     sample.temperature[:n] = [c.temperature for c in ordered]
     sample.top_k[:n] = [c.top_k for c in ordered]
     sample.top_p[:n] = [c.top_p for c in ordered]

@@ -88,7 +88,6 @@ class GittinsPolicy(PreemptivePolicy):
     def __init__(self, prior_max: int = 2048, prior_weight: float = 4.0, **kwargs):
         super().__init__(**kwargs)
         self.lengths = OutputLengths(prior_max, prior_weight)
-        self._generated: Dict[str, int] = {}
         self._index: Dict[str, float] = {}
         self._prefill: Dict[int, float] = {}  # these three follow the cost model's coefficients
         self._coef, self._token_s = None, 0.0
@@ -96,22 +95,18 @@ class GittinsPolicy(PreemptivePolicy):
     def finished(self, request_id: str, num_generated: int, reason: str) -> None:
         """Learns r's output length from its end. A request that ended early (its client went
         away, a failure, handed to a peer) says only that its length was at least that much: it
-        is left out rather than counted as a short job."""
-        self._generated.pop(request_id, None)
+        is left out rather than counted as a short job. One that leaves without an end told
+        (moved to another engine) teaches nothing."""
         if reason not in CENSORED:
             self.lengths.observe(num_generated)
 
     def observe(self, requests: Sequence[RequestView], now: float) -> None:
-        live = {r.request_id for r in requests}
-        for rid in [rid for rid in self._generated if rid not in live]:
-            del self._generated[rid]  # gone without an end told (moved to another engine)
         if self._coef is None or not np.array_equal(self._coef, self.cost_model.coef):  # refitted
             self._coef, self._prefill = np.array(self.cost_model.coef), {}
             self._token_s = decode_token_s(self.cost_model)
             self.lengths.forget_indices()
         self._index = {}
         for r in requests:
-            self._generated[r.request_id] = r.num_generated
             prefill = self._prefill_s(r.num_remaining) if r.num_remaining > 1 else 0.0
             self._index[r.request_id] = self.lengths.index(r.num_generated, prefill, self._token_s)
 

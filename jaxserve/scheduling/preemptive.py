@@ -99,15 +99,15 @@ class PreemptivePolicy:
         # decode down: such chunks fill the step only up to `short_step` tokens.
         decodes = [r for r in chosen if r.num_remaining == 1][:cache.token_budget]
         plan.run += [(r.request_id, 1) for r in decodes]
-        total, cap = len(decodes), cache.token_budget
+        total, cap, capped = len(decodes), cache.token_budget, False
         first_decode = next((i for i, r in enumerate(chosen) if r.num_remaining == 1), len(chosen))
         for i, r in enumerate(chosen):
             if r.num_remaining > 1:
-                if i > first_decode and cap == cache.token_budget:
+                if i > first_decode and not capped:  # the first chunk ranked below a decode
                     backlog = sum(q.num_remaining for q in ordered if q.num_remaining > 1)
                     slowdown = (self.idle_prefill_slowdown if backlog <= cache.token_budget
                                 else self.max_prefill_slowdown)
-                    cap = max(total, self.short_step(decodes, chosen, cache, slowdown))
+                    cap, capped = max(total, self.short_step(decodes, chosen, cache, slowdown)), True
                 n = min(r.num_remaining, cache.max_chunk, cap - total)
                 if n < 1:
                     break

@@ -121,8 +121,9 @@ class Simulator:
                         s.job.first_token = now
                     if s.generated >= s.job.output_len:
                         s.job.finish = now
-                        if hasattr(self.policy, "finished"):  # optional, as in Engine._finish
-                            self.policy.finished(s.job.request_id, s.generated, "stop")
+                        told = getattr(self.policy, "finished", None)  # optional, as in Engine._finish
+                        if told is not None:
+                            told(s.job.request_id, s.generated, "stop")
                         free += s.pages
                         del active[s.job.request_id]
         return list(jobs)
