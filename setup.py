@@ -6,6 +6,7 @@ setup(
     version="0.1.0",
     description="Iteration-level, preemptive, preemption-tolerant LLM serving in JAX",
     packages=find_packages(include=["jaxserve", "jaxserve.*"]),
+    package_data={"jaxserve.model": ["gemm_tables/*.json"]},  # measured GEMM row paddings per GPU kind
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.10",

@@ -381,6 +381,9 @@ def bench(config, timer: CompileTimer) -> dict:
     llm = jaxserve.LLM(config)
     engine = llm.engine
     load_s = time.perf_counter() - t
+    row_table = getattr(getattr(engine, "runner", None), "settings", {}).get("row_table")
+    if row_table:
+        log("GEMM row padding (step rows: (weight, rows run)):", row_table)
     cfg = getattr(engine, "cfg", None)
     if cfg is None:
         from jaxserve.model.config import model_config_from_dict
@@ -462,6 +465,7 @@ def bench(config, timer: CompileTimer) -> dict:
         "mean_tokens_per_step": (prompt_tokens + output_tokens) / max(1, model_steps),
         "mean_output_tokens_per_step": output_tokens / max(1, model_steps),
         "load_s": load_s, "precompile_s": precompile_s, "precompiled_shapes": shapes,
+        "gemm_row_padding": {str(k): v for k, v in (row_table or {}).items()},
         "compile_s": {"startup": timer.total("startup"), "precompile": timer.total("precompile"),
                       "warmup": timer.total("warmup"), "timed": timer.total("timed")},
         "compile_detail": compile_summary,

@@ -17,11 +17,12 @@ PROMPTS = [
 ]
 
 
-def jax_logits(cfg, params, ids, unroll_layers=False):
+def jax_logits(cfg, params, ids, unroll_layers=False, gemm_rows=()):
     tokens = np.asarray([ids], np.int32)
     positions = np.arange(len(ids), dtype=np.int32)[None]
     cache = llama.init_dense_cache(cfg, 1, 64)
-    fwd = jax.jit(lambda p, t, q, c: llama.forward(p, t, q, c, cfg, unroll_layers=unroll_layers))
+    fwd = jax.jit(lambda p, t, q, c: llama.forward(p, t, q, c, cfg, unroll_layers=unroll_layers,
+                                                   gemm_rows=gemm_rows))
     logits, _ = fwd(params, tokens, positions, cache)
     return np.asarray(logits)[0]
 
@@ -92,6 +93,18 @@ def test_unrolled_layers_give_the_scanned_logits(smollm2, device_params):
     unrolled = jax_logits(cfg, device_params, ids, unroll_layers=True)
     np.testing.assert_allclose(unrolled, scanned, rtol=0, atol=1e-4)
     assert (unrolled.argmax(-1) == scanned.argmax(-1)).all()
+
+
+def test_padded_gemm_rows_give_the_same_logits(smollm2, device_params):
+    # the GPU pads some layer products' rows where cuBLAS runs the padded shape faster (gemm_rows)
+    cfg, _, tok = smollm2
+    ids = tok.encode(PROMPTS[0])
+    plain = jax_logits(cfg, device_params, ids)
+    pads = tuple((name, len(ids) + extra) for name, extra in
+                 (("wqkv", 8), ("wo", 16), ("w_gate_up", 8), ("w_down", 24)))
+    padded = jax_logits(cfg, device_params, ids, gemm_rows=pads)
+    np.testing.assert_allclose(padded, plain, rtol=0, atol=1e-4)
+    assert (padded.argmax(-1) == plain.argmax(-1)).all()
 
 
 def test_bfloat16_runs_close_to_float32(smollm2, device_params):

@@ -25,7 +25,7 @@ import numpy as np
 from jaxserve import sampling
 from jaxserve.cache import attention_kernels, paged_kv
 from jaxserve.cache.paged_kv import StepLayout
-from jaxserve.model import llama
+from jaxserve.model import gemm_rows, llama
 from jaxserve.model.config import ModelConfig
 from jaxserve.scheduling.cost_model import QUERY_BLOCK, StepShape, bucket, step_shape, step_shapes
 
@@ -42,6 +42,10 @@ GPU_XLA_FLAGS = ("--xla_gpu_enable_triton_gemm=false",)
 # scan. EngineConfig.unroll_layers="off" trades the other way.
 UNROLL_LAYERS_GPU = True
 UNROLL_CHOICES = ("auto", "on", "off")  # EngineConfig.unroll_layers: auto = UNROLL_LAYERS_GPU on GPU
+# On one GPU, decode steps pad the layer products' rows where the table measured for this GPU
+# kind says cuBLAS runs the padded shape faster (jaxserve.model.gemm_rows). Meshes of several
+# devices run other (sharded) products and keep them unpadded.
+USE_GEMM_ROW_TABLES = True
 
 
 def _apply_xla_flags() -> None:
@@ -74,22 +78,24 @@ class SampleInputs(NamedTuple):
     steps: np.ndarray        # index of the token being drawn (the request's generated count)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "attention_impl", "mesh", "unroll_layers"),
+@functools.partial(jax.jit, static_argnames=("cfg", "attention_impl", "mesh", "unroll_layers", "gemm_rows"),
                    donate_argnames=("cache",))
 def forward_step(params, cache, prev_tokens, inputs: StepInputs, cfg: ModelConfig,
-                 attention_impl: str = "reference", mesh=None, unroll_layers: bool = False):
+                 attention_impl: str = "reference", mesh=None, unroll_layers: bool = False, gemm_rows=()):
     """The model over one flattened step -> (logits [S,V] float32, cache).
 
     prev_tokens [R]: the previous step's sampled tokens, still on the device; a token whose
     prev_rows entry is r >= 0 is prev_tokens[r]. attention_impl: resolved ("reference" or
-    "pallas"). unroll_layers: a Python loop over the layers instead of a scan.
+    "pallas"). unroll_layers: a Python loop over the layers instead of a scan. gemm_rows: see
+    llama.forward.
     """
     TRACE_COUNT["forward"] += 1
     rows = inputs.prev_rows
     tokens = jnp.where(rows >= 0, prev_tokens[jnp.maximum(rows, 0)], inputs.tokens)
     attend = functools.partial(paged_kv.paged_attend, layout=inputs.layout, impl=attention_impl, mesh=mesh)
     logits, cache = llama.forward(params, tokens[None], inputs.positions[None], cache, cfg, attend,
-                                  logit_index=inputs.logit_index[None], unroll_layers=unroll_layers)
+                                  logit_index=inputs.logit_index[None], unroll_layers=unroll_layers,
+                                  gemm_rows=gemm_rows)
     return logits[0], cache
 
 
@@ -142,17 +148,28 @@ class Dispatched(NamedTuple):
         return tokens[self.rows], logprobs[self.rows]
 
 
-def step_settings(mesh, attention_impl: str = "auto", unroll_layers: str = "auto") -> dict:
-    """How steps run on this mesh: the resolved attention impl and layer unrolling."""
+def step_settings(cfg: ModelConfig, mesh, attention_impl: str = "auto", unroll_layers: str = "auto") -> dict:
+    """How steps run on this mesh: the resolved attention impl, layer unrolling and GEMM row padding."""
     on_gpu = mesh.devices.flat[0].platform == "gpu"
     return dict(attention_impl=attention_kernels.resolve_impl(attention_impl),
-                unroll_layers={"on": True, "off": False, "auto": UNROLL_LAYERS_GPU and on_gpu}[unroll_layers])
+                unroll_layers={"on": True, "off": False, "auto": UNROLL_LAYERS_GPU and on_gpu}[unroll_layers],
+                row_table=gemm_row_table(cfg, mesh))
 
 
-def forward_kwargs(cfg: ModelConfig, mesh, shape: StepShape, attention_impl: str, unroll_layers: bool) -> dict:
+def gemm_row_table(cfg: ModelConfig, mesh) -> gemm_rows.RowTable:
+    """The decode steps' GEMM row padding on this mesh (USE_GEMM_ROW_TABLES)."""
+    device = mesh.devices.flat[0]
+    if not (USE_GEMM_ROW_TABLES and device.platform == "gpu" and mesh.size == 1):
+        return {}
+    return gemm_rows.load(cfg, device.device_kind)
+
+
+def forward_kwargs(cfg: ModelConfig, mesh, shape: StepShape, attention_impl: str, unroll_layers: bool,
+                   row_table: gemm_rows.RowTable) -> dict:
     """The static arguments of `forward_step` for a step of `shape` (settings from `step_settings`)."""
     return dict(cfg=cfg, attention_impl=attention_impl, mesh=mesh if attention_impl == "pallas" else None,
-                unroll_layers=unroll_layers and not shape.prefill)
+                unroll_layers=unroll_layers and not shape.prefill,
+                gemm_rows=() if shape.prefill else row_table.get(shape.tokens, ()))
 
 
 def compile_ahead(cfg: ModelConfig, mesh, num_pages: int, page_size: int, max_batch: int,
@@ -168,7 +185,7 @@ def compile_ahead(cfg: ModelConfig, mesh, num_pages: int, page_size: int, max_ba
     from jaxserve.model.params import abstract_params
     from jaxserve.parallel.sharding import param_shardings
 
-    settings = step_settings(mesh, attention_impl, unroll_layers)
+    settings = step_settings(cfg, mesh, attention_impl, unroll_layers)
     params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract_params(cfg), param_shardings(cfg, mesh))
     pool = jax.ShapeDtypeStruct(paged_kv.pool_shape(cfg, num_pages, page_size), cfg.jnp_dtype,
@@ -195,8 +212,8 @@ class ModelRunner:
         self.max_pages_per_seq = -(-cfg.max_seq_len // page_size)
         self.rows = bucket(max_batch)
         self.decode_floor: Optional[tuple] = None  # see pack
-        settings = step_settings(mesh, attention_impl, unroll_layers)
-        self.attention_impl, self.unroll_layers = settings["attention_impl"], settings["unroll_layers"]
+        self.settings = step_settings(cfg, mesh, attention_impl, unroll_layers)
+        self.attention_impl, self.unroll_layers = self.settings["attention_impl"], self.settings["unroll_layers"]
         # a caller-made pool (benchmarks fill one with random keys and values) or zeros
         self.cache = paged_kv.init_pool(cfg, num_pages, page_size, mesh) if cache is None else cache
         self._reset_prev_tokens()
@@ -229,7 +246,7 @@ class ModelRunner:
 
     def step_kwargs(self, shape: StepShape) -> dict:
         """The static arguments of `forward_step` for a step of this shape on this runner."""
-        return forward_kwargs(self.cfg, self.mesh, shape, self.attention_impl, self.unroll_layers)
+        return forward_kwargs(self.cfg, self.mesh, shape, **self.settings)
 
     def launch(self, shape: StepShape, step: StepInputs, sample: SampleInputs, mode: str):
         """Sends one packed step to the device (mirrored to the other processes, if any)."""

@@ -104,11 +104,23 @@ def dense_attend(q, k, v, cache, layer, positions):
     return out, cache
 
 
-def _layer(x, lp, cache, layer, positions, angles, cfg: ModelConfig, attend: AttendFn):
+def _product(spec, x, w, rows: int = 0):
+    """einsum(spec, x, w) over x [B,T,...], run with `rows` >= T rows (zeros appended, then
+    sliced off) when given: see jaxserve.model.gemm_rows. The barrier keeps XLA from moving the
+    slice into the product, which would undo the padding."""
+    T = x.shape[1]
+    if rows <= T:
+        return jnp.einsum(spec, x, w)
+    x = jnp.pad(x, [(0, 0), (0, rows - T)] + [(0, 0)] * (x.ndim - 2))
+    return jax.lax.optimization_barrier(jnp.einsum(spec, x, w))[:, :T]
+
+
+def _layer(x, lp, cache, layer, positions, angles, cfg: ModelConfig, attend: AttendFn, gemm_rows=()):
     B, T = x.shape[:2]
     G = cfg.num_heads // cfg.num_kv_heads
+    pad = dict(gemm_rows)
     h = rms_norm(x, lp["attn_norm"], cfg.rms_eps)
-    qkv = jnp.einsum("bte,ekgd->btkgd", h, lp["wqkv"])  # per kv head: its G query heads, k, v
+    qkv = _product("bte,ekgd->btkgd", h, lp["wqkv"], pad.get("wqkv", 0))  # per kv head: its G query heads, k, v
     if cfg.qkv_bias:
         qkv = qkv + lp["bqkv"]
     q = qkv[:, :, :, :G].reshape(B, T, cfg.num_heads, cfg.head_dim)  # head k*G + g reads kv head k
@@ -116,10 +128,11 @@ def _layer(x, lp, cache, layer, positions, angles, cfg: ModelConfig, attend: Att
     q = apply_rope(q, angles)
     k = apply_rope(k, angles)
     attn, cache = attend(q, k, v, cache, layer, positions)
-    x = x + jnp.einsum("bthd,hde->bte", attn, lp["wo"])
+    x = x + _product("bthd,hde->bte", attn, lp["wo"], pad.get("wo", 0))
     h = rms_norm(x, lp["mlp_norm"], cfg.rms_eps)
-    gate_up = jnp.einsum("bte,ecf->btcf", h, lp["w_gate_up"])
-    x = x + jnp.einsum("btf,fe->bte", jax.nn.silu(gate_up[:, :, 0]) * gate_up[:, :, 1], lp["w_down"])
+    gate_up = _product("bte,ecf->btcf", h, lp["w_gate_up"], pad.get("w_gate_up", 0))
+    x = x + _product("btf,fe->bte", jax.nn.silu(gate_up[:, :, 0]) * gate_up[:, :, 1], lp["w_down"],
+                     pad.get("w_down", 0))
     return x, cache
 
 
@@ -134,14 +147,15 @@ def logits_from_hidden(params, h, cfg: ModelConfig):
 
 
 def forward(params, tokens, positions, cache, cfg: ModelConfig, attend: AttendFn = dense_attend,
-            logit_index: Optional[jax.Array] = None, unroll_layers: bool = False):
+            logit_index: Optional[jax.Array] = None, unroll_layers: bool = False, gemm_rows=()):
     """Runs the decoder over tokens [B,T] at positions [B,T] (-1 = padding).
 
     Returns (logits, cache): logits are float32 [B,T,V], or [B,V] at `logit_index` [B] when given
     (prefill only needs each sequence's last token), or [B,M,V] at `logit_index` [B,M] (a
     flattened step's sampled rows). unroll_layers: a Python loop over the layers
     (static layer indices) instead of `lax.scan`: compiles several times longer, runs without the
-    loop's per-layer control and index kernels (see model_runner.UNROLL_LAYERS_GPU).
+    loop's per-layer control and index kernels (see model_runner.UNROLL_LAYERS_GPU). gemm_rows:
+    ((weight name, rows), ...), layer products to run with more rows (jaxserve.model.gemm_rows).
     """
     x = params["embed"][tokens].astype(cfg.jnp_dtype)
     angles = rope_angles(positions, rope_frequencies(cfg))
@@ -149,13 +163,13 @@ def forward(params, tokens, positions, cache, cfg: ModelConfig, attend: AttendFn
     def body(carry, xs):
         x, cache = carry
         lp, layer = xs
-        x, cache = _layer(x, lp, cache, layer, positions, angles, cfg, attend)
+        x, cache = _layer(x, lp, cache, layer, positions, angles, cfg, attend, gemm_rows)
         return (x, cache), None
 
     if unroll_layers:
         for i in range(cfg.num_layers):
             lp = jax.tree.map(lambda a: a[i], params["layers"])
-            x, cache = _layer(x, lp, cache, i, positions, angles, cfg, attend)
+            x, cache = _layer(x, lp, cache, i, positions, angles, cfg, attend, gemm_rows)
     else:
         layers = (params["layers"], jnp.arange(cfg.num_layers))
         (x, cache), _ = jax.lax.scan(body, (x, cache), layers)
