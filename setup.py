@@ -26,12 +26,15 @@ setup(
         "prometheus-client>=0.20",
         "httpx>=0.27",         # launch/bench_serve.py's client
         "tqdm>=4.60",
+        "etils[epath]>=1.5",   # jaxserve.paths: local, file:// and bucket paths
+        "gcsfs>=2024.2",       # gs:// paths through etils.epath (checkpoints, tokenizers, journals)
     ],
     extras_require={
         # Reference implementation for correctness tests. torch is pinned to the CPU wheel:
         # an unpinned torch pulls a CUDA build of several GB.
         "test": ["pytest>=8", "torch==2.13.0", "transformers>=5.0", "accelerate>=1.0", "gguf>=0.17",
-                 "openai>=1.40", "httpx>=0.27"],
+                 "openai>=1.40", "httpx>=0.27",
+                 "gcp-storage-emulator>=2024.8"],  # tests/test_gcs.py: a GCS API on loopback
         # Plots of launch/bench_schedule.py.
         "bench": ["matplotlib>=3.7"],
     },

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 from typing import Optional, Sequence
 
 import jinja2.sandbox
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers
+
+from jaxserve import paths
 
 _CONFIG_FILE = "tokenizer_config.json"
 _TOKENIZER_FILE = "tokenizer.json"
@@ -63,33 +64,35 @@ class Tokenizer:
 
     # -- persistence ---------------------------------------------------------------------------
     def save(self, directory: str) -> None:
-        os.makedirs(directory, exist_ok=True)
-        self.tok.save(os.path.join(directory, _TOKENIZER_FILE))
-        with open(os.path.join(directory, _CONFIG_FILE), "w") as f:
-            json.dump({"chat_template": self.chat_template, "bos_token_id": self.bos_token_id,
-                       "eos_token_ids": list(self.eos_token_ids), "add_bos": self.add_bos}, f, indent=1)
+        """Writes tokenizer.json and tokenizer_config.json into `directory` (any jaxserve.paths path)."""
+        root = paths.as_path(directory)
+        root.mkdir(parents=True, exist_ok=True)
+        (root / _TOKENIZER_FILE).write_text(self.tok.to_str())
+        (root / _CONFIG_FILE).write_text(json.dumps(
+            {"chat_template": self.chat_template, "bos_token_id": self.bos_token_id,
+             "eos_token_ids": list(self.eos_token_ids), "add_bos": self.add_bos}, indent=1))
 
     @classmethod
     def from_dir(cls, directory: str, eos_token_ids: Sequence[int] = (),
                  bos_token_id: Optional[int] = None) -> "Tokenizer":
-        """Loads tokenizer.json (+ tokenizer_config.json / chat_template.jinja) from a directory."""
-        path = os.path.join(directory, _TOKENIZER_FILE)
-        if not os.path.isfile(path):
+        """Loads tokenizer.json (+ tokenizer_config.json / chat_template.jinja) from a directory
+        (any jaxserve.paths path)."""
+        root = paths.as_path(directory)
+        path = root / _TOKENIZER_FILE
+        if not path.exists():
             raise FileNotFoundError(f"tokenizer file not found: {path}")
         try:
-            tok = tokenizers.Tokenizer.from_file(path)
+            tok = tokenizers.Tokenizer.from_str(path.read_text())
         except Exception as e:
             raise ValueError(f"{path}: not a valid tokenizer.json ({e})") from e
         conf = {}
-        conf_path = os.path.join(directory, _CONFIG_FILE)
-        if os.path.isfile(conf_path):
-            with open(conf_path) as f:
-                conf = json.load(f)
+        conf_path = root / _CONFIG_FILE
+        if conf_path.exists():
+            conf = json.loads(conf_path.read_text())
         template = conf.get("chat_template")
-        template_path = os.path.join(directory, "chat_template.jinja")
-        if not template and os.path.isfile(template_path):
-            with open(template_path) as f:
-                template = f.read()
+        template_path = root / "chat_template.jinja"
+        if not template and template_path.exists():
+            template = template_path.read_text()
         if "eos_token_ids" in conf:
             eos_token_ids = conf["eos_token_ids"]
         elif isinstance(conf.get("eos_token"), str) and tok.token_to_id(conf["eos_token"]) is not None:

