@@ -33,6 +33,19 @@ def as_path(path) -> epath.Path:
     return epath.Path(path)
 
 
+def list_dir(path) -> list:
+    """The entries of a folder as they are now ([] when there is none: buckets have no empty
+    folders). gcsfs caches listings per process, which would hide objects another process wrote."""
+    p = as_path(path)
+    if is_remote(str(p)):
+        from etils.epath import backend
+        backend.fsspec_backend.fs(str(p)).invalidate_cache(str(p))
+    try:
+        return list(p.iterdir())
+    except FileNotFoundError:
+        return []
+
+
 def _copy_tree(src: epath.Path, dst: str) -> None:
     if not src.is_dir():
         src.copy(epath.Path(dst))

@@ -28,8 +28,9 @@ _MAX_WAITING = flags.DEFINE_integer("max_waiting_requests", DEFAULT_MAX_WAITING,
 _MAX_BODY = flags.DEFINE_integer("max_body_bytes", DEFAULT_MAX_BODY_BYTES, "Largest request body; beyond it 413.",
                                  lower_bound=1)
 _ACCESS_LOG = flags.DEFINE_bool("access_log", False, "Log every HTTP request.")
-_JOURNAL = flags.DEFINE_string("journal", "", "File recording every request's progress; on start, unfinished "
-                               "requests in it are resumed (their clients reconnect at /v1/requests/ID/stream).")
+_JOURNAL = flags.DEFINE_string("journal", "", "File (or gs:// folder, where the VM's disk does not outlive it) "
+                               "recording every request's progress; on start, unfinished requests in it are "
+                               "resumed (their clients reconnect at /v1/requests/ID/stream).")
 _FSYNC_EVERY = flags.DEFINE_integer("journal_fsync_every", 16, "fsync the journal every N token records (0: leave "
                                     "it to the OS).", lower_bound=0)
 _GRACE = flags.DEFINE_float("shutdown_grace_s", 25.0, "On SIGTERM/SIGINT (a spot VM's notice: 30 s), stop "

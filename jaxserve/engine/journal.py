@@ -9,8 +9,11 @@ index). Replaying the journal gives every unfinished request with the tokens it 
 Any number of crashes at any point leave a readable journal (a torn tail is sealed on open),
 and compaction keeps it about the size of the unfinished requests.
 
-A plain file on local disk (or any mounted bucket path); writes go through one buffered handle
-owned by the engine thread.
+Where it lives: a local file (appended, fsync'd), or a bucket URL (`gs://...`), where objects
+cannot be appended to: there the journal is a folder of numbered segment objects, one written at
+each sync with the records since the last one, replayed in order; compaction writes a `base`
+segment (replay starts at the newest) and deletes the older ones. An object is written whole or
+not at all, so a crash leaves no torn record there. Writes go through the engine thread.
 """
 from __future__ import annotations
 
@@ -18,8 +21,11 @@ import collections
 import dataclasses
 import json
 import os
+import re
+import time
 from typing import Dict, List
 
+from jaxserve import paths
 from jaxserve.engine.outputs import keep_newest
 from jaxserve.engine.request import Request
 from jaxserve.sampling_params import SamplingParams
@@ -64,29 +70,16 @@ class TokenJournal:
         if compact_bytes < 1:
             raise ValueError(f"journal compact_bytes must be >= 1, got {compact_bytes}")
         self.path, self.fsync_every, self.compact_bytes = path, fsync_every, compact_bytes
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        self._live, self._done, good_bytes, ended = _scan(path)
-        if os.path.exists(path) and os.path.getsize(path) > good_bytes:
-            with open(path, "r+b") as f:  # seal the torn tail
-                f.truncate(good_bytes)
-                f.flush()
-                os.fsync(f.fileno())
-        self._f = None
+        self._log = open_log(path)
+        self._live, self._done, good_bytes, ended = _scan(self._log.read(), path)
+        self._log.seal(good_bytes)
         self._compact_at = compact_bytes
+        self._unsynced = 0
         if ended:
             self.compact()
-        else:
-            self._open()
-        self._unsynced = 0
-
-    def _open(self) -> None:
-        self._f = open(self.path, "a", encoding="utf-8")
-        self._size = self._f.tell()
 
     def _write(self, record: dict) -> None:
-        line = _line(record)
-        self._f.write(line)
-        self._size += len(line)
+        self._log.append(_line(record))
 
     def added(self, r: Request) -> None:
         """A new request (or one taken over from a peer, with the tokens it already has)."""
@@ -103,8 +96,8 @@ class TokenJournal:
             live["logprobs"] += lps
         self._write({"op": "tokens", "id": request_id, "ids": ids, "logprobs": lps})
         self._unsynced += 1
-        if self.fsync_every and self._unsynced >= self.fsync_every:
-            self.sync()
+        if self.fsync_every and self._unsynced >= self.fsync_every and self._log.sync(urgent=False):
+            self._unsynced = 0
 
     def finished(self, request_id: str, reason: str) -> None:
         record = self._live.pop(request_id, None)
@@ -112,7 +105,7 @@ class TokenJournal:
             keep_newest(self._done, request_id, {**record, "reason": reason}, KEEP_FINISHED)
         self._write({"op": "end", "id": request_id, "reason": reason})
         self.sync()  # an end lost in a crash would resume a finished request
-        if self._size >= self._compact_at:
+        if self._log.size >= self._compact_at:
             self.compact()
 
     def unfinished_requests(self) -> List[Request]:
@@ -131,36 +124,159 @@ class TokenJournal:
 
     def compact(self) -> None:
         """Rewrites the file as one `add` record per unfinished request (with its committed
-        tokens), after the last KEEP_FINISHED finished ones (add and end): written aside, synced,
-        then renamed over the old file, so a crash at any point leaves one whole journal or the
-        other."""
-        if self._f is not None and not self._f.closed:
-            self._f.close()
+        tokens), after the last KEEP_FINISHED finished ones (add and end), replacing the old
+        journal atomically: a crash at any point leaves one whole journal or the other."""
+        lines = []
+        for rid, record in self._done.items():  # oldest first: replay keeps the newest
+            lines.append(_line({"op": "add", **{k: v for k, v in record.items() if k != "reason"}}))
+            lines.append(_line({"op": "end", "id": rid, "reason": record["reason"]}))
+        for record in sorted(self._live.values(), key=lambda r: r["arrival"]):
+            lines.append(_line({"op": "add", **record}))
+        self._log.replace("".join(lines))
+        self._unsynced = 0
+        # the live state alone may pass the threshold: compact again only when the journal doubles
+        self._compact_at = max(self.compact_bytes, 2 * self._log.size)
+
+    def sync(self) -> None:
+        """Makes everything written so far durable."""
+        self._log.sync(urgent=True)
+        self._unsynced = 0
+
+    def close(self) -> None:
+        self._log.close()
+
+
+class FileLog:
+    """A journal in one local file: appended through a buffered handle, fsync'd at each sync."""
+
+    def __init__(self, path: str):
+        self.path = str(paths.as_path(path))
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        self._f = None
+
+    def read(self) -> bytes:
+        if not os.path.exists(self.path):
+            return b""
+        with open(self.path, "rb") as f:
+            return f.read()
+
+    def seal(self, good_bytes: int) -> None:
+        """Cuts a torn tail (a crash mid-write) back to the last whole record, then opens for appending."""
+        if os.path.exists(self.path) and os.path.getsize(self.path) > good_bytes:
+            with open(self.path, "r+b") as f:
+                f.truncate(good_bytes)
+                f.flush()
+                os.fsync(f.fileno())
+        self._open()
+
+    def _open(self) -> None:
+        self._f = open(self.path, "a", encoding="utf-8")
+        self.size = self._f.tell()
+
+    def append(self, text: str) -> None:
+        self._f.write(text)
+        self.size += len(text)
+
+    def sync(self, urgent: bool = True) -> bool:
+        """Makes what was appended durable; returns whether it did (a file always does)."""
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        return True
+
+    def replace(self, text: str) -> None:
+        """The whole journal becomes `text`: written aside, synced, renamed over the old file."""
+        self._f.close()
         tmp = self.path + ".compact"
         with open(tmp, "w", encoding="utf-8") as f:
-            for rid, record in self._done.items():  # oldest first: replay keeps the newest
-                f.write(_line({"op": "add", **{k: v for k, v in record.items() if k != "reason"}}))
-                f.write(_line({"op": "end", "id": rid, "reason": record["reason"]}))
-            for record in sorted(self._live.values(), key=lambda r: r["arrival"]):
-                f.write(_line({"op": "add", **record}))
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
         _sync_dir(self.path)
         self._open()
-        # the live state alone may pass the threshold: compact again only when the file doubles
-        self._compact_at = max(self.compact_bytes, 2 * self._size)
-
-    def sync(self) -> None:
-        """Makes everything written so far durable."""
-        self._f.flush()
-        os.fsync(self._f.fileno())
-        self._unsynced = 0
 
     def close(self) -> None:
-        if not self._f.closed:
+        if self._f is not None and not self._f.closed:
             self.sync()
             self._f.close()
+
+
+class SegmentLog:
+    """A journal in a bucket folder: `seg-<n>.jsonl` objects, one per sync, read in order from the
+    newest that starts with a `base` record (a compaction); older ones are deleted after it.
+
+    Each sync is an object upload (tens of ms to a real bucket, on the engine thread), so token
+    records, which a restarted engine can regenerate, are uploaded at most every
+    TOKEN_SYNC_INTERVAL_S; adds and ends (urgent) are uploaded at once.
+    """
+
+    TOKEN_SYNC_INTERVAL_S = 0.5
+
+    BASE = '{"op":"base"}\n'  # ignored by _scan: it only marks where replay starts
+    _NAME = re.compile(r"^seg-(\d{9})\.jsonl$")
+
+    def __init__(self, path: str):
+        self.root = paths.as_path(path)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._pending, self.size, self._last_put = [], 0, 0.0
+
+    def _segments(self) -> list:
+        return sorted((int(m.group(1)), p) for p in paths.list_dir(self.root) if (m := self._NAME.match(p.name)))
+
+    def read(self) -> bytes:
+        segments = self._segments()
+        self._next = segments[-1][0] + 1 if segments else 0
+        texts = []
+        for _, p in reversed(segments):
+            text = p.read_bytes()
+            texts.append(text)
+            if text.startswith(self.BASE.encode()):
+                break
+        data = b"".join(reversed(texts))
+        self.size = len(data)
+        return data
+
+    def seal(self, good_bytes: int) -> None:
+        pass  # an object is written whole or not at all: no torn tail
+
+    def append(self, text: str) -> None:
+        self._pending.append(text)
+        self.size += len(text)
+
+    def _put(self, text: str):
+        p = self.root / f"seg-{self._next:09d}.jsonl"
+        p.write_text(text)
+        self._next += 1
+        self._last_put = time.monotonic()
+        return p
+
+    def sync(self, urgent: bool = True) -> bool:
+        """Uploads what was appended as the next segment; returns whether it did (a non-urgent
+        sync within TOKEN_SYNC_INTERVAL_S of the last upload waits for a later one)."""
+        if not urgent and time.monotonic() - self._last_put < self.TOKEN_SYNC_INTERVAL_S:
+            return False
+        if self._pending:
+            self._put("".join(self._pending))
+            self._pending = []
+        return True
+
+    def replace(self, text: str) -> None:
+        older = self._segments()
+        self._put(self.BASE + text)
+        self._pending, self.size = [], len(self.BASE) + len(text)
+        for _, p in older:  # replay starts at the base segment: these are only clutter now
+            try:
+                p.unlink()
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self.sync()
+
+
+def open_log(path: str):
+    """The journal's storage for `path`: segments in a bucket folder, or one local file."""
+    return SegmentLog(path) if paths.is_remote(path) else FileLog(path)
 
 
 def _line(record: dict) -> str:
@@ -198,16 +314,14 @@ def _parse(line: str):
     return None
 
 
-def _scan(path: str):
+def _scan(data: bytes, path: str):
     """(unfinished request records by id, the last KEEP_FINISHED finished ones (with "reason"),
-    bytes up to the end of the last whole record, whether any request ended). A bad last line
-    (a torn write) is left out; any other bad line is an error."""
+    bytes up to the end of the last whole record, whether any request ended) of a journal's
+    bytes. A bad last line (a torn write) is left out; any other bad line is an error."""
     live: Dict[str, dict] = {}
     done: "collections.OrderedDict[str, dict]" = collections.OrderedDict()
-    if not os.path.exists(path):
+    if not data:
         return live, done, 0, False
-    with open(path, "rb") as f:
-        data = f.read()
     lines = data.split(b"\n")
     good, offset, ended = 0, 0, False
     for n, raw in enumerate(lines, 1):
@@ -244,4 +358,4 @@ def replay(path: str) -> List[Request]:
 
     A torn last line (the crash came mid-write) is ignored; any other bad line is an error.
     """
-    return _unfinished(_scan(path)[0])
+    return _unfinished(_scan(open_log(path).read(), path)[0])
