@@ -212,8 +212,16 @@ def test_precompile_covers_every_shape_a_run_reaches_and_leaves_the_cache_intact
     compiled = engine.precompile()
     assert compiled > 0 and engine.precompile() == 0  # the second call finds everything compiled
     before = dict(model_runner.TRACE_COUNT)
-    out = run_all(engine, requests)
-    assert model_runner.TRACE_COUNT == before  # nothing new compiled: shapes nor sampling modes
+    from jax._src import monitoring
+    backend_compiles = []
+    listener = lambda event, duration, **kw: backend_compiles.append(event) if "backend_compile" in event else None
+    monitoring.register_event_duration_secs_listener(listener)
+    try:
+        out = run_all(engine, requests)
+    finally:
+        monitoring.unregister_event_duration_listener(listener)
+    assert model_runner.TRACE_COUNT == before  # nothing new traced: shapes nor sampling modes
+    assert backend_compiles == []  # nor compiled by XLA (precompile lowers and compiles, runs nothing)
     plain = run_all(make_engine(small, token_budget=32, max_chunk=32, max_batch=2, num_pages=16), requests)
     for rid, _, _ in requests:  # the padding-only warm-up calls wrote nothing into the pool
         assert out[rid].token_ids == plain[rid].token_ids

@@ -269,7 +269,10 @@ class ModelRunner:
     def precompile(self, token_budget: int, progress: bool = False) -> int:
         """Compiles every step shape serving can reach, so that no request ever waits on XLA.
 
-        Each shape runs once with padding rows only, which write nothing but the scratch page.
+        Each shape is lowered and compiled, not run: JAX keeps the executables for the steps'
+        calls, and with a warm persistent cache (`enable_compile_cache`) a restart only loads
+        them. With several processes each shape runs once instead, with padding rows only (which
+        write nothing but the scratch page), so that the followers compile it too.
         Returns the number of forward shapes compiled now (0 when all were compiled already).
         """
         before = TRACE_COUNT["forward"]
@@ -279,13 +282,21 @@ class ModelRunner:
             shapes = tqdm(shapes, desc="compiling step shapes", unit="shape")
         seen_rows = set()
         for shape in shapes:
-            # Padding rows sample greedily; at each row count, one sampled (and one filtered)
-            # padding row compiles the other sampling modes.
-            for mode in sampling.MODES if shape.seqs not in seen_rows else ("greedy",):
-                step, sample = padding_inputs(shape, self.num_pages)
-                sample.temperature[0] = 1.0 if mode != "greedy" else 0.0
-                sample.top_k[0] = 2 if mode == "filter" else 0
-                self.launch(shape, step, sample, mode)
+            # at each row count, every sampling mode once; greedy after that
+            modes = sampling.MODES if shape.seqs not in seen_rows else ("greedy",)
+            step, sample = padding_inputs(shape, self.num_pages)
+            if self.mirror is not None:
+                for mode in modes:
+                    sample.temperature[0] = 1.0 if mode != "greedy" else 0.0
+                    sample.top_k[0] = 2 if mode == "filter" else 0
+                    self.launch(shape, step, sample, mode)
+            else:
+                forward = forward_step.lower(self.params, self.cache, self.prev_tokens, step,
+                                             **self.step_kwargs(shape)).compile()
+                logits = jax.ShapeDtypeStruct((shape.seqs, self.cfg.vocab_size), jnp.float32,
+                                              sharding=forward.output_shardings[0])
+                for mode in modes:
+                    sample_step.lower(logits, sample, mode=mode, rows=self.rows).compile()
             seen_rows.add(shape.seqs)
         jax.block_until_ready(self.cache)
         return TRACE_COUNT["forward"] - before
