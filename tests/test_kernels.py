@@ -51,10 +51,10 @@ def rel_err(a, b):
 
 
 # -- dispatch -----------------------------------------------------------------------------------
-def test_auto_picks_pallas_on_gpu_only_and_bad_names_name_the_field():
+def test_auto_picks_each_platforms_kernel_and_bad_names_name_the_field():
     assert ak.resolve_impl("auto", "gpu") == "pallas"
     assert ak.resolve_impl("auto", "cpu") == "reference"
-    assert ak.resolve_impl("auto", "tpu") == "reference"
+    assert ak.resolve_impl("auto", "tpu") == "tpu"
     assert ak.resolve_impl("reference", "gpu") == "reference"
     assert ak.resolve_impl("pallas", "cpu") == "pallas"
     with pytest.raises(ValueError, match="engine.attention_impl"):
@@ -345,3 +345,33 @@ def test_gpu_prefill_kernel_matches_reference_in_bf16():
     want = paged_kv._reference_prefill(*args, 16)
     assert np.isfinite(np.asarray(got, np.float32)).all()
     assert rel_err(got, want) < 1e-2
+
+
+# -- TPU: JAX's ragged paged attention kernel ----------------------------------------------------
+def test_a_step_maps_onto_the_tpu_kernels_contract():
+    """Decodes at ragged lengths (one at a page boundary, one padding row) and prefill chunks
+    crossing pages (two query blocks, one partial), grouped-query heads (G = 2), packed by the
+    runner: through tpu_attention's mapping, JAX's reference of the TPU kernel's contract gives
+    the step's reference attention. The kernel itself runs only on a TPU (see tpu_attention)."""
+    from jax.experimental.pallas.ops.tpu.ragged_paged_attention import ref_ragged_paged_attention
+    from jaxserve.cache import tpu_attention
+    rng = np.random.default_rng(7)
+    L_, NP, PS, K, G, D = 2, 24, 4, 2, 2, 16
+    pools = {n: jnp.asarray(rng.standard_normal((L_, NP, PS, K, D)), jnp.float32) for n in ("k", "v")}
+    chunks = [model_runner.Chunk([5], 7, [0, 1], 0.0, 0, 1.0, 0, 1),        # 8 keys: 2 full pages
+              model_runner.Chunk([6], 2, [2], 0.0, 0, 1.0, 0, 1),           # 3 keys
+              model_runner.Chunk(list(range(10, 31)), 3, [3, 4, 5, 6, 7, 8], 0.0, 0, 1.0, 0, 0),  # 21 at 3..23
+              model_runner.Chunk([7, 8, 9], 0, [9], 0.0, 0, 1.0, 0, 0)]
+    shape, step, _, _ = model_runner.pack(chunks, PS, max_batch=8, max_pages=8, scratch_page=NP - 1)
+    layout = jax.tree.map(jnp.asarray, step.layout)
+    N = shape.tokens
+    q = jnp.asarray(rng.standard_normal((N, K * G, D)), jnp.float32) * 0.3
+    k_new = jnp.asarray(rng.standard_normal((1, N, K, D)), jnp.float32)
+    want, cache = paged_attend(q[None], k_new, k_new * 0.5, dict(pools), 1, jnp.asarray(step.positions)[None],
+                               layout=layout, impl="reference")
+    got = tpu_attention.attend(q * D ** -0.5, cache["k"], cache["v"], 1, layout, kernel=ref_ragged_paged_attention)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want[0]), rtol=1e-5, atol=1e-5)
+    cu, kv_lens, num_seqs = tpu_attention.sequence_ranges(layout)
+    assert int(num_seqs[0]) == 4 and list(np.asarray(kv_lens)[:4]) == [8, 3, 24, 3]
+    with pytest.raises(ValueError, match="engine.attention_impl='tpu' needs a TPU"):
+        ak.resolve_impl("tpu", "cpu")

@@ -27,16 +27,21 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
-IMPLS = ("auto", "reference", "pallas")
+IMPLS = ("auto", "reference", "pallas", "tpu")
 
 
 def resolve_impl(impl: str, backend: Optional[str] = None) -> str:
-    """'auto' -> 'pallas' on GPU, else 'reference'. 'pallas' off GPU runs the kernel interpreted
-    (slow; for tests). TPU stays on the reference: its shipped kernels need a head-major pool."""
+    """'auto' -> 'pallas' on GPU (these kernels), 'tpu' on TPU (JAX's ragged paged attention,
+    jaxserve.cache.tpu_attention), else 'reference'. 'pallas' off GPU runs interpreted (slow; for
+    tests); 'tpu' runs on TPU only (no interpreter of this JAX runs that kernel)."""
     if impl not in IMPLS:
         raise ValueError(f"engine.attention_impl={impl!r} is not one of {IMPLS}")
+    backend = backend or jax.default_backend()
     if impl == "auto":
-        return "pallas" if (backend or jax.default_backend()) == "gpu" else "reference"
+        return {"gpu": "pallas", "tpu": "tpu"}.get(backend, "reference")
+    if impl == "tpu" and backend != "tpu":
+        raise ValueError(f"engine.attention_impl='tpu' needs a TPU (this backend is {backend!r}); "
+                         "use 'auto' or 'reference'")
     return impl
 
 

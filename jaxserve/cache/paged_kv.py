@@ -19,7 +19,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxserve.cache import attention_kernels
+from jaxserve.cache import attention_kernels, tpu_attention
 from jaxserve.model.config import ModelConfig
 from jaxserve.model.llama import attention_scores_softmax
 from jaxserve.scheduling.cost_model import QUERY_BLOCK
@@ -93,9 +93,9 @@ def _reference_prefill(q, k_pool, v_pool, layer, block_tables, block_start, bloc
 def paged_attend(q, k, v, cache, layer, positions, *, layout: StepLayout, impl: str = "reference", mesh=None):
     """Writes k, v [1,N,K,D] of a flattened step into their pages, then attends (see StepLayout).
 
-    impl: "reference" (pure JAX, every backend) or "pallas" (the GPU kernels of
-    jaxserve.cache.attention_kernels; interpreted elsewhere). mesh: where the pool lives, for the
-    kernels' per-shard call. Padding tokens write to the scratch page and get zeros.
+    impl: "reference" (pure JAX, every backend), "pallas" (the GPU kernels of
+    jaxserve.cache.attention_kernels, interpreted off GPU) or "tpu" (jaxserve.cache.tpu_attention). mesh: where the pool lives, for the GPU kernels' per-shard call.
+    Padding tokens write to the scratch page and get zeros.
     """
     q, k, v = q[0], k[0], v[0]
     N, H, D = q.shape
@@ -111,6 +111,9 @@ def paged_attend(q, k, v, cache, layer, positions, *, layout: StepLayout, impl: 
 
     cache = {"k": write(cache["k"], k), "v": write(cache["v"], v)}
     scaled = (q.astype(jnp.float32) * D ** -0.5).astype(q.dtype)
+    if impl == "tpu":  # decodes and prefill chunks in one kernel call
+        out = tpu_attention.attend(scaled, cache["k"], cache["v"], layer, L)
+        return out[None], cache
     S = L.page_table.shape[0]
     NB = L.block_seq.shape[0]
     # A decode-only step's rows are its sequences (and GEMM padding, zeros); in a mixed step only
