@@ -32,9 +32,11 @@ from jaxserve.cli import run  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Model config (default: a ~1.2 GB float32 Llama).")
 _MESHES = flags.DEFINE_list("meshes", ["1", "2", "4", "8"], "Model-axis sizes to restore into (data = 1).")
-_DIR = flags.DEFINE_string("ckpt_dir", "", "Where to write the checkpoint (default: a temporary folder).")
+_DIR = flags.DEFINE_string("ckpt_dir", "", "Where to write the checkpoint: a folder or gs:// (default: a temporary folder).")
 _KILL = flags.DEFINE_bool("kill_test", True, "Also time kill -9 -> first resumed token of a served request.")
 _OUT = flags.DEFINE_string("out", "", "Write the JSON results here too.")
+_EMULATOR = flags.DEFINE_bool("gcs_emulator", False, "Serve a gs:// --ckpt_dir from a GCS emulator on loopback "
+                              "(launch/gcs_emulator.py): restore through a real GCS API.")
 
 
 def default_config():
@@ -158,9 +160,12 @@ def kill_to_first_token() -> dict:
 def main(argv):
     del argv
     config = _CONFIG.value or default_config()
+    if _EMULATOR.value:
+        import gcs_emulator  # launch/ is this script's folder
+        gcs_emulator.start(_DIR.value[len("gs://"):].split("/")[0] if _DIR.value.startswith("gs://") else "bench")
     ckpt = _DIR.value or tempfile.mkdtemp(prefix="jaxserve_restore_")
     try:
-        results = restore_rows(config, os.path.join(ckpt, "ckpt"))
+        results = restore_rows(config, ckpt.rstrip("/") + "/ckpt")
     finally:
         if not _DIR.value:
             shutil.rmtree(ckpt, ignore_errors=True)

@@ -47,15 +47,20 @@ def test_missing_and_corrupt_gguf_name_the_file(tmp_path):
 
 def test_spot_tpu_dry_run_prints_the_whole_recipe():
     proc = subprocess.run([sys.executable, "launch/tpu/spot_tpu.py", "--dry_run", "--action=all", "--name=t",
-                           "--checkpoint=gs://b/ckpt", "--journal_dir=/mnt/j"],
+                           "--bucket=gs://b/job"],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     cmds = [line[2:] for line in proc.stdout.splitlines() if line.startswith("$ ")]
     assert cmds[0].startswith("gcloud compute tpus tpu-vm create t ") and "--spot" in cmds[0]
     assert "--worker=all" in cmds[1] and "pip install" in cmds[1]
-    assert "launch/serve.py" in cmds[2] and "--journal=/mnt/j/journal.jsonl" in cmds[2]
-    assert "checkpoint.path=gs://b/ckpt" in cmds[2]
+    # everything the recreated VM needs is in the bucket: checkpoint, journal, compilation cache
+    assert "launch/serve.py" in cmds[2] and "--journal=gs://b/job/journals/t" in cmds[2]
+    assert "checkpoint.path=gs://b/job/ckpt" in cmds[2] and "compile_cache_dir=gs://b/job/jcc" in cmds[2]
+    assert "--precompile" in cmds[2]
     assert "describe t" in cmds[3]
+    local = subprocess.run([sys.executable, "launch/tpu/spot_tpu.py", "--dry_run", "--action=start",
+                            "--bucket=/mnt/disk"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert local.returncode != 0 and "must be a gs:// path" in local.stderr
 
 
 def test_bench_schedule_replays_a_synthetic_workload_and_writes_where_asked(tmp_path):

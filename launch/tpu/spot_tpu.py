@@ -2,8 +2,12 @@
 after preemption. Every step is a `gcloud` command; --dry_run prints them instead of running.
 
     python launch/tpu/spot_tpu.py --name=jaxserve-v5e --zone=us-west4-a --accelerator_type=v5litepod-8 \
-        --config=configs/llama3_8b.py --checkpoint=gs://BUCKET/ckpt --journal_dir=/mnt/disks/journal \
-        --action=all --dry_run
+        --config=configs/llama3_8b.py --bucket=gs://BUCKET/jaxserve --action=all --dry_run
+
+Everything a restarted job needs lives in the bucket, not on the VM (which preemption deletes):
+the checkpoint (`<bucket>/ckpt` unless --checkpoint), the token journal (`<bucket>/journals/<name>`,
+segment objects) and JAX's compilation cache (`<bucket>/jcc`), so the recreated VM restores the
+params, compiles nothing and resumes every unfinished request.
 
 Actions: create (a spot TPU VM), install (jaxserve and JAX[tpu] on every worker), start (the
 server on every worker with --distributed: jax.distributed reads the TPU environment, process 0
@@ -26,8 +30,9 @@ _PROJECT = flags.DEFINE_string("project", "", "Project (default: gcloud's).")
 _ACCEL = flags.DEFINE_string("accelerator_type", "v5litepod-8", "TPU type.")
 _RUNTIME = flags.DEFINE_string("runtime_version", "v2-alpha-tpuv5-lite", "TPU software version.")
 _CONFIG = flags.DEFINE_string("config", "configs/llama3_8b.py", "Serving config (path in the repo).")
-_CHECKPOINT = flags.DEFINE_string("checkpoint", "", "orbax/tensorstore checkpoint (gs:// or local) to serve.")
-_JOURNAL_DIR = flags.DEFINE_string("journal_dir", "/tmp/jaxserve", "Worker directory for the token journal.")
+_BUCKET = flags.DEFINE_string("bucket", None, "gs:// folder the job keeps its state in (checkpoint, journal, "
+                              "compilation cache).", required=True)
+_CHECKPOINT = flags.DEFINE_string("checkpoint", "", "orbax/tensorstore checkpoint to serve (default: <bucket>/ckpt).")
 _REPO = flags.DEFINE_string("repo", "https://github.com/jaxserve/jaxserve.git", "Where workers get jaxserve.")
 _PORT = flags.DEFINE_integer("port", 8000, "HTTP port of process 0.")
 _ACTION = flags.DEFINE_enum("action", "all", ["create", "install", "start", "watch", "all"], "What to do.")
@@ -58,14 +63,23 @@ def install_cmd() -> list:
     ]))
 
 
+def state_paths() -> dict:
+    """Where the job's state lives in the bucket."""
+    bucket = _BUCKET.value.rstrip("/")
+    if not bucket.startswith("gs://"):
+        raise app.UsageError(f"--bucket={_BUCKET.value!r} must be a gs:// path: the VM's disks do not outlive it")
+    return {"checkpoint": _CHECKPOINT.value or f"{bucket}/ckpt", "journal": f"{bucket}/journals/{_NAME.value}",
+            "compile_cache": f"{bucket}/jcc"}
+
+
 def start_cmd() -> list:
+    state = state_paths()
     flags_ = [f"--config={_CONFIG.value}", "--host=0.0.0.0", f"--port={_PORT.value}", "--distributed",
-              f"--journal={_JOURNAL_DIR.value}/journal.jsonl", "--precompile"]
-    if _CHECKPOINT.value:
-        flags_ += ["--config.checkpoint.format=orbax", f"--config.checkpoint.path={_CHECKPOINT.value}"]
+              f"--journal={state['journal']}", "--precompile",
+              "--config.checkpoint.format=orbax", f"--config.checkpoint.path={state['checkpoint']}",
+              f"--config.engine.compile_cache_dir={state['compile_cache']}"]
     serve = "python3 launch/serve.py " + " ".join(shlex.quote(f) for f in flags_)
-    return on_all_workers(f"mkdir -p {shlex.quote(_JOURNAL_DIR.value)} && cd jaxserve && "
-                          f"(nohup {serve} > serve.log 2>&1 &)")
+    return on_all_workers(f"cd jaxserve && (nohup {serve} > serve.log 2>&1 &)")
 
 
 def state_cmd() -> list:
@@ -86,8 +100,7 @@ def bring_up() -> None:
 
 
 def watch() -> None:
-    """Recreates the VM whenever it is preempted (the journal and checkpoint live off the VM's
-    boot disk, or on a bucket, for the restarted server to resume from)."""
+    """Recreates the VM whenever it is preempted; the restarted server resumes from the bucket."""
     while True:
         state = run(state_cmd(), check=False)
         if state in ("PREEMPTED", "TERMINATED", ""):
