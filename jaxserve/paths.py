@@ -64,9 +64,14 @@ def local_copy(path: str, cache_dir: str = CACHE_DIR) -> str:
     dst = os.path.join(cache_dir, hashlib.sha256(str(path).encode()).hexdigest()[:16], src.name)
     if os.path.exists(dst):
         return dst
-    tmp = dst + ".partial"
+    tmp = f"{dst}.partial-{os.getpid()}"  # one per process: two may fetch the same URL at once
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(os.path.dirname(dst), exist_ok=True)
     _copy_tree(src, tmp)
-    os.replace(tmp, dst)  # a crash mid-copy leaves only the .partial, never a half cache entry
+    try:
+        os.replace(tmp, dst)  # a crash mid-copy leaves only the .partial, never a half cache entry
+    except OSError:
+        if not os.path.exists(dst):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # another process finished first: use its copy
     return dst

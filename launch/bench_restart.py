@@ -34,16 +34,10 @@ _OVERRIDES = flags.DEFINE_list("override", [], "Extra --config.X=Y flags for the
 _OUT = flags.DEFINE_string("out", "", "Also write the results here as JSON.")
 
 
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def one_run(cache_dir: str, log_path: str) -> dict:
     import httpx
-    port = _free_port()
+    from gcs_emulator import free_port  # launch/ is this script's folder
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env.setdefault("JAX_PLATFORMS", "cpu")

@@ -17,7 +17,7 @@ import sys
 import time
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -37,7 +37,7 @@ def start(bucket: str, port: int = 0):
     """Starts the emulator with `bucket` and sets this process's env; returns (server, url)."""
     from gcp_storage_emulator.server import create_server
     logging.getLogger("gcp_storage_emulator").setLevel(logging.CRITICAL)  # every miss is an ERROR line
-    port = port or _free_port()
+    port = port or free_port()
     server = create_server("127.0.0.1", port, in_memory=True, default_bucket=bucket)
     server.start()
     url = f"http://127.0.0.1:{port}"

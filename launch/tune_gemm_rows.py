@@ -58,6 +58,10 @@ def main(argv):
     config = _CONFIG.value
     cfg = model_config_from_dict(dict(config.model, max_seq_len=max(_CONTEXT.value + 1, 16)))
     rows_list = [int(r) for r in _ROWS.value]
+    from jaxserve.scheduling.cost_model import MIN_TOKENS, bucket
+    for r in rows_list:  # the table is keyed by a decode step's row count: its bucket
+        if r != max(bucket(r), MIN_TOKENS):
+            raise app.UsageError(f"--rows: {r} is not a decode step's row count (powers of two from {MIN_TOKENS})")
     mesh = make_mesh(1, 1)
     device = mesh.devices.flat[0]
     params = init_random_on_device(cfg, mesh)

@@ -69,12 +69,8 @@ def test_an_llm_serves_from_the_bucket_what_it_serves_from_the_original(bucket_c
 
 def _request(rid, arrival):
     from jaxserve.engine.request import Request
-    return Request(rid, [5, 6, 7], SamplingParamsForTest(), 1, arrival)
-
-
-def SamplingParamsForTest():
     from jaxserve.sampling_params import SamplingParams
-    return SamplingParams(max_tokens=8)
+    return Request(rid, [5, 6, 7], SamplingParams(max_tokens=8), 1, arrival)
 
 
 def test_a_bucket_journal_is_numbered_segments_replayed_in_order_and_compacted(gcs_bucket, monkeypatch):
@@ -107,28 +103,16 @@ def test_a_bucket_journal_is_numbered_segments_replayed_in_order_and_compacted(g
     assert {r.request_id: r.output_ids for r in replay(path)}["r1"] == [21, 22, 23]
 
 
-BUCKET_CONFIG = """
-from jaxserve.config import default_config
-
-
-def get_config():
-    c = default_config()
-    c.checkpoint.format = "orbax"
-    c.checkpoint.path = {path!r}
-    c.model = dict(dtype="float32", max_seq_len=512)
-    return c
-"""
-
-
 def _serve(workdir, port, checkpoint, journal):
     """launch/serve.py run from its own working directory, with only bucket paths in common."""
     import os
     import subprocess
     import sys
     from conftest import REPO
+    from test_journal import ORBAX_CONFIG
     os.makedirs(workdir, exist_ok=True)
     with open(f"{workdir}/config.py", "w") as f:
-        f.write(BUCKET_CONFIG.format(path=checkpoint))
+        f.write(ORBAX_CONFIG.format(path=checkpoint))
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # the emulator's settings included
     env.update(PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
     with open(f"{workdir}/serve.log", "a") as out:
@@ -189,3 +173,16 @@ def test_a_server_killed_mid_stream_resumes_every_request_elsewhere_from_the_buc
     finally:
         proc.kill()
         proc.wait(30)
+
+
+def test_a_bucket_journal_compacts_before_replay_would_read_too_many_segments(gcs_bucket, monkeypatch):
+    from jaxserve.engine.journal import SegmentLog, TokenJournal, replay
+    monkeypatch.setattr(SegmentLog, "MAX_SEGMENTS", 4)
+    path = f"{gcs_bucket}/journals/crowded"
+    j = TokenJournal(path)  # compact_bytes of 64 MB: size alone would never compact here
+    for i in range(4):
+        j.added(_request(f"r{i}", float(i)))  # one segment each
+    j.finished("r0", "stop")  # the fifth: crowded, so it compacts into one base segment
+    names = [p.name for p in paths.list_dir(path)]
+    assert len(names) == 1 and paths.as_path(f"{path}/{names[0]}").read_text().startswith(SegmentLog.BASE)
+    assert sorted(r.request_id for r in replay(path)) == ["r1", "r2", "r3"]

@@ -375,3 +375,14 @@ def test_a_step_maps_onto_the_tpu_kernels_contract():
     assert int(num_seqs[0]) == 4 and list(np.asarray(kv_lens)[:4]) == [8, 3, 24, 3]
     with pytest.raises(ValueError, match="engine.attention_impl='tpu' needs a TPU"):
         ak.resolve_impl("tpu", "cpu")
+
+
+def test_the_tpu_kernel_is_used_on_one_device_meshes_only(monkeypatch):
+    # XLA does not partition a Mosaic kernel: sharded TPU meshes fall back to the reference
+    monkeypatch.setattr(ak, "resolve_impl", lambda impl, backend=None: "tpu")
+    cfg = ModelConfig(vocab_size=64, embed_dim=32, num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8,
+                      mlp_dim=64, max_seq_len=64)
+    assert model_runner.step_settings(cfg, make_mesh(1, 1), "auto")["attention_impl"] == "tpu"
+    assert model_runner.step_settings(cfg, make_mesh(1, 2), "auto")["attention_impl"] == "reference"
+    with pytest.raises(ValueError, match="one-device mesh only"):
+        model_runner.step_settings(cfg, make_mesh(1, 2), "tpu")

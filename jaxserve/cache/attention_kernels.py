@@ -33,7 +33,8 @@ IMPLS = ("auto", "reference", "pallas", "tpu")
 def resolve_impl(impl: str, backend: Optional[str] = None) -> str:
     """'auto' -> 'pallas' on GPU (these kernels), 'tpu' on TPU (JAX's ragged paged attention,
     jaxserve.cache.tpu_attention), else 'reference'. 'pallas' off GPU runs interpreted (slow; for
-    tests); 'tpu' runs on TPU only (no interpreter of this JAX runs that kernel)."""
+    tests); 'tpu' runs on TPU only (no interpreter of this JAX runs that kernel), and on a
+    one-device mesh (model_runner.step_settings falls back to 'reference' on larger ones)."""
     if impl not in IMPLS:
         raise ValueError(f"engine.attention_impl={impl!r} is not one of {IMPLS}")
     backend = backend or jax.default_backend()

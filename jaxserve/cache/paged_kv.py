@@ -94,7 +94,8 @@ def paged_attend(q, k, v, cache, layer, positions, *, layout: StepLayout, impl: 
     """Writes k, v [1,N,K,D] of a flattened step into their pages, then attends (see StepLayout).
 
     impl: "reference" (pure JAX, every backend), "pallas" (the GPU kernels of
-    jaxserve.cache.attention_kernels, interpreted off GPU) or "tpu" (jaxserve.cache.tpu_attention). mesh: where the pool lives, for the GPU kernels' per-shard call.
+    jaxserve.cache.attention_kernels, interpreted off GPU) or "tpu" (jaxserve.cache.tpu_attention, one
+    device only: it takes no mesh). mesh: where the pool lives, for the GPU kernels' per-shard call.
     Padding tokens write to the scratch page and get zeros.
     """
     q, k, v = q[0], k[0], v[0]

@@ -32,12 +32,12 @@ class DeviceFault:
     def __enter__(self) -> "DeviceFault":
         real = self._real = model_runner.forward_step
 
-        @functools.partial(jax.jit, static_argnames=("cfg", "attention_impl", "mesh", "unroll_layers"),
+        @functools.partial(jax.jit, static_argnames=("cfg", "attention_impl", "mesh", "unroll_layers", "gemm_rows"),
                            donate_argnames=("cache",))
         def faulty(params, cache, prev_tokens, inputs, cfg, attention_impl="reference", mesh=None,
-                   unroll_layers=False):
+                   unroll_layers=False, gemm_rows=()):
             logits, cache = real(params, cache, prev_tokens, inputs, cfg=cfg, attention_impl=attention_impl,
-                                 mesh=mesh, unroll_layers=unroll_layers)
+                                 mesh=mesh, unroll_layers=unroll_layers, gemm_rows=gemm_rows)
             logits = jax.pure_callback(self._boom, jax.ShapeDtypeStruct(logits.shape, logits.dtype), logits)
             return logits, cache
         model_runner.forward_step = faulty

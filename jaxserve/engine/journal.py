@@ -55,13 +55,15 @@ def request_from_record(rec: dict) -> Request:
 
 
 class TokenJournal:
-    """The engine's writer of one journal file (the engine thread is its only caller).
+    """The engine's writer of one journal, a local file or a bucket folder (`open_log`); the
+    engine thread is its only caller.
 
-    Opening it seals a torn tail (a crash mid-write): the file is cut back to its last whole
+    Opening it seals a torn tail (a crash mid-write): a file is cut back to its last whole
     record, so that new records never glue onto a fragment. It keeps the unfinished requests'
-    state in memory and compacts the file when it passes `compact_bytes` (and on open): the
-    live requests are written to a new file, which atomically replaces the old one, so the
-    journal stays about the size of what is unfinished however long the server runs.
+    state in memory and compacts the journal when it passes `compact_bytes` (or, on a bucket,
+    SegmentLog.MAX_SEGMENTS objects), and on open: the live requests are written out anew, which
+    atomically replaces the old journal, so it stays about the size of what is unfinished however
+    long the server runs.
     """
 
     def __init__(self, path: str, fsync_every: int = 16, compact_bytes: int = 64 << 20):
@@ -105,7 +107,7 @@ class TokenJournal:
             keep_newest(self._done, request_id, {**record, "reason": reason}, KEEP_FINISHED)
         self._write({"op": "end", "id": request_id, "reason": reason})
         self.sync()  # an end lost in a crash would resume a finished request
-        if self._log.size >= self._compact_at:
+        if self._log.size >= self._compact_at or self._log.crowded():
             self.compact()
 
     def unfinished_requests(self) -> List[Request]:
@@ -177,6 +179,9 @@ class FileLog:
         self._f.write(text)
         self.size += len(text)
 
+    def crowded(self) -> bool:
+        return False  # one file: only its size calls for compaction
+
     def sync(self, urgent: bool = True) -> bool:
         """Makes what was appended durable; returns whether it did (a file always does)."""
         self._f.flush()
@@ -211,6 +216,7 @@ class SegmentLog:
     """
 
     TOKEN_SYNC_INTERVAL_S = 0.5
+    MAX_SEGMENTS = 1000  # replay reads one object per segment: compact before a restart reads thousands
 
     BASE = '{"op":"base"}\n'  # ignored by _scan: it only marks where replay starts
     _NAME = re.compile(r"^seg-(\d{9})\.jsonl$")
@@ -218,7 +224,7 @@ class SegmentLog:
     def __init__(self, path: str):
         self.root = paths.as_path(path)
         self.root.mkdir(parents=True, exist_ok=True)
-        self._pending, self.size, self._last_put = [], 0, 0.0
+        self._pending, self.size, self._last_put, self._since_base = [], 0, 0.0, 0
 
     def _segments(self) -> list:
         return sorted((int(m.group(1)), p) for p in paths.list_dir(self.root) if (m := self._NAME.match(p.name)))
@@ -233,8 +239,11 @@ class SegmentLog:
             if text.startswith(self.BASE.encode()):
                 break
         data = b"".join(reversed(texts))
-        self.size = len(data)
+        self.size, self._since_base = len(data), len(texts)
         return data
+
+    def crowded(self) -> bool:
+        return self._since_base >= self.MAX_SEGMENTS
 
     def seal(self, good_bytes: int) -> None:
         pass  # an object is written whole or not at all: no torn tail
@@ -247,6 +256,7 @@ class SegmentLog:
         p = self.root / f"seg-{self._next:09d}.jsonl"
         p.write_text(text)
         self._next += 1
+        self._since_base += 1
         self._last_put = time.monotonic()
         return p
 
@@ -263,7 +273,7 @@ class SegmentLog:
     def replace(self, text: str) -> None:
         older = self._segments()
         self._put(self.BASE + text)
-        self._pending, self.size = [], len(self.BASE) + len(text)
+        self._pending, self.size, self._since_base = [], len(self.BASE) + len(text), 1
         for _, p in older:  # replay starts at the base segment: these are only clutter now
             try:
                 p.unlink()

@@ -151,7 +151,13 @@ class Dispatched(NamedTuple):
 def step_settings(cfg: ModelConfig, mesh, attention_impl: str = "auto", unroll_layers: str = "auto") -> dict:
     """How steps run on this mesh: the resolved attention impl, layer unrolling and GEMM row padding."""
     on_gpu = mesh.devices.flat[0].platform == "gpu"
-    return dict(attention_impl=attention_kernels.resolve_impl(attention_impl),
+    impl = attention_kernels.resolve_impl(attention_impl)
+    if impl == "tpu" and mesh.size > 1:  # a Mosaic kernel is not partitioned by XLA: one device only
+        if attention_impl == "tpu":
+            raise ValueError(f"engine.attention_impl='tpu' runs on a one-device mesh only (this one has "
+                             f"{mesh.size}); use 'auto' (the reference attention there)")
+        impl = "reference"
+    return dict(attention_impl=impl,
                 unroll_layers={"on": True, "off": False, "auto": UNROLL_LAYERS_GPU and on_gpu}[unroll_layers],
                 row_table=gemm_row_table(cfg, mesh))
 
