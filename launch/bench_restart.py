@@ -79,8 +79,7 @@ def main(argv):
     from jaxserve import paths
     if _EMULATOR.value:
         import gcs_emulator  # launch/ is this script's folder
-        bucket = _CACHE.value[len("gs://"):].split("/")[0] if _CACHE.value.startswith("gs://") else "bench"
-        server, _ = gcs_emulator.start(bucket)
+        gcs_emulator.start_for(_CACHE.value)
     cache_dir = _CACHE.value or os.path.join(tempfile.mkdtemp(), "jcc")
     work = tempfile.mkdtemp()
     results = {"config": _CONFIG.value, "cache_dir": cache_dir, "overrides": _OVERRIDES.value, "runs": {}}

@@ -162,7 +162,7 @@ def main(argv):
     config = _CONFIG.value or default_config()
     if _EMULATOR.value:
         import gcs_emulator  # launch/ is this script's folder
-        gcs_emulator.start(_DIR.value[len("gs://"):].split("/")[0] if _DIR.value.startswith("gs://") else "bench")
+        gcs_emulator.start_for(_DIR.value)
     ckpt = _DIR.value or tempfile.mkdtemp(prefix="jaxserve_restore_")
     try:
         results = restore_rows(config, ckpt.rstrip("/") + "/ckpt")

@@ -45,6 +45,11 @@ def start(bucket: str, port: int = 0):
     return server, url
 
 
+def start_for(path: str, default_bucket: str = "bench"):
+    """`start` with the bucket `path` names (gs://BUCKET/...), or `default_bucket` for other paths."""
+    return start(path[len("gs://"):].split("/")[0] if path.startswith("gs://") else default_bucket)
+
+
 if __name__ == "__main__":
     name = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--bucket=")), "jaxserve")
     server, url = start(name)

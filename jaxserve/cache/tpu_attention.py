@@ -5,9 +5,9 @@ The kernel reads one pool of pages with keys and values interleaved by head
 ([pages, page_size, 2K, D]) and each sequence's queries as one contiguous range of rows. The
 step's pages are gathered from jaxserve's pool (separate key and value arrays per layer) into
 that form, so each layer copies the keys and values the step reads once more than it needs to;
-a pool stored combined would remove the copy. On CPU the kernel runs in Pallas's TPU interpret
-mode... except that jax 0.10's interpreters cannot run this kernel (TPU interpret mode cannot
-read its reshaped VMEM refs; the HLO interpreter has no DMA semaphores). So tests check this
+a pool stored combined would remove the copy. jax 0.10's interpreters cannot run this kernel
+on CPU (TPU interpret mode cannot read its reshaped VMEM refs; the HLO interpreter has no DMA
+semaphores), so tests check this
 module's side, the mapping of a step onto the kernel's contract, against JAX's reference of that
 contract (`ref_ragged_paged_attention`); the kernel itself, its speed and tuned block sizes need
 a TPU and are unchecked here.

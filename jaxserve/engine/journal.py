@@ -125,7 +125,7 @@ class TokenJournal:
         return out
 
     def compact(self) -> None:
-        """Rewrites the file as one `add` record per unfinished request (with its committed
+        """Rewrites the journal as one `add` record per unfinished request (with its committed
         tokens), after the last KEEP_FINISHED finished ones (add and end), replacing the old
         journal atomically: a crash at any point leaves one whole journal or the other."""
         lines = []
@@ -153,7 +153,6 @@ class FileLog:
 
     def __init__(self, path: str):
         self.path = str(paths.as_path(path))
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
         self._f = None
 
     def read(self) -> bytes:
@@ -172,6 +171,7 @@ class FileLog:
         self._open()
 
     def _open(self) -> None:
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
         self._f = open(self.path, "a", encoding="utf-8")
         self.size = self._f.tell()
 
@@ -222,8 +222,7 @@ class SegmentLog:
     _NAME = re.compile(r"^seg-(\d{9})\.jsonl$")
 
     def __init__(self, path: str):
-        self.root = paths.as_path(path)
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root = paths.as_path(path)  # a bucket prefix: nothing to create before the first object
         self._pending, self.size, self._last_put, self._since_base = [], 0, 0.0, 0
 
     def _segments(self) -> list:

@@ -290,13 +290,14 @@ class ModelRunner:
         for shape in shapes:
             # at each row count, every sampling mode once; greedy after that
             modes = sampling.MODES if shape.seqs not in seen_rows else ("greedy",)
-            step, sample = padding_inputs(shape, self.num_pages)
             if self.mirror is not None:
-                for mode in modes:
+                for mode in modes:  # inputs of their own: a launched step may still read them
+                    step, sample = padding_inputs(shape, self.num_pages)
                     sample.temperature[0] = 1.0 if mode != "greedy" else 0.0
                     sample.top_k[0] = 2 if mode == "filter" else 0
                     self.launch(shape, step, sample, mode)
             else:
+                step, sample = padding_inputs(shape, self.num_pages)
                 forward = forward_step.lower(self.params, self.cache, self.prev_tokens, step,
                                              **self.step_kwargs(shape)).compile()
                 logits = jax.ShapeDtypeStruct((shape.seqs, self.cfg.vocab_size), jnp.float32,
