@@ -1,15 +1,42 @@
 """Shared plumbing of the absl launchers: flag parsing and user errors as one clear line."""
 from __future__ import annotations
 
+import os
 import re
 import sys
+import tempfile
 
 from absl import app, flags, logging
+from ml_collections.config_flags.config_flags import ConfigFileFlagParser
+
+from jaxserve import paths
+
+
+def fetch_remote_config_files(argv, flag_values=flags.FLAGS, folder: str = "") -> list:
+    """argv with every config-file flag that names a URL (`--config=gs://b/x.py[:arg]`, or
+    `file://`) pointed at a fresh local copy: ml_collections loads config files by local path
+    only, and would take the URL's own colon for its `:arg` separator. Fetched every run, never
+    cached, so an edited config in the bucket is what the next run reads."""
+    out = []
+    for arg in argv:
+        m = re.match(r"--(\w+)=((?:gs|s3|file)://[^:]+)(:.*)?$", arg)
+        if m and m.group(1) in flag_values and isinstance(flag_values[m.group(1)].parser, ConfigFileFlagParser):
+            try:
+                text = paths.as_path(m.group(2)).read_text()
+            except FileNotFoundError:
+                raise FileNotFoundError(f"--{m.group(1)}: no config file at {m.group(2)}") from None
+            folder = folder or tempfile.mkdtemp(prefix="jaxserve-config-")
+            local = os.path.join(folder, f"{m.group(1)}_{os.path.basename(m.group(2))}")
+            with open(local, "w") as f:
+                f.write(text)
+            arg = f"--{m.group(1)}={local}{m.group(3) or ''}"
+        out.append(arg)
+    return out
 
 
 def _parse_flags(argv):
     try:
-        return flags.FLAGS(argv)
+        return flags.FLAGS(fetch_remote_config_files(argv))
     except (AttributeError, KeyError) as e:  # ml_collections: an override names no existing field
         key = str(e).strip("\"'")
         bad = [m.group(1) for a in argv for m in [re.match(r"--config\.([\w.]+)=?", a)]
@@ -17,7 +44,7 @@ def _parse_flags(argv):
         field = bad[0] if bad else key
         sys.stderr.write(f"error: config field {field!r} does not exist\n")
         sys.exit(2)
-    except flags.Error as e:
+    except (flags.Error, FileNotFoundError) as e:
         sys.stderr.write(f"error: {e}\n")
         sys.exit(2)
 

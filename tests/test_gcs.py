@@ -186,3 +186,33 @@ def test_a_bucket_journal_compacts_before_replay_would_read_too_many_segments(gc
     names = [p.name for p in paths.list_dir(path)]
     assert len(names) == 1 and paths.as_path(f"{path}/{names[0]}").read_text().startswith(SegmentLog.BASE)
     assert sorted(r.request_id for r in replay(path)) == ["r1", "r2", "r3"]
+
+
+CONFIG_IN_BUCKET = '''
+from jaxserve.config import default_config
+def get_config(max_batch="{default}"):
+    c = default_config()
+    c.engine.max_batch = int(max_batch)
+    return c
+'''
+
+
+def test_config_files_load_from_a_bucket_fresh_every_run(gcs_bucket):
+    from absl import flags
+    from ml_collections import config_flags
+    from jaxserve.cli import fetch_remote_config_files
+
+    def parse(*args):  # as a launcher would; ml_collections defines override flags from the argv
+        argv, fv = ["prog", *args], flags.FlagValues()
+        config_flags.DEFINE_config_file("config", None, "", flag_values=fv, sys_argv=argv)
+        fv(fetch_remote_config_files(argv, fv))
+        return fv.config
+
+    url = f"{gcs_bucket}/configs/serve.py"
+    paths.as_path(url).write_text(CONFIG_IN_BUCKET.format(default=4))
+    config = parse(f"--config={url}:7", "--config.engine.token_budget=64")
+    assert (config.engine.max_batch, config.engine.token_budget) == (7, 64)  # the :arg and the override
+    paths.as_path(url).write_text(CONFIG_IN_BUCKET.format(default=5))  # edited between two runs
+    assert parse(f"--config={url}").engine.max_batch == 5
+    with pytest.raises(FileNotFoundError, match="--config: no config file at gs://"):
+        parse(f"--config={gcs_bucket}/configs/none.py")

@@ -29,7 +29,8 @@ _ZONE = flags.DEFINE_string("zone", "us-west4-a", "Zone.")
 _PROJECT = flags.DEFINE_string("project", "", "Project (default: gcloud's).")
 _ACCEL = flags.DEFINE_string("accelerator_type", "v5litepod-8", "TPU type.")
 _RUNTIME = flags.DEFINE_string("runtime_version", "v2-alpha-tpuv5-lite", "TPU software version.")
-_CONFIG = flags.DEFINE_string("config", "configs/llama3_8b.py", "Serving config (path in the repo).")
+_CONFIG = flags.DEFINE_string("config", "configs/llama3_8b.py", "Serving config: a path in the repo or a gs:// URL "
+                             "(fetched afresh at every start).")
 _BUCKET = flags.DEFINE_string("bucket", None, "gs:// folder the job keeps its state in (checkpoint, journal, "
                               "compilation cache).", required=True)
 _CHECKPOINT = flags.DEFINE_string("checkpoint", "", "orbax/tensorstore checkpoint to serve (default: <bucket>/ckpt).")
