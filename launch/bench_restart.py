@@ -37,6 +37,7 @@ _OUT = flags.DEFINE_string("out", "", "Also write the results here as JSON.")
 def one_run(cache_dir: str, log_path: str) -> dict:
     import httpx
     from gcs_emulator import free_port  # launch/ is this script's folder
+    from jaxserve.server.health import wait_healthy
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
@@ -49,15 +50,10 @@ def one_run(cache_dir: str, log_path: str) -> dict:
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}; see {log_path}")
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
+        try:
+            wait_healthy(url, proc, timeout=3600)
+        except RuntimeError as e:
+            raise RuntimeError(f"{e}; see {log_path}") from None
         healthy = time.perf_counter() - start
         body = {"model": "m", "prompt": "The capital of France is", "max_tokens": 8, "temperature": 0, "stream": True}
         with httpx.stream("POST", url + "/v1/completions", json=body, timeout=600) as r:

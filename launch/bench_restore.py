@@ -95,6 +95,7 @@ def restore_rows(config: config_dict.ConfigDict, ckpt: str) -> dict:
 def kill_to_first_token() -> dict:
     """Serves the tiny model with a journal; SIGKILL mid-stream; restart; time to the first resumed token."""
     import httpx
+    from jaxserve.server.health import wait_healthy
 
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     work = tempfile.mkdtemp(prefix="jaxserve_kill_")
@@ -110,20 +111,8 @@ def kill_to_first_token() -> dict:
                                  f"--journal={journal}", "--journal_fsync_every=1"], cwd=repo, env=env,
                                 stdout=log, stderr=subprocess.STDOUT)
 
-    def healthy(proc, timeout=300):
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError("server exited")
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.05)
-        raise TimeoutError("server did not start")
-
     proc = start()
-    healthy(proc)
+    wait_healthy(url, proc, timeout=300)
     body = {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 300, "temperature": 0, "stream": True}
     with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as r:
         n, request_id = 0, None
