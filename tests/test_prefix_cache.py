@@ -1,0 +1,93 @@
+"""Prefix caching's page bookkeeping: shared pages, reference counts, LRU eviction, content names."""
+import collections
+
+import numpy as np
+import pytest
+
+from jaxserve.cache.page_allocator import OutOfPages
+from jaxserve.cache.prefix_cache import PrefixCache, page_hashes
+
+S = 4  # page size
+
+
+def test_requests_with_a_common_prefix_share_its_full_pages_until_memory_is_needed():
+    cache = PrefixCache(num_pages=6, page_size=S)
+    system = list(range(100, 108))  # two full pages
+    a, b = system + [1, 2, 3], system + [7, 8]
+    assert cache.match(a) == []
+    pa = cache.allocate(3)
+    cache.publish(pa, cache.hashes(a))  # two full pages named; the partial third is private
+    assert cache.num_cached == 2
+    pb = cache.match(b)
+    assert pb == pa[:2] and [cache.refcount(p) for p in pa] == [2, 2, 1]
+    pb += cache.allocate(1)
+    cache.free(pa)
+    assert [cache.refcount(p) for p in pa] == [1, 1, 0] and cache.num_free == 3
+    cache.free(pb)
+    assert cache.num_free == 6 and cache.num_cached == 2  # unheld, still cached
+    assert cache.match(system + [9]) == pa[:2]  # a later turn finds them
+    cache.free(pa[:2])
+    # memory pressure: never-used pages go first, then the least recently used cached page
+    got = cache.allocate(5)
+    assert cache.stats["evicted_pages"] == 1 and cache.num_cached == 1
+    assert cache.match(system + [9]) == []  # the chain's first page went, so the prefix is gone
+    cache.free(got)
+
+
+def test_the_last_prompt_token_is_always_computed_and_models_do_not_share_pages():
+    cache = PrefixCache(num_pages=4, page_size=S)
+    prompt = list(range(8))
+    pages = cache.allocate(2)
+    cache.publish(pages, cache.hashes(prompt))
+    assert cache.match(prompt) == pages[:1]  # an exact page-aligned hit leaves its last page to compute
+    assert PrefixCache(4, S, model_key="other").hashes(prompt) != cache.hashes(prompt)
+    with pytest.raises(ValueError, match="page 3 is published but held by no request"):
+        cache.publish([3], cache.hashes(prompt)[:1])
+    with pytest.raises(OutOfPages):
+        cache.allocate(4)
+
+
+def test_thousands_of_random_operations_keep_counts_and_contents_right():
+    rng = np.random.default_rng(0)
+    cache = PrefixCache(num_pages=64, page_size=S)
+    written = {}  # page -> the name of what the (simulated) runner computed into it
+    held = {}  # request -> its pages
+    prompts = {}
+    systems = [list(rng.integers(0, 50, size=S * n)) for n in (1, 2, 3)]
+    holders = collections.Counter()
+    for step in range(5000):
+        if held and (rng.random() < 0.45 or cache.num_free < 12):
+            rid = list(held)[rng.integers(len(held))]
+            pages = held.pop(rid)
+            cache.free(pages)
+            holders.subtract(pages)
+        else:
+            rid = f"r{step}"
+            if prompts and rng.random() < 0.4:  # a next turn: an earlier prompt, its answer, a new message
+                prompt = prompts[list(prompts)[rng.integers(len(prompts))]] + list(rng.integers(0, 50, size=rng.integers(1, 9)))
+            else:
+                prompt = systems[rng.integers(3)] + list(rng.integers(0, 50, size=rng.integers(1, 12)))
+            names = cache.hashes(prompt)
+            hit = cache.match(prompt)
+            assert [written[p] for p in hit] == names[:len(hit)]  # a hit holds exactly those tokens
+            new = cache.allocate(-(-(len(prompt) + 4) // S) - len(hit))  # the prompt and 4 outputs
+            assert not any(holders[p] for p in new)  # never a page someone holds
+            pages = hit + new
+            for i, p in enumerate(new, start=len(hit)):
+                written[p] = names[i] if i < len(names) else ("private", rid, i)
+            cache.publish(pages[:len(names)], names)
+            held[rid], prompts[rid] = pages, prompt
+            holders.update(pages)
+        assert all(cache.refcount(p) == holders[p] for p in range(64))
+        assert cache.num_free + cache.num_used == 64 and cache.num_used == sum(1 for p in range(64) if holders[p])
+    for pages in held.values():
+        cache.free(pages)
+    assert cache.num_free == 64 and cache.num_used == 0
+    assert cache.stats["hit_tokens"] > 0.3 * cache.stats["queried_tokens"] and cache.stats["evicted_pages"] > 100
+
+
+def test_page_names_chain_over_everything_before_them():
+    a = page_hashes([1, 2, 3, 4, 5, 6, 7, 8], S)
+    b = page_hashes([9, 2, 3, 4, 5, 6, 7, 8], S)
+    assert len(a) == 2 and a[0] != b[0] and a[1] != b[1]  # same second page's tokens, other prefix
+    assert page_hashes([1, 2, 3, 4, 5, 6, 7], S) == a[:1]
