@@ -20,9 +20,10 @@ def default_config() -> config_dict.ConfigDict:
     # unroll_layers: decode steps run the layers unrolled, auto (on GPU) | on | off: faster steps,
     # slower compiles (model_runner.UNROLL_LAYERS_GPU). async_scheduling: the host schedules step
     # N+1 while step N runs. compile_cache_dir: JAX's persistent compilation cache ("" = off).
+    # prefix_cache: requests share the KV pages of common prompt prefixes.
     c.engine = dict(page_size=16, num_pages=512, max_batch=32, token_budget=256, max_chunk=256,
                     host_pages=0, attention_impl="auto", unroll_layers="auto", async_scheduling=True,
-                    compile_cache_dir="")
+                    compile_cache_dir="", prefix_cache=False)
     # fcfs | mlfq | priority. mlfq and priority preempt at token granularity and keep preempted
     # jobs' KV, swapping it to host memory (engine.host_pages) to keep `watermark_pages` free.
     # max_prefill_slowdown / idle_prefill_slowdown: how much prefill throughput a step may give up

@@ -17,7 +17,8 @@ from jaxserve.engine.journal import TokenJournal, replay
 
 def requests(n=5):
     rng = np.random.default_rng(11)
-    return [(f"r{i}", rng.integers(3, 1000, size=int(rng.integers(5, 40))).tolist(),
+    shared = rng.integers(3, 1000, size=32).tolist()  # a common prefix: with prefix caching, shared pages
+    return [(f"r{i}", shared + rng.integers(3, 1000, size=int(rng.integers(5, 40))).tolist(),
              SamplingParams(max_tokens=20, temperature=0.0 if i % 2 else 0.9, seed=i, ignore_eos=True))
             for i in range(n)]
 
@@ -31,10 +32,12 @@ def finish(engine, done=None):
     return done
 
 
-@pytest.mark.parametrize("async_scheduling", [True, False])
-def test_a_device_fault_fails_only_its_step_and_the_rest_finish_identically(tiny, tmp_path, async_scheduling):
+@pytest.mark.parametrize("async_scheduling, prefix_cache", [(True, False), (False, False), (True, True)])
+def test_a_device_fault_fails_only_its_step_and_the_rest_finish_identically(tiny, tmp_path, async_scheduling,
+                                                                            prefix_cache):
     cfg, params, mesh, tokenizer = tiny
-    config = EngineConfig(token_budget=24, max_chunk=16, max_batch=3, async_scheduling=async_scheduling)
+    config = EngineConfig(token_budget=24, max_chunk=16, max_batch=3, async_scheduling=async_scheduling,
+                          prefix_cache=prefix_cache)
     ref_engine = Engine(cfg, params, mesh, tokenizer, config)
     for rid, prompt, p in requests():
         ref_engine.add_request(rid, prompt, p)

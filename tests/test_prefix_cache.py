@@ -91,3 +91,61 @@ def test_page_names_chain_over_everything_before_them():
     b = page_hashes([9, 2, 3, 4, 5, 6, 7, 8], S)
     assert len(a) == 2 and a[0] != b[0] and a[1] != b[1]  # same second page's tokens, other prefix
     assert page_hashes([1, 2, 3, 4, 5, 6, 7], S) == a[:1]
+
+
+# -- the engine with prefix caching on: the same tokens as with it off ---------------------------
+def _engine(tiny, **kw):
+    from jaxserve import Engine, EngineConfig
+    cfg, params, mesh, tokenizer = tiny
+    return Engine(cfg, params, mesh, tokenizer, EngineConfig(**kw))
+
+
+def _run(engine, requests):
+    for rid, prompt, params in requests:
+        engine.add_request(rid, prompt, params)
+    final = {}
+    while engine.has_unfinished():
+        final.update((o.request_id, o.token_ids) for o in engine.step() if o.finished)
+    return final
+
+
+def test_conversations_reuse_their_earlier_turns_and_get_the_same_tokens(tiny):
+    from jaxserve import SamplingParams
+    greedy = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    seeded = SamplingParams(max_tokens=10, temperature=0.9, top_k=40, seed=7, ignore_eos=True)
+    rng = np.random.default_rng(3)
+    system = rng.integers(3, 1000, size=37).tolist()
+    first = {f"c{i}": system + rng.integers(3, 1000, size=int(rng.integers(2, 20))).tolist() for i in range(6)}
+    kw = dict(page_size=8, num_pages=96, token_budget=64, max_chunk=32, max_batch=8)
+    off, on = _engine(tiny, **kw), _engine(tiny, prefix_cache=True, **kw)
+
+    def turn(prompts):
+        reqs = [(rid, p, seeded if i % 2 else greedy) for i, (rid, p) in enumerate(prompts.items())]
+        want, got = _run(off, reqs), _run(on, reqs)
+        assert got == want
+        return want
+
+    answers = turn(first)
+    hit_first = on.stats["prefix_hit_tokens"]
+    assert hit_first >= 4 * 8 * 3  # the system prompt's 4 full pages, once the first request named them
+    second = {f"{rid}.2": p + answers[rid] + rng.integers(3, 1000, size=5).tolist() for rid, p in first.items()}
+    turn(second)
+    hit_second = on.stats["prefix_hit_tokens"] - hit_first
+    assert hit_second >= sum((len(p) - 1) // 8 * 8 for p in first.values())  # every earlier prompt's full pages
+    assert off.stats["prefix_hit_tokens"] == 0
+    assert on.allocator.num_used == 0 and on.allocator.num_free == 96
+
+
+def test_shared_pages_survive_preemption_under_memory_pressure(tiny):
+    from jaxserve import SamplingParams
+    greedy = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    rng = np.random.default_rng(5)
+    system = rng.integers(3, 1000, size=16).tolist()
+    reqs = [(f"r{i}", system + rng.integers(3, 1000, size=int(rng.integers(1, 50))).tolist(), greedy) for i in range(16)]
+    kw = dict(page_size=8, num_pages=12, token_budget=64, max_chunk=32, max_batch=8)
+    on = _engine(tiny, prefix_cache=True, **kw)
+    got = _run(on, reqs)
+    assert on.stats["preemptions"] > 0, on.stats
+    assert on.stats["prefix_hit_tokens"] > 0
+    assert got == _run(_engine(tiny, **kw), reqs)
+    assert on.allocator.num_used == 0 and on.allocator.num_free == 12

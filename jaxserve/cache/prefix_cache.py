@@ -17,9 +17,10 @@ import numpy as np
 from jaxserve.cache.page_allocator import OutOfPages
 
 
-def page_hashes(tokens: Sequence[int], page_size: int, model_key: str = "") -> List[bytes]:
-    """The chained hash of each full page of `tokens`."""
-    out, parent = [], hashlib.blake2b(model_key.encode(), digest_size=16).digest()
+def page_hashes(tokens: Sequence[int], page_size: int, model_key: str = "", parent: bytes = b"") -> List[bytes]:
+    """The chained hash of each full page of `tokens`; `parent`: the name of the page before
+    them (to extend a sequence's names without hashing it again)."""
+    out, parent = [], parent or hashlib.blake2b(model_key.encode(), digest_size=16).digest()
     ids = np.asarray(tokens, dtype=np.int64)
     for start in range(0, len(ids) - page_size + 1, page_size):
         parent = hashlib.blake2b(parent + ids[start:start + page_size].tobytes(), digest_size=16).digest()
@@ -57,14 +58,16 @@ class PrefixCache:
     def refcount(self, page: int) -> int:
         return self._refs.get(page, 0)
 
-    def hashes(self, tokens: Sequence[int]) -> List[bytes]:
-        return page_hashes(tokens, self.page_size, self.model_key)
+    def hashes(self, tokens: Sequence[int], parent: bytes = b"") -> List[bytes]:
+        return page_hashes(tokens, self.page_size, self.model_key, parent)
 
-    def match(self, tokens: Sequence[int]) -> List[int]:
-        """The pages of the longest cached prefix of `tokens`, now held by the caller. At least
-        the last token is left out: its forward pass gives the logits of the first new token."""
+    def match(self, tokens: Sequence[int], names: Sequence[bytes] = ()) -> List[int]:
+        """The pages of the longest cached prefix of `tokens` (whose page names are `names`, if
+        known), now held by the caller. At least the last token is left out: its forward pass
+        gives the logits of the first new token."""
         pages = []
-        for h in self.hashes(tokens[:max(len(tokens) - 1, 0)]):
+        usable = max(len(tokens) - 1, 0) // self.page_size
+        for h in list(names or self.hashes(tokens))[:usable]:
             page = self._page_of.get(h)
             if page is None:
                 break
@@ -115,6 +118,13 @@ class PrefixCache:
                 self._idle[page] = None  # most recently used last
             else:
                 self._free.append(page)
+
+    def forget(self) -> None:
+        """Drops every name (the pool's contents were lost); held pages stay held."""
+        self._free += list(self._idle)
+        self._idle.clear()
+        self._hash_of.clear()
+        self._page_of.clear()
 
     def _hold(self, page: int) -> None:
         if page in self._refs:

@@ -49,6 +49,7 @@ class EngineConfig:
     policy: str = "fcfs"
     async_scheduling: bool = True  # schedule and dispatch step N+1 while step N runs
     compile_cache_dir: str = ""    # JAX's persistent compilation cache: a restart compiles nothing
+    prefix_cache: bool = False     # share the KV pages of common prompt prefixes (cache/prefix_cache.py)
 
     def __post_init__(self):
         for name in ("page_size", "num_pages", "max_batch", "token_budget", "max_chunk"):
@@ -56,6 +57,8 @@ class EngineConfig:
                 raise ValueError(f"engine.{name} must be a positive integer, got {getattr(self, name)!r}")
         if not isinstance(self.host_pages, int) or self.host_pages < 0:
             raise ValueError(f"engine.host_pages must be an integer >= 0, got {self.host_pages!r}")
+        if not isinstance(self.prefix_cache, bool):
+            raise ValueError(f"engine.prefix_cache must be true or false, got {self.prefix_cache!r}")
         if self.unroll_layers not in UNROLL_CHOICES:
             raise ValueError(f"engine.unroll_layers={self.unroll_layers!r} is not one of {UNROLL_CHOICES}")
 
@@ -91,8 +94,9 @@ class Engine:
         self.stats = {"preemptions": 0, "recomputed_tokens": 0, "swap_out_bytes": 0, "swap_in_bytes": 0,
                       "swap_outs": 0, "swap_ins": 0, "swap_ins_unforeseen": 0, "swap_stall_s": 0.0,
                       "reparallelizations": 0, "finished": 0, "aborted": 0, "host_s": 0.0, "device_wait_s": 0.0,
-                      "dropped_tokens": 0, "failed": 0}
-        self.kv = KVManager(config.num_pages, config.page_size, config.host_pages, mesh, self.runner, self.stats)
+                      "dropped_tokens": 0, "failed": 0, "prefix_hit_tokens": 0, "prefix_queried_tokens": 0}
+        self.kv = KVManager(config.num_pages, config.page_size, config.host_pages, mesh, self.runner, self.stats,
+                            prefix_cache=config.prefix_cache, model_key=repr(cfg))
         self.step_log: List[tuple] = []      # (cost features, seconds) of recent steps, for calibration
         self._unfitted, self._fits = 0, 0     # steps since the last refit; refits so far
         self._swaps_beside = mesh.devices.flat[0].platform != "cpu"  # DMA beside compute
@@ -291,6 +295,7 @@ class Engine:
                 self._finish(r, "error", journal=False)
                 outputs.append(self._output(r, []))
         lost = self.runner.recover()
+        self.kv.forget_cached()  # a failed step may have left named pages unwritten
         for r in self.requests.values():
             r.num_pending, r.pending_row = 0, -1
             if lost and (r.status is Status.RUNNING or r.pages):  # their KV went with the pool
@@ -319,6 +324,8 @@ class Engine:
             r = self.requests[rid]
             if r.status is Status.SWAPPED:
                 raise RuntimeError(f"policy {self.policy.name} ran {rid} without swapping it in")
+            if r.status is Status.WAITING and self.kv.match(r):  # its prefill starts after the cached prefix
+                n = min(n, r.num_tokens - r.num_computed)
             self.kv.grow(r, r.num_computed + n)
             r.status = Status.RUNNING
             scheduled.append((r, n))
@@ -331,6 +338,7 @@ class Engine:
         produced = []
         for (r, n), row in zip(scheduled, dispatched.rows):
             r.num_computed += n
+            self.kv.computed(r)
             produced.append(r.num_remaining == 0)  # the whole known sequence is cached: a token is new
             if produced[-1]:
                 r.num_pending += 1

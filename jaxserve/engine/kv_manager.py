@@ -8,21 +8,61 @@ device operation on the pool is ordered after the steps dispatched before it.
 from __future__ import annotations
 
 import time
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import jax
 
 from jaxserve.cache.page_allocator import PageAllocator, pages_for
+from jaxserve.cache.prefix_cache import PrefixCache
 from jaxserve.cache.swap import HostPagePool, gather_bucketed, write_staged
 from jaxserve.engine.request import Request, Status
 
 
 class KVManager:
-    def __init__(self, num_pages: int, page_size: int, host_pages: int, mesh, runner, stats: dict):
+    def __init__(self, num_pages: int, page_size: int, host_pages: int, mesh, runner, stats: dict,
+                 prefix_cache: bool = False, model_key: str = ""):
         self.page_size, self.runner, self.stats = page_size, runner, stats
-        self.allocator = PageAllocator(num_pages)
+        # with prefix caching, full pages are named by their tokens and shared (cache/prefix_cache.py)
+        self.prefix = PrefixCache(num_pages, page_size, model_key) if prefix_cache else None
+        self.allocator = self.prefix or PageAllocator(num_pages)
         self.host_pool = HostPagePool(host_pages, mesh)
         self._staged: Dict[str, tuple] = {}  # uploads in flight: request_id -> (pages, device buffers)
+        self._names: Dict[str, List[bytes]] = {}  # request_id -> its full pages' names so far
+        self._published: Dict[str, int] = {}  # request_id -> how many of its pages are named
+
+    def match(self, r: Request) -> int:
+        """Gives a request with no cache the cached pages of its longest known prefix; returns
+        the tokens they hold (r.num_computed is set to that)."""
+        if self.prefix is None or r.pages or r.num_computed:
+            return 0
+        tokens = r.token_ids(0, r.num_tokens)
+        names = self.prefix.hashes(tokens)
+        r.pages = self.prefix.match(tokens, names)
+        self._names[r.request_id], self._published[r.request_id] = names, len(r.pages)
+        r.num_computed = len(r.pages) * self.page_size
+        self.stats["prefix_hit_tokens"] += r.num_computed
+        self.stats["prefix_queried_tokens"] += r.num_tokens
+        return r.num_computed
+
+    def computed(self, r: Request) -> None:
+        """Names r's pages that its computed tokens (those of steps dispatched so far) fill."""
+        if self.prefix is None:
+            return
+        full = r.num_computed // self.page_size
+        names = self._names.setdefault(r.request_id, [])
+        if full > len(names):  # a token sampled by the step in flight is not known yet: one page less
+            names += self.prefix.hashes(r.token_ids(len(names) * self.page_size, full * self.page_size),
+                                        names[-1] if names else b"")
+        full, done = min(full, len(names)), self._published.get(r.request_id, 0)
+        if full > done:
+            self.prefix.publish(r.pages[done:full], names[done:full])
+            self._published[r.request_id] = full
+
+    def forget_cached(self) -> None:
+        """The pool's contents were lost: no page holds what its name says any more."""
+        if self.prefix is not None:
+            self.prefix.forget()
+            self._published = {rid: 0 for rid in self._published}
 
     @property
     def num_free(self) -> int:
@@ -38,6 +78,8 @@ class KVManager:
     def release(self, r: Request) -> None:
         """Frees everything r holds (device pages, host copy, upload in flight)."""
         self._staged.pop(r.request_id, None)
+        self._names.pop(r.request_id, None)
+        self._published.pop(r.request_id, None)
         self.host_pool.drop(r.request_id)
         self.allocator.free(r.pages)
         r.pages = []
