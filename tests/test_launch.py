@@ -75,3 +75,14 @@ def test_bench_schedule_replays_a_synthetic_workload_and_writes_where_asked(tmp_
             assert s["completed"] == s["of"] == 200 and s["served_rps"] > 0
     assert set(results["one_server_bound"]["3.0"]) == {"fcfs", "gittins"}
     assert "gittins  load  3.00/s" in proc.stdout
+
+
+def test_bench_prefix_cache_runs_conversations_with_the_cache_off_and_on(tmp_path):
+    out = tmp_path / "pc.json"
+    proc = launch("launch/bench_prefix_cache.py", "--config=configs/tiny.py", "--conversations=4", "--max_turns=3",
+                  "--system_len=40", "--noprecompile", f"--output={out}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = json.loads(out.read_text())
+    off, on = got["runs"]["off"], got["runs"]["on"]
+    assert on["same_tokens_as_off"] and on["answers_identical_to_off"] == off["requests"] >= 8
+    assert off["cached_prompt_share"] == 0 and on["cached_prompt_share"] > 0.5  # turns resend the whole conversation

@@ -109,14 +109,15 @@ def _run(engine, requests):
     return final
 
 
-def test_conversations_reuse_their_earlier_turns_and_get_the_same_tokens(tiny):
+@pytest.mark.parametrize("impl", ["reference", "pallas"])  # pallas: the GPU's kernels, interpreted
+def test_conversations_reuse_their_earlier_turns_and_get_the_same_tokens(tiny, impl):
     from jaxserve import SamplingParams
     greedy = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
     seeded = SamplingParams(max_tokens=10, temperature=0.9, top_k=40, seed=7, ignore_eos=True)
     rng = np.random.default_rng(3)
     system = rng.integers(3, 1000, size=37).tolist()
     first = {f"c{i}": system + rng.integers(3, 1000, size=int(rng.integers(2, 20))).tolist() for i in range(6)}
-    kw = dict(page_size=8, num_pages=96, token_budget=64, max_chunk=32, max_batch=8)
+    kw = dict(page_size=8, num_pages=96, token_budget=64, max_chunk=32, max_batch=8, attention_impl=impl)
     off, on = _engine(tiny, **kw), _engine(tiny, prefix_cache=True, **kw)
 
     def turn(prompts):

@@ -1,0 +1,130 @@
+"""Multi-turn conversations with prefix caching off and on: time to first token, throughput, same tokens.
+
+    python launch/bench_prefix_cache.py --config=configs/tiny.py
+    python launch/bench_prefix_cache.py --config=configs/llama3_8b.py --conversations=64 --output=/tmp/pc.json
+
+The workload (seeded, documented by its flags): every conversation starts with one system prompt
+shared by all (--system_len tokens); it has 2..--max_turns turns (uniform); turn k's prompt is
+turn k-1's prompt, its answer and a new user message (lognormal length, median --user_len,
+sigma 0.5); each answer is exactly --output_len tokens (greedy, ignore_eos). Turn k of every
+conversation that has one is submitted together once turn k-1 has finished. The same workload
+runs on an engine with `engine.prefix_cache` off and then on (one LLM, its engine rebuilt with
+the same weights), and every answer of the second run is checked against the first's.
+Printed: mean and p90 TTFT, output tok/s, and the cached share of prompt tokens, per run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+
+import numpy as np
+from absl import flags
+from ml_collections import config_flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from jaxserve.cli import run  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Model/serving config file.")
+_CONVERSATIONS = flags.DEFINE_integer("conversations", 16, "Conversations.", lower_bound=1)
+_MAX_TURNS = flags.DEFINE_integer("max_turns", 5, "Most turns of a conversation (at least 2).", lower_bound=2)
+_SYSTEM = flags.DEFINE_integer("system_len", 96, "Tokens of the system prompt all conversations share.", lower_bound=0)
+_USER = flags.DEFINE_integer("user_len", 24, "Median tokens of a user message.", lower_bound=1)
+_OUTPUT_LEN = flags.DEFINE_integer("output_len", 16, "Tokens of every answer.", lower_bound=1)
+_SEED = flags.DEFINE_integer("seed", 0, "Workload seed.")
+_OUTPUT = flags.DEFINE_string("output", "", "Also write the figures to this JSON file.")
+_PRECOMPILE = flags.DEFINE_bool("precompile", True, "Compile every step shape before timing (off: the "
+                                "timings include compiling; for quick correctness runs).")
+
+
+def conversations(rng, n, max_turns, system_len, user_len, vocab):
+    """[turns, [user message token ids per turn]] per conversation, and the system prompt."""
+    system = rng.integers(3, vocab, size=system_len).tolist()
+    convs = []
+    for _ in range(n):
+        turns = int(rng.integers(2, max_turns + 1))
+        lens = np.maximum(1, rng.lognormal(np.log(user_len), 0.5, size=turns).astype(int))
+        convs.append([rng.integers(3, vocab, size=int(k)).tolist() for k in lens])
+    return system, convs
+
+
+def serve_turns(engine, system, convs, output_len, max_context):
+    """Runs every conversation turn by turn; returns (answers, ttfts, wall seconds, prompt tokens)."""
+    from jaxserve import SamplingParams
+    params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+    history = [list(system) for _ in convs]
+    answers, ttfts, prompt_tokens = {}, [], 0
+    start = time.perf_counter()
+    for k in range(max(map(len, convs))):
+        ids = []
+        for c, msgs in enumerate(convs):
+            if k < len(msgs) and len(history[c]) + len(msgs[k]) + output_len <= max_context:
+                history[c] += msgs[k]
+                ids.append((c, f"c{c}.t{k}"))
+                engine.add_request(ids[-1][1], list(history[c]), params)
+                prompt_tokens += len(history[c])
+        done = {}
+        while engine.has_unfinished():
+            done.update((o.request_id, o) for o in engine.step() if o.finished)
+        for c, rid in ids:
+            answers[rid] = done[rid].token_ids
+            ttfts.append(done[rid].ttft)
+            history[c] += done[rid].token_ids
+    return answers, ttfts, time.perf_counter() - start, prompt_tokens
+
+
+def main(argv):
+    del argv
+    import jaxserve
+    from jaxserve import Engine
+    config = _CONFIG.value
+    config.engine.prefix_cache = False
+    engine = jaxserve.LLM(config).engine  # the "off" run's; the "on" run's shares its weights
+    cfg, params, mesh, tokenizer = engine.cfg, engine.runner.params, engine.runner.mesh, engine.tokenizer
+    system, convs = conversations(np.random.default_rng(_SEED.value), _CONVERSATIONS.value, _MAX_TURNS.value,
+                                  _SYSTEM.value, _USER.value, cfg.vocab_size)
+    results, reference = {}, None
+    for name in ("off", "on"):
+        if name == "on":  # one KV pool at a time: an 8B pool sized to fill the GPU leaves no room for two
+            engine_config = dataclasses.replace(engine.config, prefix_cache=True)
+            engine.runner.cache = None
+            del engine
+            engine = Engine(cfg, params, mesh, tokenizer, engine_config)
+        if _PRECOMPILE.value:
+            engine.precompile()
+        answers, ttfts, wall, prompt_tokens = serve_turns(engine, system, convs, _OUTPUT_LEN.value, engine.max_context)
+        if reference is None:
+            reference = answers
+        same = answers == reference
+        identical = sum(answers[rid] == reference[rid] for rid in reference)
+        out_tokens = sum(map(len, answers.values()))
+        results[name] = {"requests": len(answers), "prompt_tokens": prompt_tokens, "output_tokens": out_tokens,
+                         "wall_s": wall, "output_tok_s": out_tokens / wall,
+                         "ttft_mean_s": float(np.mean(ttfts)), "ttft_p90_s": float(np.percentile(ttfts, 90)),
+                         "cached_prompt_share": engine.stats["prefix_hit_tokens"] / prompt_tokens,
+                         "same_tokens_as_off": same, "answers_identical_to_off": identical}
+        r = results[name]
+        print(f"[prefix cache {name:3s}] {r['requests']} requests, {prompt_tokens} prompt tokens "
+              f"({100 * r['cached_prompt_share']:.1f}% cached), wall {wall:.2f} s, {r['output_tok_s']:.1f} output tok/s, "
+              f"TTFT mean {r['ttft_mean_s'] * 1e3:.1f} ms p90 {r['ttft_p90_s'] * 1e3:.1f} ms, answers as with the cache off: {identical}/{len(reference)}", flush=True)
+    off, on = results["off"], results["on"]
+    summary = {"device": str(mesh.devices.flat[0].device_kind), "config": config.to_dict(),
+               "workload": {"conversations": _CONVERSATIONS.value, "max_turns": _MAX_TURNS.value,
+                            "system_len": _SYSTEM.value, "user_len": _USER.value, "output_len": _OUTPUT_LEN.value,
+                            "seed": _SEED.value},
+               "runs": results, "ttft_speedup": off["ttft_mean_s"] / on["ttft_mean_s"],
+               "throughput_speedup": on["output_tok_s"] / off["output_tok_s"]}
+    print(f"mean TTFT {summary['ttft_speedup']:.2f}x lower, throughput {summary['throughput_speedup']:.2f}x higher "
+          f"with the cache on")
+    print(json.dumps(summary, default=str))
+    if _OUTPUT.value:
+        with open(_OUTPUT.value, "w") as f:
+            json.dump(summary, f, indent=1, default=str)
+    if not on["same_tokens_as_off"]:
+        raise SystemExit("prefix caching changed the answers")
+
+
+if __name__ == "__main__":
+    run(main)
