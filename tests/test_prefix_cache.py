@@ -137,16 +137,25 @@ def test_conversations_reuse_their_earlier_turns_and_get_the_same_tokens(tiny, i
     assert on.allocator.num_used == 0 and on.allocator.num_free == 96
 
 
-def test_shared_pages_survive_preemption_under_memory_pressure(tiny):
+@pytest.mark.parametrize("policy", ["fcfs", "mlfq", "priority"])
+def test_shared_pages_survive_preemption_under_memory_pressure(tiny, policy):
     from jaxserve import SamplingParams
     greedy = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
     rng = np.random.default_rng(5)
     system = rng.integers(3, 1000, size=16).tolist()
     reqs = [(f"r{i}", system + rng.integers(3, 1000, size=int(rng.integers(1, 50))).tolist(), greedy) for i in range(16)]
-    kw = dict(page_size=8, num_pages=12, token_budget=64, max_chunk=32, max_batch=8)
+    kw = dict(page_size=8, num_pages=12, token_budget=64, max_chunk=32, max_batch=8, policy=policy)
     on = _engine(tiny, prefix_cache=True, **kw)
     got = _run(on, reqs)
     assert on.stats["preemptions"] > 0, on.stats
     assert on.stats["prefix_hit_tokens"] > 0
     assert got == _run(_engine(tiny, **kw), reqs)
     assert on.allocator.num_used == 0 and on.allocator.num_free == 12
+
+
+def test_prefix_caching_refuses_the_host_tier_it_does_not_have_yet():
+    from jaxserve import EngineConfig
+    with pytest.raises(ValueError, match="engine.prefix_cache=true needs engine.host_pages=0"):
+        EngineConfig(prefix_cache=True, host_pages=4)
+    with pytest.raises(ValueError, match="engine.prefix_cache must be true or false"):
+        EngineConfig(prefix_cache="yes")

@@ -59,6 +59,8 @@ class EngineConfig:
             raise ValueError(f"engine.host_pages must be an integer >= 0, got {self.host_pages!r}")
         if not isinstance(self.prefix_cache, bool):
             raise ValueError(f"engine.prefix_cache must be true or false, got {self.prefix_cache!r}")
+        if self.prefix_cache and self.host_pages:  # swapping shared pages is the host tier, not built yet
+            raise ValueError("engine.prefix_cache=true needs engine.host_pages=0 for now")
         if self.unroll_layers not in UNROLL_CHOICES:
             raise ValueError(f"engine.unroll_layers={self.unroll_layers!r} is not one of {UNROLL_CHOICES}")
 
@@ -94,7 +96,8 @@ class Engine:
         self.stats = {"preemptions": 0, "recomputed_tokens": 0, "swap_out_bytes": 0, "swap_in_bytes": 0,
                       "swap_outs": 0, "swap_ins": 0, "swap_ins_unforeseen": 0, "swap_stall_s": 0.0,
                       "reparallelizations": 0, "finished": 0, "aborted": 0, "host_s": 0.0, "device_wait_s": 0.0,
-                      "dropped_tokens": 0, "failed": 0, "prefix_hit_tokens": 0, "prefix_queried_tokens": 0}
+                      "dropped_tokens": 0, "failed": 0, "prefix_hit_tokens": 0, "prefix_queried_tokens": 0,
+                      "prefix_deferred": 0}
         self.kv = KVManager(config.num_pages, config.page_size, config.host_pages, mesh, self.runner, self.stats,
                             prefix_cache=config.prefix_cache, model_key=repr(cfg))
         self.step_log: List[tuple] = []      # (cost features, seconds) of recent steps, for calibration
@@ -324,8 +327,16 @@ class Engine:
             r = self.requests[rid]
             if r.status is Status.SWAPPED:
                 raise RuntimeError(f"policy {self.policy.name} ran {rid} without swapping it in")
-            if r.status is Status.WAITING and self.kv.match(r):  # its prefill starts after the cached prefix
-                n = min(n, r.num_tokens - r.num_computed)
+            if r.status is Status.WAITING:  # its prefill starts after its cached prefix, if any
+                n = self.kv.match(r, n)
+            if self.kv.prefix is not None and not self.kv.can_grow(r, r.num_computed + n):
+                # a preempted request's shared pages stay held by the others: fewer pages came
+                # free than the policy counted; r waits for the next plan
+                if r.status is Status.WAITING:
+                    self.kv.release(r)
+                    r.num_computed = 0
+                self.stats["prefix_deferred"] += 1
+                continue
             self.kv.grow(r, r.num_computed + n)
             r.status = Status.RUNNING
             scheduled.append((r, n))

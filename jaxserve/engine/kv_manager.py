@@ -30,19 +30,29 @@ class KVManager:
         self._names: Dict[str, List[bytes]] = {}  # request_id -> its full pages' names so far
         self._published: Dict[str, int] = {}  # request_id -> how many of its pages are named
 
-    def match(self, r: Request) -> int:
-        """Gives a request with no cache the cached pages of its longest known prefix; returns
-        the tokens they hold (r.num_computed is set to that)."""
+    def match(self, r: Request, n: int) -> int:
+        """Gives a request with no cache the cached pages of its longest known prefix, so that
+        its planned n-token chunk starts after them; returns the chunk's tokens now. The policy
+        counted the unheld cached pages as free: a match whose remaining pages would no longer
+        fit is dropped, and r runs as planned."""
         if self.prefix is None or r.pages or r.num_computed:
-            return 0
+            return n
         tokens = r.token_ids(0, r.num_tokens)
         names = self.prefix.hashes(tokens)
-        r.pages = self.prefix.match(tokens, names)
-        self._names[r.request_id], self._published[r.request_id] = names, len(r.pages)
-        r.num_computed = len(r.pages) * self.page_size
-        self.stats["prefix_hit_tokens"] += r.num_computed
+        pages = self.prefix.match(tokens, names)
+        hit = len(pages) * self.page_size
+        rest = min(n, r.num_tokens - hit)
+        if not pages or self.pages_needed(hit + rest) - len(pages) > self.prefix.num_free:
+            self.prefix.free(pages)
+            return n
+        r.pages, r.num_computed = pages, hit
+        self._names[r.request_id], self._published[r.request_id] = names, len(pages)
+        self.stats["prefix_hit_tokens"] += hit
         self.stats["prefix_queried_tokens"] += r.num_tokens
-        return r.num_computed
+        return rest
+
+    def can_grow(self, r: Request, num_tokens: int) -> bool:
+        return self.pages_needed(num_tokens) - len(r.pages) <= self.allocator.num_free
 
     def computed(self, r: Request) -> None:
         """Names r's pages that its computed tokens (those of steps dispatched so far) fill."""
