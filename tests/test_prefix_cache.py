@@ -95,18 +95,13 @@ def test_page_names_chain_over_everything_before_them():
 
 # -- the engine with prefix caching on: the same tokens as with it off ---------------------------
 def _engine(tiny, **kw):
-    from jaxserve import Engine, EngineConfig
-    cfg, params, mesh, tokenizer = tiny
-    return Engine(cfg, params, mesh, tokenizer, EngineConfig(**kw))
+    from test_engine import make_engine
+    return make_engine(tiny, **kw)
 
 
 def _run(engine, requests):
-    for rid, prompt, params in requests:
-        engine.add_request(rid, prompt, params)
-    final = {}
-    while engine.has_unfinished():
-        final.update((o.request_id, o.token_ids) for o in engine.step() if o.finished)
-    return final
+    from test_engine import run_all
+    return {rid: out.token_ids for rid, out in run_all(engine, requests).items()}
 
 
 @pytest.mark.parametrize("impl", ["reference", "pallas"])  # pallas: the GPU's kernels, interpreted
