@@ -24,6 +24,9 @@ _ENGINE_COUNTERS = {
     "preemptions": ("jaxserve_preemptions", "Requests preempted (cache dropped or swapped out)."),
     "recomputed_tokens": ("jaxserve_recomputed_tokens", "Tokens whose KV was recomputed after preemption."),
     "reparallelizations": ("jaxserve_reparallelizations", "Times the engine changed its parallel layout."),
+    "prefix_hit_tokens": ("jaxserve_prefix_cache_hit_tokens", "Tokens whose KV came from the prefix cache."),
+    "prefix_queried_tokens": ("jaxserve_prefix_cache_queried_tokens",
+                              "Tokens of the requests looked up in the prefix cache (hit rate: hit / queried)."),
 }
 
 
