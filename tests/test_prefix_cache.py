@@ -55,6 +55,7 @@ def test_thousands_of_random_operations_keep_counts_and_contents_right():
     prompts = {}
     systems = [list(rng.integers(0, 50, size=S * n)) for n in (1, 2, 3)]
     holders = collections.Counter()
+    queried = hit_tokens = 0
     for step in range(5000):
         if held and (rng.random() < 0.45 or cache.num_free < 12):
             rid = list(held)[rng.integers(len(held))]
@@ -69,6 +70,7 @@ def test_thousands_of_random_operations_keep_counts_and_contents_right():
                 prompt = systems[rng.integers(3)] + list(rng.integers(0, 50, size=rng.integers(1, 12)))
             names = cache.hashes(prompt)
             hit = cache.match(prompt)
+            queried, hit_tokens = queried + len(prompt), hit_tokens + len(hit) * S
             assert [written[p] for p in hit] == names[:len(hit)]  # a hit holds exactly those tokens
             new = cache.allocate(-(-(len(prompt) + 4) // S) - len(hit))  # the prompt and 4 outputs
             assert not any(holders[p] for p in new)  # never a page someone holds
@@ -83,7 +85,7 @@ def test_thousands_of_random_operations_keep_counts_and_contents_right():
     for pages in held.values():
         cache.free(pages)
     assert cache.num_free == 64 and cache.num_used == 0
-    assert cache.stats["hit_tokens"] > 0.3 * cache.stats["queried_tokens"] and cache.stats["evicted_pages"] > 100
+    assert hit_tokens > 0.3 * queried and cache.stats["evicted_pages"] > 100
 
 
 def test_page_names_chain_over_everything_before_them():
@@ -129,6 +131,8 @@ def test_conversations_reuse_their_earlier_turns_and_get_the_same_tokens(tiny, i
     hit_second = on.stats["prefix_hit_tokens"] - hit_first
     assert hit_second >= sum((len(p) - 1) // 8 * 8 for p in first.values())  # every earlier prompt's full pages
     assert off.stats["prefix_hit_tokens"] == 0
+    assert on.stats["preemptions"] == 0  # so each request was looked up once, misses counted too
+    assert on.stats["prefix_queried_tokens"] == sum(map(len, [*first.values(), *second.values()]))
     assert on.allocator.num_used == 0 and on.allocator.num_free == 96
 
 

@@ -40,7 +40,7 @@ class PrefixCache:
         self._hash_of: Dict[int, bytes] = {}  # cached pages (held or not) -> their name
         self._page_of: Dict[bytes, int] = {}
         self._idle: "collections.OrderedDict[int, None]" = collections.OrderedDict()  # cached, unheld: LRU first
-        self.stats = {"queried_tokens": 0, "hit_tokens": 0, "evicted_pages": 0}
+        self.stats = {"evicted_pages": 0}
 
     @property
     def num_free(self) -> int:
@@ -74,8 +74,6 @@ class PrefixCache:
             pages.append(page)
         for page in pages:
             self._hold(page)
-        self.stats["queried_tokens"] += len(tokens)
-        self.stats["hit_tokens"] += len(pages) * self.page_size
         return pages
 
     def allocate(self, n: int) -> List[int]:

@@ -40,6 +40,7 @@ class KVManager:
         tokens = r.token_ids(0, r.num_tokens)
         names = self.prefix.hashes(tokens)
         pages = self.prefix.match(tokens, names)
+        self.stats["prefix_queried_tokens"] += r.num_tokens  # misses too: hit / queried is the hit rate
         hit = len(pages) * self.page_size
         rest = min(n, r.num_tokens - hit)
         if not pages or self.pages_needed(hit + rest) - len(pages) > self.prefix.num_free:
@@ -48,7 +49,6 @@ class KVManager:
         r.pages, r.num_computed = pages, hit
         self._names[r.request_id], self._published[r.request_id] = names, len(pages)
         self.stats["prefix_hit_tokens"] += hit
-        self.stats["prefix_queried_tokens"] += r.num_tokens
         return rest
 
     def can_grow(self, r: Request, num_tokens: int) -> bool:
