@@ -35,6 +35,10 @@ _USER = flags.DEFINE_integer("user_len", 24, "Median tokens of a user message.",
 _OUTPUT_LEN = flags.DEFINE_integer("output_len", 16, "Tokens of every answer.", lower_bound=1)
 _SEED = flags.DEFINE_integer("seed", 0, "Workload seed.")
 _OUTPUT = flags.DEFINE_string("output", "", "Also write the figures to this JSON file.")
+_CONTROL_CHUNK = flags.DEFINE_integer(
+    "control_max_chunk", 0, "Also run the cache off with this engine.max_chunk (and token_budget at most "
+    "it): the same answers computed in other step shapes, the engine's own numerical spread, against which "
+    "the cache's differences (if any) are judged. 0: no such run.", lower_bound=0)
 _PRECOMPILE = flags.DEFINE_bool("precompile", True, "Compile every step shape before timing (off: the "
                                 "timings include compiling; for quick correctness runs).")
 
@@ -48,6 +52,11 @@ def conversations(rng, n, max_turns, system_len, user_len, vocab):
         lens = np.maximum(1, rng.lognormal(np.log(user_len), 0.5, size=turns).astype(int))
         convs.append([rng.integers(3, vocab, size=int(k)).tolist() for k in lens])
     return system, convs
+
+
+def first_difference(a, b) -> int:
+    """Index of the first token where two answers differ."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def serve_turns(engine, system, convs, output_len, max_context):
@@ -85,13 +94,17 @@ def main(argv):
     cfg, params, mesh, tokenizer = engine.cfg, engine.runner.params, engine.runner.mesh, engine.tokenizer
     system, convs = conversations(np.random.default_rng(_SEED.value), _CONVERSATIONS.value, _MAX_TURNS.value,
                                   _SYSTEM.value, _USER.value, cfg.vocab_size)
+    runs = {"off": {}, "on": {"prefix_cache": True}}
+    if _CONTROL_CHUNK.value:
+        c = _CONTROL_CHUNK.value
+        runs["off_rechunked"] = {"max_chunk": c, "token_budget": min(c, engine.config.token_budget)}
+    base_config = engine.config
     results, reference = {}, None
-    for name in ("off", "on"):
-        if name == "on":  # one KV pool at a time: an 8B pool sized to fill the GPU leaves no room for two
-            engine_config = dataclasses.replace(engine.config, prefix_cache=True)
+    for name, changes in runs.items():
+        if changes:  # one KV pool at a time: an 8B pool sized to fill the GPU leaves no room for two
             engine.runner.cache = None
             del engine
-            engine = Engine(cfg, params, mesh, tokenizer, engine_config)
+            engine = Engine(cfg, params, mesh, tokenizer, dataclasses.replace(base_config, **changes))
         if _PRECOMPILE.value:
             engine.precompile()
         answers, ttfts, wall, prompt_tokens = serve_turns(engine, system, convs, _OUTPUT_LEN.value, engine.max_context)
@@ -99,16 +112,21 @@ def main(argv):
             reference = answers
         same = answers == reference
         identical = sum(answers[rid] == reference[rid] for rid in reference)
+        diverged = [first_difference(answers[rid], reference[rid]) for rid in reference
+                    if answers[rid] != reference[rid]]
         out_tokens = sum(map(len, answers.values()))
         results[name] = {"requests": len(answers), "prompt_tokens": prompt_tokens, "output_tokens": out_tokens,
                          "wall_s": wall, "output_tok_s": out_tokens / wall,
                          "ttft_mean_s": float(np.mean(ttfts)), "ttft_p90_s": float(np.percentile(ttfts, 90)),
                          "cached_prompt_share": engine.stats["prefix_hit_tokens"] / prompt_tokens,
-                         "same_tokens_as_off": same, "answers_identical_to_off": identical}
+                         "same_tokens_as_off": same, "answers_identical_to_off": identical,
+                         "first_differing_token_mean": float(np.mean(diverged)) if diverged else None}
         r = results[name]
         print(f"[prefix cache {name:3s}] {r['requests']} requests, {prompt_tokens} prompt tokens "
               f"({100 * r['cached_prompt_share']:.1f}% cached), wall {wall:.2f} s, {r['output_tok_s']:.1f} output tok/s, "
-              f"TTFT mean {r['ttft_mean_s'] * 1e3:.1f} ms p90 {r['ttft_p90_s'] * 1e3:.1f} ms, answers as with the cache off: {identical}/{len(reference)}", flush=True)
+              f"TTFT mean {r['ttft_mean_s'] * 1e3:.1f} ms p90 {r['ttft_p90_s'] * 1e3:.1f} ms, answers as with the cache off: {identical}/{len(reference)}"
+              + (f" (the others differ from token {r['first_differing_token_mean']:.1f} on, mean)" if diverged else ""),
+              flush=True)
     off, on = results["off"], results["on"]
     summary = {"device": str(mesh.devices.flat[0].device_kind), "config": config.to_dict(),
                "workload": {"conversations": _CONVERSATIONS.value, "max_turns": _MAX_TURNS.value,

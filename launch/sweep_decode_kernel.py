@@ -1,0 +1,115 @@
+"""The decode attention kernel's parameters swept on one GPU: ms for all layers and TB/s of KV read.
+
+    python launch/sweep_decode_kernel.py --cases=128x1024,64x640,128r100-2000 --warps=1,2,4 --prefetch=1,2,3
+
+A case is BATCHxCONTEXT (every row that long) or BATCHrLO-HI (lengths uniform in [LO, HI]); the
+page table is as wide as the engine's bucket for the longest row. Each (pages per block, splits,
+warps, prefetch) runs the kernel once per layer of the 8B KV shape in one jitted scan over a
+random bf16 pool and a shuffled page table; `decode_params`' own pick is always included and marked. Configurations that fail to
+compile (register spills past Triton's limits, block shapes it refuses) are reported and skipped.
+The last line is one JSON object of every row.
+"""
+from __future__ import annotations
+
+import functools
+import itertools
+import json
+import os
+import sys
+import time
+
+import numpy as np
+from absl import flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from jaxserve.cli import run  # noqa: E402
+
+_CASES = flags.DEFINE_list("cases", ["128x1024", "64x640", "128r100-2000"], "Batch and context cases.")
+_PPCB = flags.DEFINE_list("ppcb", ["1", "2"], "Pages per compute block.")
+_SPLITS = flags.DEFINE_list("splits", ["0"], "k_splits (0: decode_params' pick, and twice it).")
+_WARPS = flags.DEFINE_list("warps", ["1", "2", "4"], "Warps per program.")
+_PREFETCH = flags.DEFINE_list("prefetch", ["1", "2", "3"], "Blocks loaded ahead of the math.")
+_LAYERS = flags.DEFINE_integer("layers", 32, "Layers (one kernel call each).")
+_KV_HEADS = flags.DEFINE_integer("kv_heads", 8, "KV heads.")
+_HEADS = flags.DEFINE_integer("heads", 32, "Query heads.")
+_HEAD_DIM = flags.DEFINE_integer("head_dim", 128, "Head dim.")
+_PAGE = flags.DEFINE_integer("page_size", 16, "Tokens a page.")
+_REPS = flags.DEFINE_integer("reps", 10, "Timed calls per configuration.")
+_BUDGET = flags.DEFINE_float("budget_s", 400.0, "Stop sweeping after this many seconds.")
+
+
+def parse_case(case: str, rng):
+    """'128x1024' or '128r100-2000' -> (lengths [B], longest length); the page table's width is
+    bucketed to a power of two of pages, as the engine's step shapes are."""
+    if "r" in case:
+        b, span = case.split("r")
+        lo, hi = map(int, span.split("-"))
+        return rng.integers(lo, hi + 1, int(b)).astype(np.int32), hi
+    b, ctx = map(int, case.split("x"))
+    return np.full(int(b), ctx, np.int32), ctx
+
+
+def main(argv):
+    del argv
+    import jax
+    import jax.numpy as jnp
+    from jaxserve.cache import attention_kernels as ak
+    from jaxserve.scheduling.cost_model import bucket
+
+    L, K, H, D, S = _LAYERS.value, _KV_HEADS.value, _HEADS.value, _HEAD_DIM.value, _PAGE.value
+    rng = np.random.default_rng(0)
+    cases = [(c, *parse_case(c, rng)) for c in _CASES.value]
+    pages_needed = max(len(lens) * bucket(-(-width // S)) for _, lens, width in cases) + 1
+    key = jax.random.key(0)
+    pool = {n: jax.random.normal(jax.random.fold_in(key, i), (L, pages_needed, S, K, D), jnp.bfloat16)
+            for i, n in enumerate("kv")}
+    print(f"pool: {pages_needed} pages, {2 * pool['k'].nbytes / 1e9:.1f} GB, {jax.devices()[0].device_kind}", flush=True)
+
+    @functools.partial(jax.jit, static_argnames=("ppcb", "ks", "nw", "pf"))
+    def layers(q, kp, vp, table, lengths, ppcb, ks, nw, pf):
+        def body(acc, layer):
+            o = ak.pallas_decode_attention(q, kp, vp, layer, table, lengths, pages_per_compute_block=ppcb,
+                                           k_splits=ks, num_warps=nw, prefetch=pf,
+                                           interpret=jax.default_backend() != "gpu")
+            return acc + o.astype(jnp.float32), None
+        return jax.lax.scan(body, jnp.zeros(q.shape, jnp.float32), jnp.arange(L))[0]
+
+    rows, start = [], time.perf_counter()
+    for name, lens, width in cases:
+        B, P = len(lens), bucket(-(-width // S))
+        table = jnp.asarray(rng.permutation(pages_needed - 1)[:B * P].astype(np.int32).reshape(B, P))
+        lengths = jnp.asarray(lens)
+        q = jax.random.normal(jax.random.key(1), (B, H, D), jnp.bfloat16)
+        kv_bytes = 2 * int(lens.sum()) * L * K * D * 2
+        pick = ak.decode_params(B, P, K, S)
+        splits = sorted({s for v in _SPLITS.value for s in ((pick[1], 2 * pick[1]) if v == "0" else (int(v),))})
+        grid = [(int(p), s, int(w), int(f)) for p, s, w, f in
+                itertools.product(_PPCB.value, splits, _WARPS.value, _PREFETCH.value)]
+        grid = [g for g in grid if P % g[1] == 0 and (P // g[1]) % g[0] == 0 and g[0] * S >= 16]
+        if (pick[0], pick[1], pick[2], 1) not in grid:
+            grid.insert(0, (pick[0], pick[1], pick[2], 1))
+        for ppcb, ks, nw, pf in grid:
+            if time.perf_counter() - start > _BUDGET.value:
+                print("out of time", flush=True)
+                break
+            f = functools.partial(layers, q, pool["k"], pool["v"], table, lengths, ppcb=ppcb, ks=ks, nw=nw, pf=pf)
+            try:
+                jax.block_until_ready(f())
+            except Exception as e:  # noqa: BLE001 - a configuration Triton refuses is a result, not a crash
+                print(f"{name} ppcb={ppcb} ks={ks} nw={nw} pf={pf}: failed ({type(e).__name__}: {str(e)[:120]})")
+                continue
+            t = time.perf_counter()
+            for _ in range(_REPS.value):
+                out = f()
+            jax.block_until_ready(out)
+            sec = (time.perf_counter() - t) / _REPS.value
+            mark = " <- decode_params" if (ppcb, ks, nw, pf) == (*pick, 1) else ""
+            rows.append({"case": name, "ppcb": ppcb, "k_splits": ks, "num_warps": nw, "prefetch": pf,
+                         "ms_all_layers": sec * 1e3, "tb_s": kv_bytes / sec / 1e12, "decode_params": bool(mark)})
+            print(f"{name} ppcb={ppcb} ks={ks} nw={nw} pf={pf}: {sec * 1e3:.3f} ms, {kv_bytes / sec / 1e12:.2f} TB/s{mark}",
+                  flush=True)
+    print(json.dumps(rows))
+
+
+if __name__ == "__main__":
+    run(main)
