@@ -9,8 +9,11 @@ turn k-1's prompt, its answer and a new user message (lognormal length, median -
 sigma 0.5); each answer is exactly --output_len tokens (greedy, ignore_eos). Turn k of every
 conversation that has one is submitted together once turn k-1 has finished. The same workload
 runs on an engine with `engine.prefix_cache` off and then on (one LLM, its engine rebuilt with
-the same weights), and every answer of the second run is checked against the first's.
-Printed: mean and p90 TTFT, output tok/s, and the cached share of prompt tokens, per run.
+the same weights), and every answer of the second run is checked against the first's;
+`--host_pages=N,M` adds runs with the cache on and a host tier of N and M pages (make the device
+pool smaller than the printed working set, so that pages are evicted), `--control_max_chunk` a
+cache-off run in other step shapes. Printed per run: mean and p90 TTFT, output tok/s, the
+cached share of prompt tokens and the share that came back from the host.
 """
 from __future__ import annotations
 
@@ -39,6 +42,10 @@ _CONTROL_CHUNK = flags.DEFINE_integer(
     "control_max_chunk", 0, "Also run the cache off with this engine.max_chunk (and token_budget at most "
     "it): the same answers computed in other step shapes, the engine's own numerical spread, against which "
     "the cache's differences (if any) are judged. 0: no such run.", lower_bound=0)
+_HOST_PAGES = flags.DEFINE_list(
+    "host_pages", [], "Also run the cache on with a host tier of each of these many pages (engine.host_pages): "
+    "pages the device evicts wait there. Make engine.num_pages smaller than the working set (printed) for "
+    "the tier to matter.")
 _PRECOMPILE = flags.DEFINE_bool("precompile", True, "Compile every step shape before timing (off: the "
                                 "timings include compiling; for quick correctness runs).")
 
@@ -52,6 +59,20 @@ def conversations(rng, n, max_turns, system_len, user_len, vocab):
         lens = np.maximum(1, rng.lognormal(np.log(user_len), 0.5, size=turns).astype(int))
         convs.append([rng.integers(3, vocab, size=int(k)).tolist() for k in lens])
     return system, convs
+
+
+def working_set_pages(system, convs, output_len, vocab, page_size) -> int:
+    """Distinct full pages over every turn's prompt, with stand-in answers of output_len tokens
+    (the real answers differ, not their lengths)."""
+    from jaxserve.cache.prefix_cache import page_hashes
+    names, stand_in = set(), np.random.default_rng(1)
+    for msgs in convs:
+        history = list(system)
+        for m in msgs:
+            history += m
+            names.update(page_hashes(history, page_size))
+            history += stand_in.integers(3, vocab, size=output_len).tolist()
+    return len(names)
 
 
 def first_difference(a, b) -> int:
@@ -95,10 +116,15 @@ def main(argv):
     system, convs = conversations(np.random.default_rng(_SEED.value), _CONVERSATIONS.value, _MAX_TURNS.value,
                                   _SYSTEM.value, _USER.value, cfg.vocab_size)
     runs = {"off": {}, "on": {"prefix_cache": True}}
+    for n in map(int, _HOST_PAGES.value):
+        runs[f"on_host{n}"] = {"prefix_cache": True, "host_pages": n}
     if _CONTROL_CHUNK.value:
         c = _CONTROL_CHUNK.value
         runs["off_rechunked"] = {"max_chunk": c, "token_budget": min(c, engine.config.token_budget)}
     base_config = engine.config
+    print(f"working set: {working_set_pages(system, convs, _OUTPUT_LEN.value, cfg.vocab_size, base_config.page_size)} "
+          f"distinct full pages of prompts (upper bound, answers as random tokens), device pool "
+          f"{base_config.num_pages} pages", flush=True)
     results, reference = {}, None
     for name, changes in runs.items():
         if changes:  # one KV pool at a time: an 8B pool sized to fill the GPU leaves no room for two
@@ -119,28 +145,34 @@ def main(argv):
                          "wall_s": wall, "output_tok_s": out_tokens / wall,
                          "ttft_mean_s": float(np.mean(ttfts)), "ttft_p90_s": float(np.percentile(ttfts, 90)),
                          "cached_prompt_share": engine.stats["prefix_hit_tokens"] / prompt_tokens,
+                         "host_tier_share": engine.stats["prefix_host_hit_tokens"] / prompt_tokens,
+                         "host_pages": engine.config.host_pages,
                          "same_tokens_as_off": same, "answers_identical_to_off": identical,
                          "first_differing_token_mean": float(np.mean(diverged)) if diverged else None}
         r = results[name]
         print(f"[prefix cache {name:3s}] {r['requests']} requests, {prompt_tokens} prompt tokens "
-              f"({100 * r['cached_prompt_share']:.1f}% cached), wall {wall:.2f} s, {r['output_tok_s']:.1f} output tok/s, "
+              f"({100 * r['cached_prompt_share']:.1f}% cached, {100 * r['host_tier_share']:.1f}% from the host), wall {wall:.2f} s, {r['output_tok_s']:.1f} output tok/s, "
               f"TTFT mean {r['ttft_mean_s'] * 1e3:.1f} ms p90 {r['ttft_p90_s'] * 1e3:.1f} ms, answers as with the cache off: {identical}/{len(reference)}"
               + (f" (the others differ from token {r['first_differing_token_mean']:.1f} on, mean)" if diverged else ""),
               flush=True)
     off, on = results["off"], results["on"]
+    tiers = {name: {"ttft_speedup": off["ttft_mean_s"] / r["ttft_mean_s"],
+                    "throughput_speedup": r["output_tok_s"] / off["output_tok_s"]}
+             for name, r in results.items() if name.startswith("on_host")}
     summary = {"device": str(mesh.devices.flat[0].device_kind), "config": config.to_dict(),
                "workload": {"conversations": _CONVERSATIONS.value, "max_turns": _MAX_TURNS.value,
                             "system_len": _SYSTEM.value, "user_len": _USER.value, "output_len": _OUTPUT_LEN.value,
                             "seed": _SEED.value},
                "runs": results, "ttft_speedup": off["ttft_mean_s"] / on["ttft_mean_s"],
-               "throughput_speedup": on["output_tok_s"] / off["output_tok_s"]}
+               "throughput_speedup": on["output_tok_s"] / off["output_tok_s"], "host_tiers": tiers}
     print(f"mean TTFT {summary['ttft_speedup']:.2f}x lower, throughput {summary['throughput_speedup']:.2f}x higher "
-          f"with the cache on")
+          f"with the cache on" + "".join(f"; {k}: {v['ttft_speedup']:.2f}x, {v['throughput_speedup']:.2f}x"
+                                          for k, v in tiers.items()))
     print(json.dumps(summary, default=str))
     if _OUTPUT.value:
         with open(_OUTPUT.value, "w") as f:
             json.dump(summary, f, indent=1, default=str)
-    if not on["same_tokens_as_off"]:
+    if not all(r["same_tokens_as_off"] for name, r in results.items() if name.startswith("on")):
         raise SystemExit("prefix caching changed the answers")
 
 

@@ -189,3 +189,34 @@ def test_a_job_whose_upload_just_landed_is_not_evicted_before_it_runs():
     # a step later "a" is an ordinary running job again, and the better one may evict it
     plan = p.schedule([landed, better], cache(free=6, host=16))
     assert plan.swap_out == ["a"] and plan.run == [("b", 150)]
+
+
+# -- what a prefix cache holds: the policies see it ----------------------------------------------
+def test_a_cached_prefix_counts_as_done_for_skip_join_and_chunk_sizes():
+    p = mlfq()
+    cold = view("cold", prompt=1024)
+    warm = RequestView("warm", 0.0, 0, 1024, 0, 0, 100, 0, "none", num_cached=1008)  # 16 tokens left
+    plan = p.schedule([cold, warm], cache(free=200), now=0.0)
+    assert p.jobs["warm"].level == 0 and p.jobs["cold"].level == 4  # its first token is 16 tokens away
+    assert ("warm", 16) in plan.run and ("cold", 1024) in plan.run
+    assert cache().pages_needed(warm, 16) == 64  # the cached pages it takes are counted too
+
+
+def test_a_victim_frees_only_the_pages_it_does_not_share():
+    hi = view("hi", prompt=48, priority=0, arrival=5.0)  # needs 3 pages
+    mid = RequestView("mid", 0.0, 1, 33, 32, 1, 100, 3, "device")
+    for shared, victims in ((0, ["low"]), (4, ["low", "mid"])):  # worst ranked first, until 3 pages are free
+        low = RequestView("low", 0.0, 2, 65, 64, 1, 100, 5, "device", shared_pages=shared)
+        plan = PriorityPolicy().schedule([hi, mid, low], cache(free=0, host=10, batch=2), 0.0)
+        assert plan.swap_out == victims and ("hi", 48) in plan.run
+
+
+def test_the_simulator_skips_the_prefill_of_cached_prefixes():
+    from jaxserve.sim.simulator import SimConfig, Simulator
+    from jaxserve.sim.workload import Job
+
+    def jobs(cached):
+        return [Job(f"j{i}", 0.05 * i, 1024, 8, cached_len=cached) for i in range(20)]
+    cold, warm = ([Simulator(mlfq(), COST, SimConfig(num_pages=4096)).run(jobs(c)) for c in (0, 960)])
+    mean = lambda js: sum(j.ttft for j in js) / len(js)
+    assert mean(warm) < 0.3 * mean(cold)

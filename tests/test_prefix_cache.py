@@ -152,9 +152,125 @@ def test_shared_pages_survive_preemption_under_memory_pressure(tiny, policy):
     assert on.allocator.num_used == 0 and on.allocator.num_free == 12
 
 
-def test_prefix_caching_refuses_the_host_tier_it_does_not_have_yet():
+def test_prefix_caching_config_is_checked():
     from jaxserve import EngineConfig
-    with pytest.raises(ValueError, match="engine.prefix_cache=true needs engine.host_pages=0"):
-        EngineConfig(prefix_cache=True, host_pages=4)
     with pytest.raises(ValueError, match="engine.prefix_cache must be true or false"):
         EngineConfig(prefix_cache="yes")
+    assert EngineConfig(prefix_cache=True, host_pages=4).host_pages == 4  # the host tier
+
+
+# -- the host tier: pages evicted from the device wait in host memory ----------------------------
+def test_the_host_pool_keeps_evicted_pages_by_name_in_the_room_swaps_leave(tiny):
+    import jax.numpy as jnp
+    from jaxserve.cache.swap import HostPagePool
+    cfg, _, mesh, _ = tiny
+    shape = (cfg.num_layers, 9, 4, cfg.num_kv_heads, cfg.head_dim)
+    pool = {n: jnp.arange(np.prod(shape), dtype=jnp.float32).reshape(shape) + i for i, n in enumerate("kv")}
+    host = HostPagePool(8, mesh)
+    names = [bytes([i]) * 16 for i in range(6)]
+    from jaxserve.cache.swap import gather_bucketed
+    assert host.cache_pages(names[:3], gather_bucketed(pool, [5, 6, 7]))  # a 4-page block
+    assert host.cache_pages(names[3:5], gather_bucketed(pool, [1, 2]))    # a 2-page block
+    assert (host.cached_used, host.num_free, host.num_cached) == (6, 8, 5)
+    assert host.cached_prefix(names) == 5 and host.cached_prefix(names[1:]) == 4 and host.cached_prefix(names[5:]) == 0
+    # a hit uploads the pages' blocks; what comes back is what went in, in the asked order
+    uploads = host.upload_cached([names[4], names[0], names[2]])
+    got = {}
+    for staged, idx, pos in uploads:
+        for i, q in zip(idx, pos):
+            got[q] = np.asarray(staged["k"][:, i])
+    want = [np.asarray(pool["k"][:, p]) for p in (2, 5, 7)]
+    assert all(np.array_equal(got[q], want[q]) for q in range(3))
+    # a swap-out needs room: cached pages go, least recently used first, until whole blocks free up
+    # (LRU order now 1, 3, 4, 0, 2: dropping 1 and 3 frees no block, 4 frees the 2-page one)
+    host.put("swapped", pool, [3, 4, 8])  # a 4-page buffer
+    assert (host.used, host.cached_used) == (4, 4)
+    assert [host.has_cached(n) for n in names[:5]] == [True, False, True, False, False]
+    # no room left beside the swapped request: a new block is not kept
+    host.put("swapped2", pool, [1, 2, 3, 4])
+    assert host.num_cached == 0 and host.cached_used == 0
+    assert not host.cache_pages(names[5:], gather_bucketed(pool, [1]))
+
+
+def test_evicted_pages_come_back_from_the_host_with_the_content_their_names_say(tiny):
+    """Attention over a prefix does not depend on its pages' order, so outputs alone would not
+    catch a restore that puts pages in the wrong places (and names them wrongly)."""
+    import collections as col
+    import types
+    import jax.numpy as jnp
+    from jaxserve.engine.kv_manager import KVManager
+    cfg, _, mesh, _ = tiny
+    shape = (cfg.num_layers, 8, 4, cfg.num_kv_heads, cfg.head_dim)
+    original = {n: jnp.arange(np.prod(shape), dtype=jnp.float32).reshape(shape) * (i + 1) for i, n in enumerate("kv")}
+    runner = types.SimpleNamespace(cache=dict(original))
+    kv = KVManager(8, 4, 16, mesh, runner, col.defaultdict(int), prefix_cache=True)
+    names = [bytes([i]) * 16 for i in range(5)]
+    first = kv._allocate(5)
+    kv.prefix.publish(first, names)
+    kv.prefix.free(first)
+    everything = kv._allocate(8)  # evicts the 5 named pages: they go to the host first
+    assert kv.stats["prefix_spilled_pages"] == 5 and kv.host_pool.cached_prefix(names) == 5
+    runner.cache = {n: jnp.zeros(shape, jnp.float32) for n in "kv"}  # their new holders overwrite them
+    kv.prefix.free(everything)
+    target = kv._allocate(3)
+    kv._restore(names[1:4], target[::-1])
+    for name, page in zip(names[1:4], target[::-1]):
+        src = first[names.index(name)]
+        for n in "kv":
+            assert np.array_equal(np.asarray(runner.cache[n][:, page]), np.asarray(original[n][:, src]))
+    assert kv.prefix.match(list(range(4 * 4 + 1)), names[:4]) == []  # names[0] is not on the device
+    assert kv.prefix.cached(names[1:4]) == 3
+
+
+def _conversations(rng, n, system_len, user_len):
+    system = rng.integers(3, 1000, size=system_len).tolist()
+    return {f"c{i}": system + rng.integers(3, 1000, size=user_len).tolist() for i in range(n)}
+
+
+def _two_turns(engines, first, params, rng):
+    """Runs turn 1 and then turn 2 (turn 1 + its answer + a new message) on every engine; returns
+    each engine's answers {request id: tokens}."""
+    answers = [_run(e, [(rid, p, params) for rid, p in first.items()]) for e in engines]
+    extra = {rid: rng.integers(3, 1000, size=6).tolist() for rid in first}
+    for e, a in zip(engines, answers):
+        second = [(f"{rid}.2", p + answers[0][rid] + extra[rid], params) for rid, p in first.items()]
+        a.update(_run(e, second))
+    return answers
+
+
+def test_pages_evicted_from_the_device_come_back_from_the_host_tier(tiny):
+    from jaxserve import SamplingParams
+    greedy = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    rng = np.random.default_rng(11)
+    first = _conversations(rng, 8, system_len=24, user_len=40)  # 8 pages each, 3 of them shared
+    kw = dict(page_size=8, num_pages=40, token_budget=64, max_chunk=32, max_batch=4)
+    off = _engine(tiny, **kw)
+    device_only = _engine(tiny, prefix_cache=True, **kw)
+    tiered = _engine(tiny, prefix_cache=True, host_pages=128, **kw)
+    want, got_device, got_tiered = _two_turns([off, device_only, tiered], first, greedy, rng)
+    assert got_device == want and got_tiered == want
+    # the first turn's pages did not all fit on the device: the host tier kept what it evicted
+    assert tiered.stats["prefix_spilled_pages"] > 0 and tiered.stats["prefix_host_hit_tokens"] > 0
+    assert tiered.stats["prefix_hit_tokens"] > device_only.stats["prefix_hit_tokens"]
+    assert tiered.kv.host_pool.used == 0 and tiered.allocator.num_used == 0 and tiered.allocator.num_free == 40
+
+
+@pytest.mark.parametrize("policy", ["mlfq", "priority"])
+def test_swapping_out_leaves_shared_pages_on_the_device(tiny, policy):
+    from jaxserve import SamplingParams
+    greedy = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    rng = np.random.default_rng(7)
+    system = rng.integers(3, 1000, size=32).tolist()
+    reqs = [(f"r{i}", system + rng.integers(3, 1000, size=int(rng.integers(4, 30))).tolist(), greedy)
+            for i in range(10)]
+    kw = dict(page_size=8, num_pages=24, token_budget=48, max_chunk=32, max_batch=4, policy=policy)
+    want = _run(_engine(tiny, page_size=8, num_pages=128, max_batch=4), reqs)
+    on = _engine(tiny, prefix_cache=True, host_pages=256, **kw)
+    for i, (rid, p, sp) in enumerate(reqs):  # later requests outrank earlier ones: forces swaps
+        on.add_request(rid, p, sp, priority=-i)
+    got = {}
+    while on.has_unfinished():
+        got.update((o.request_id, o.token_ids) for o in on.step() if o.finished)
+    assert got == want
+    assert on.stats["swap_outs"] > 0 and on.stats["swap_shared_pages_kept"] > 0, on.stats
+    assert on.kv.host_pool.used == 0 and on.allocator.num_used == 0 and on.allocator.num_free == 24

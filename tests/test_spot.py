@@ -257,3 +257,38 @@ def test_simulated_reroute_keeps_the_shape_planned_for_the_largest_cluster():
     # two devices are too few for a replica of 4: reroute serves nothing until the others come
     assert min(j.first_token for j in jobs["reroute"]) > 20.0
     assert min(j.first_token for j in jobs["spotserve"]) < 20.0  # SpotServe plans for what it has
+
+
+def test_requests_sharing_cached_pages_migrate_with_the_same_outputs(tiny_host):
+    """Prefix caching on, requests sharing a system prompt's pages, random ones swapped out each
+    step (their shared pages kept on the device), the notice while some are: every output as on
+    one device without the cache."""
+    import numpy as np
+    from test_swap import ChaosPolicy
+    cfg, params, tok = tiny_host
+    rng = np.random.default_rng(4)
+    system = rng.integers(3, 1000, size=32).tolist()
+    reqs = [(f"s{i}", system + rng.integers(3, 1000, size=int(rng.integers(20, 50))).tolist(), GREEDY if i % 2 else SEEDED)
+            for i in range(12)]
+    mesh = make_mesh(1, 1)
+    want = drain(Engine(cfg, shard_params(params, cfg, mesh), mesh, tok, CONFIG), reqs)
+    devices = jax.devices()
+    small = EngineConfig(num_pages=40, page_size=8, host_pages=200, max_batch=4, token_budget=48, max_chunk=32,
+                         prefix_cache=True)
+    cluster = ServingCluster(cfg, params, devices[:4], 2, 2, small, tok,
+                             make_policy=lambda cost_model: ChaosPolicy(seed=2, p=0.3))  # random swap-outs
+    out, noticed = {}, False
+    for i, (rid, prompt, p) in enumerate(reqs):
+        cluster.add_request(rid, prompt, p)
+        if i == 1:  # the first two name the system prompt's pages before the others arrive
+            for _ in range(3):
+                out.update((o.request_id, o.token_ids) for o in cluster.step() if o.finished)
+    while cluster.has_unfinished():
+        if not noticed and any(e.kv.kept_pages for e in cluster.replicas):
+            noticed = True
+            assert cluster.notify_preemption(devices[:2], grace_s=30.0).tokens_recomputed == 0
+        for o in cluster.step():
+            if o.finished:
+                out[o.request_id] = o.token_ids
+    assert noticed  # the notice found swapped requests whose shared pages stayed on the device
+    assert out == want

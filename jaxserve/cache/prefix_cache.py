@@ -40,6 +40,9 @@ class PrefixCache:
         self._hash_of: Dict[int, bytes] = {}  # cached pages (held or not) -> their name
         self._page_of: Dict[bytes, int] = {}
         self._idle: "collections.OrderedDict[int, None]" = collections.OrderedDict()  # cached, unheld: LRU first
+        # (page, name) of pages evicted since the owner last took them: their contents are intact
+        # until the pages' new holders write them, so a host tier can still copy them
+        self.evicted: List[tuple] = []
         self.stats = {"evicted_pages": 0}
 
     @property
@@ -76,8 +79,16 @@ class PrefixCache:
             self._hold(page)
         return pages
 
+    def cached(self, names: Sequence[bytes]) -> int:
+        """How many of `names`, from the first, name device pages (nothing is held)."""
+        n = 0
+        while n < len(names) and names[n] in self._page_of:
+            n += 1
+        return n
+
     def allocate(self, n: int) -> List[int]:
-        """n pages for new content, evicting the least recently used unheld cached pages if needed."""
+        """n pages for new content, evicting the least recently used unheld cached pages if needed
+        (listed in `evicted`)."""
         if n > self.num_free:
             raise OutOfPages(f"asked for {n} pages, {self.num_free} free")
         pages = []
@@ -86,7 +97,9 @@ class PrefixCache:
                 page = self._free.pop()
             else:
                 page, _ = self._idle.popitem(last=False)
-                del self._page_of[self._hash_of.pop(page)]
+                name = self._hash_of.pop(page)
+                del self._page_of[name]
+                self.evicted.append((page, name))
                 self.stats["evicted_pages"] += 1
             self._refs[page] = 1
             pages.append(page)
@@ -121,6 +134,7 @@ class PrefixCache:
         """Drops every name (the pool's contents were lost); held pages stay held."""
         self._free += list(self._idle)
         self._idle.clear()
+        self.evicted.clear()
         self._hash_of.clear()
         self._page_of.clear()
 

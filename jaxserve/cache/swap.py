@@ -1,15 +1,20 @@
-"""Moving a request's KV pages between the device pool and host memory.
+"""Moving KV pages between the device pool and host memory: swapped requests, cached prefix pages.
 
 Swap-out gathers the request's pages into one contiguous device buffer and `device_put`s it to
 host memory (memory kind `pinned_host` where the backend has it, else plain host numpy); both
 are asynchronous, so the step that follows is not held up. Swap-in uploads the host copy to a
 device staging buffer (also asynchronous, so it overlaps the running step) and a later,
 cheap device-side scatter writes it into freshly allocated pages.
+
+The same pool is the prefix cache's host tier: named pages evicted from the device are kept
+here, by name, in the room swapped requests leave, and go first (least recently used) when a
+swap-out needs that room.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
-from typing import Dict, Sequence
+from typing import Dict, List, Sequence, Tuple
 
 import jax
 import numpy as np
@@ -32,20 +37,36 @@ class HostEntry:
     allocated: int      # the pages the buffers hold (bucket(n)): what `used` counts
 
 
+@dataclasses.dataclass
+class CachedBlock:
+    data: dict          # {"k", "v"}: [L, bucket(n), S, K, D] in host memory, n named pages
+    allocated: int      # bucket(n): what `cached_used` counts while any of its pages is named
+    live: int           # how many of its pages are still named
+
+
 class HostPagePool:
     """Swapped-out KV of preempted requests, bounded by `capacity` pages of host memory
-    (counted as allocated: a copy of n pages holds bucket(n))."""
+    (counted as allocated: a copy of n pages holds bucket(n)), and named prefix pages in the
+    room they leave (evicted first, LRU, when a swap-out needs it)."""
 
     def __init__(self, capacity: int, mesh):
         self.capacity = capacity
         self.mesh = mesh
         self.memory_kind = host_memory_kind(mesh.devices.flat[0])
         self.entries: Dict[str, HostEntry] = {}
-        self.used = 0
+        self.used = 0  # pages of swapped requests' entries
+        self.cached_used = 0  # pages of cached blocks (always <= capacity - used)
+        self._cached: "collections.OrderedDict[bytes, Tuple[CachedBlock, int]]" = collections.OrderedDict()
+        self.stats = {"cached_pages_dropped": 0}
 
     @property
     def num_free(self) -> int:
+        """Room for swap-outs: cached prefix pages give theirs up."""
         return self.capacity - self.used
+
+    @property
+    def num_cached(self) -> int:
+        return len(self._cached)
 
     def _sharding(self, shape, memory_kind):
         s = logical_sharding(POOL_AXES, shape, self.mesh)
@@ -60,13 +81,72 @@ class HostPagePool:
         allocated = data["k"].shape[1]
         if allocated > self.num_free:
             raise RuntimeError(f"host pool full: {allocated} pages asked ({num_pages} used), {self.num_free} free")
-        if self.memory_kind:
-            host = transfer.to_host(data)
-        else:
-            host = {name: np.asarray(x) for name, x in data.items()}  # backends without host memory spaces
+        self._make_room(allocated)
+        host = self._to_host(data)
         self.entries[request_id] = HostEntry(host, num_pages, allocated)
         self.used += allocated
         return num_pages * sum(x.nbytes // x.shape[1] for x in host.values())
+
+    def _to_host(self, data: dict) -> dict:
+        if self.memory_kind:
+            return transfer.to_host(data)
+        return {name: np.asarray(x) for name, x in data.items()}  # backends without host memory spaces
+
+    # -- the prefix cache's host tier ----------------------------------------------------------
+    def has_cached(self, name: bytes) -> bool:
+        return name in self._cached
+
+    def cached_prefix(self, names: Sequence[bytes]) -> int:
+        """How many of `names`, from the first, this pool holds."""
+        n = 0
+        while n < len(names) and names[n] in self._cached:
+            n += 1
+        return n
+
+    def cache_pages(self, names: Sequence[bytes], data: dict) -> bool:
+        """Keeps device buffers [L, >= len(names), ...] of named pages, unless swapped requests'
+        entries leave no room for them; older cached pages make room. Returns whether kept."""
+        allocated = data["k"].shape[1]
+        if allocated > self.num_free:
+            self.stats["cached_pages_dropped"] += len(names)
+            return False
+        self._make_room(allocated)
+        block = CachedBlock(self._to_host(data), allocated, len(names))
+        for i, name in enumerate(names):
+            self._cached[name] = (block, i)
+        self.cached_used += allocated
+        return True
+
+    def touch(self, names: Sequence[bytes]) -> None:
+        for name in names:
+            self._cached.move_to_end(name)
+
+    def upload_cached(self, names: Sequence[bytes]) -> List[Tuple[dict, List[int], List[int]]]:
+        """Starts the upload of named pages: [(staged device block, its page indices, positions
+        in `names`)], one per host block they are in. Their host copies stay cached."""
+        kind = self.mesh.devices.flat[0].default_memory().kind
+        by_block: Dict[int, tuple] = {}
+        for pos, name in enumerate(names):
+            block, i = self._cached[name]
+            self._cached.move_to_end(name)
+            entry = by_block.setdefault(id(block), (block, [], []))
+            entry[1].append(i)
+            entry[2].append(pos)
+        return [({n: jax.device_put(x, self._sharding(x.shape, kind)) for n, x in block.data.items()}, idx, pos)
+                for block, idx, pos in by_block.values()]
+
+    def forget_cached(self) -> None:
+        self._cached.clear()
+        self.cached_used = 0
+
+    def _make_room(self, pages: int) -> None:
+        """Drops cached pages, least recently used first, until `pages` more fit."""
+        while self.capacity - self.used - self.cached_used < pages and self._cached:
+            _, (block, _) = self._cached.popitem(last=False)
+            self.stats["cached_pages_dropped"] += 1
+            block.live -= 1
+            if block.live == 0:
+                self.cached_used -= block.allocated
 
     def upload(self, request_id: str) -> tuple:
         """Starts the host->device copy of a request's pages; returns (staged data, num_pages)."""

@@ -43,7 +43,8 @@ class EngineConfig:
     max_batch: int = 32
     token_budget: int = 256   # tokens per step, prefill chunks and decodes together
     max_chunk: int = 256      # longest prefill chunk
-    host_pages: int = 0       # host (pinned) memory for swapped-out KV, in pages; 0 = none
+    host_pages: int = 0       # host (pinned) memory, in pages, for swapped-out KV (and evicted cached
+    #                           prefix pages, with prefix_cache); 0 = none
     attention_impl: str = "auto"  # decode attention: auto (Pallas on GPU) | reference | pallas
     unroll_layers: str = "auto"   # decode steps' layer loop unrolled: auto (on GPU) | on | off
     policy: str = "fcfs"
@@ -59,8 +60,6 @@ class EngineConfig:
             raise ValueError(f"engine.host_pages must be an integer >= 0, got {self.host_pages!r}")
         if not isinstance(self.prefix_cache, bool):
             raise ValueError(f"engine.prefix_cache must be true or false, got {self.prefix_cache!r}")
-        if self.prefix_cache and self.host_pages:  # swapping shared pages is the host tier, not built yet
-            raise ValueError("engine.prefix_cache=true needs engine.host_pages=0 for now")
         if self.unroll_layers not in UNROLL_CHOICES:
             raise ValueError(f"engine.unroll_layers={self.unroll_layers!r} is not one of {UNROLL_CHOICES}")
 
@@ -97,7 +96,8 @@ class Engine:
                       "swap_outs": 0, "swap_ins": 0, "swap_ins_unforeseen": 0, "swap_stall_s": 0.0,
                       "reparallelizations": 0, "finished": 0, "aborted": 0, "host_s": 0.0, "device_wait_s": 0.0,
                       "dropped_tokens": 0, "failed": 0, "prefix_hit_tokens": 0, "prefix_queried_tokens": 0,
-                      "prefix_deferred": 0}
+                      "prefix_deferred": 0, "prefix_host_hit_tokens": 0, "prefix_spilled_pages": 0,
+                      "prefix_restored_pages": 0, "swap_shared_pages_kept": 0}
         self.kv = KVManager(config.num_pages, config.page_size, config.host_pages, mesh, self.runner, self.stats,
                             prefix_cache=config.prefix_cache, model_key=repr(cfg))
         self.step_log: List[tuple] = []      # (cost features, seconds) of recent steps, for calibration
@@ -326,6 +326,8 @@ class Engine:
         for rid, n in plan.run:
             r = self.requests[rid]
             if r.status is Status.SWAPPED:
+                if rid in uploads:  # its swap-in found fewer free pages than planned (kv.swap_in)
+                    continue
                 raise RuntimeError(f"policy {self.policy.name} ran {rid} without swapping it in")
             if r.status is Status.WAITING:  # its prefill starts after its cached prefix, if any
                 n = self.kv.match(r, n)
@@ -457,8 +459,10 @@ class Engine:
             location, pages = "host", self.kv.host_entry_pages(r.request_id)
         else:
             location, pages = ("device" if r.status is Status.RUNNING else "none"), len(r.pages)
+        cached = self.kv.cached_tokens(r) if r.status is Status.WAITING else 0
         return RequestView(r.request_id, r.arrival_time, r.priority, r.num_tokens, r.num_computed,
-                           r.num_generated, r.params.max_tokens, pages, location)
+                           r.num_generated, r.params.max_tokens, pages, location, num_cached=cached,
+                           shared_pages=self.kv.shared_pages(r) if r.status is Status.RUNNING else 0)
 
     def _chunk(self, r: Request, n: int) -> Chunk:
         p = r.params

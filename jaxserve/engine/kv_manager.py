@@ -4,13 +4,19 @@ The engine asks it to grow, release, swap out, swap in, export and import a requ
 only this module hands out or frees pages. The pool arrays themselves live in the model runner,
 whose steps update them in place; transfers here go through `runner.cache` as well, so every
 device operation on the pool is ordered after the steps dispatched before it.
+
+With prefix caching and a host pool, named pages the device evicts are copied to the host pool
+(read before their new holders' writes, which are dispatched later) and come back on a hit; a
+swapped-out request leaves the pages it shares on the device, held, and copies only its own.
 """
 from __future__ import annotations
 
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 from jaxserve.cache.page_allocator import PageAllocator, pages_for
 from jaxserve.cache.prefix_cache import PrefixCache
@@ -26,9 +32,56 @@ class KVManager:
         self.prefix = PrefixCache(num_pages, page_size, model_key) if prefix_cache else None
         self.allocator = self.prefix or PageAllocator(num_pages)
         self.host_pool = HostPagePool(host_pages, mesh)
+        self.host_tier = self.prefix is not None and host_pages > 0  # evicted named pages kept on the host
         self._staged: Dict[str, tuple] = {}  # uploads in flight: request_id -> (pages, device buffers)
         self._names: Dict[str, List[bytes]] = {}  # request_id -> its full pages' names so far
         self._published: Dict[str, int] = {}  # request_id -> how many of its pages are named
+        self._kept: Dict[str, List[tuple]] = {}  # swapped request -> [(index, page)] shared pages it holds
+        self._prompt_names: Dict[str, tuple] = {}  # waiting request -> (tokens hashed, their names)
+
+    def _allocate(self, n: int) -> List[int]:
+        """n device pages; named pages this evicts are copied to the host tier first."""
+        pages = self.allocator.allocate(n)
+        if self.prefix is not None and self.prefix.evicted:
+            evicted, self.prefix.evicted = self.prefix.evicted, []
+            if self.host_tier:
+                self._spill(evicted)
+        return pages
+
+    def _spill(self, evicted: Sequence[tuple]) -> None:
+        """Copies evicted named pages the host tier lacks to it. The gather reads the pool as
+        the steps dispatched so far leave it: before any write of the pages' new holders."""
+        fresh = [(p, h) for p, h in evicted if not self.host_pool.has_cached(h)]
+        self.host_pool.touch([h for _, h in evicted if self.host_pool.has_cached(h)])
+        if fresh and self.host_pool.cache_pages([h for _, h in fresh],
+                                                gather_bucketed(self.runner.cache, [p for p, _ in fresh])):
+            self.stats["prefix_spilled_pages"] += len(fresh)
+
+    def _restore(self, names: Sequence[bytes], pages: Sequence[int]) -> None:
+        """Uploads host-tier copies of `names` into device `pages` (in order) and names them."""
+        for staged, idx, pos in self.host_pool.upload_cached(names):
+            self.runner.cache = write_staged(self.runner.cache, [pages[i] for i in pos], gather_bucketed(staged, idx))
+        self.prefix.publish(pages, names)
+        self.stats["prefix_restored_pages"] += len(pages)
+
+    def prompt_names(self, r: Request) -> List[bytes]:
+        """The names of r's full pages of known tokens (hashed once per token count)."""
+        known = self._prompt_names.get(r.request_id)
+        if known is None or known[0] != r.num_tokens:
+            known = (r.num_tokens, self.prefix.hashes(r.token_ids(0, r.num_tokens)))
+            self._prompt_names[r.request_id] = known
+        return known[1]
+
+    def cached_tokens(self, r: Request) -> int:
+        """Tokens of r's longest prefix cached on the device or the host (for a request with no
+        cache of its own, whose prefill would start after them; 0 without prefix caching)."""
+        if self.prefix is None or r.pages or r.num_computed:
+            return 0
+        names = self.prompt_names(r)[:max(r.num_tokens - 1, 0) // self.page_size]
+        n = self.prefix.cached(names)
+        if self.host_tier:
+            n += self.host_pool.cached_prefix(names[n:])
+        return n * self.page_size
 
     def match(self, r: Request, n: int) -> int:
         """Gives a request with no cache the cached pages of its longest known prefix, so that
@@ -37,15 +90,22 @@ class KVManager:
         fit is dropped, and r runs as planned."""
         if self.prefix is None or r.pages or r.num_computed:
             return n
-        tokens = r.token_ids(0, r.num_tokens)
-        names = self.prefix.hashes(tokens)
-        pages = self.prefix.match(tokens, names)
+        names = list(self.prompt_names(r))
+        self._prompt_names.pop(r.request_id, None)
+        pages = self.prefix.match(r.token_ids(0, r.num_tokens), names)
         self.stats["prefix_queried_tokens"] += r.num_tokens  # misses too: hit / queried is the hit rate
-        hit = len(pages) * self.page_size
+        usable = max(r.num_tokens - 1, 0) // self.page_size
+        on_host = self.host_pool.cached_prefix(names[len(pages):usable]) if self.host_tier else 0
+        hit = (len(pages) + on_host) * self.page_size
         rest = min(n, r.num_tokens - hit)
-        if not pages or self.pages_needed(hit + rest) - len(pages) > self.prefix.num_free:
+        if not hit or self.pages_needed(hit + rest) - len(pages) > self.prefix.num_free:
             self.prefix.free(pages)
             return n
+        if on_host:
+            restored = self._allocate(on_host)
+            self._restore(names[len(pages):len(pages) + on_host], restored)
+            pages += restored
+            self.stats["prefix_host_hit_tokens"] += on_host * self.page_size
         r.pages, r.num_computed = pages, hit
         self._names[r.request_id], self._published[r.request_id] = names, len(pages)
         self.stats["prefix_hit_tokens"] += hit
@@ -72,6 +132,7 @@ class KVManager:
         """The pool's contents were lost: no page holds what its name says any more."""
         if self.prefix is not None:
             self.prefix.forget()
+            self.host_pool.forget_cached()  # its copies may have been read from the lost pool
             self._published = {rid: 0 for rid in self._published}
 
     @property
@@ -83,37 +144,70 @@ class KVManager:
 
     def grow(self, r: Request, num_tokens: int) -> None:
         """Gives r the pages to hold its first num_tokens tokens."""
-        r.pages += self.allocator.allocate(self.pages_needed(num_tokens) - len(r.pages))
+        r.pages += self._allocate(self.pages_needed(num_tokens) - len(r.pages))
 
     def release(self, r: Request) -> None:
         """Frees everything r holds (device pages, host copy, upload in flight)."""
         self._staged.pop(r.request_id, None)
         self._names.pop(r.request_id, None)
         self._published.pop(r.request_id, None)
+        self._prompt_names.pop(r.request_id, None)
         self.host_pool.drop(r.request_id)
-        self.allocator.free(r.pages)
+        self.allocator.free(r.pages + [p for _, p in self._kept.pop(r.request_id, [])])
         r.pages = []
 
+    def shared_pages(self, r: Request) -> int:
+        """Of r's device pages, those other requests hold too: releasing r frees none of them."""
+        return 0 if self.prefix is None else sum(self.prefix.refcount(p) > 1 for p in r.pages)
+
     def swap_out(self, r: Request) -> int:
-        """Moves r's pages to the host pool; r keeps its computed tokens. Returns bytes moved."""
+        """Moves r's pages to the host pool; r keeps its computed tokens. Pages it shares stay on
+        the device, held, and are not copied. Returns bytes moved."""
         self.write_staged(r.request_id)
-        moved = self.host_pool.put(r.request_id, self.runner.cache, r.pages)
-        self.allocator.free(r.pages)
+        kept = [(i, p) for i, p in enumerate(r.pages) if self.prefix is not None and self.prefix.refcount(p) > 1]
+        own = [p for p in r.pages if self.prefix is None or self.prefix.refcount(p) == 1]
+        moved = self.host_pool.put(r.request_id, self.runner.cache, own)
+        self.allocator.free(own)
+        if kept:
+            self._kept[r.request_id] = kept
+            self.stats["swap_shared_pages_kept"] += len(kept)
         r.pages, r.status = [], Status.SWAPPED
         self.stats["swap_outs"] += 1
         self.stats["swap_out_bytes"] += moved
         return moved
+
+    @property
+    def kept_pages(self) -> int:
+        """Shared device pages that swapped-out requests hold (see `swap_out`)."""
+        return sum(map(len, self._kept.values()))
+
+    def _with_kept(self, request_id: str, own: Sequence[int]) -> List[int]:
+        """A swapped request's page list again: its own (new) pages around the shared ones it kept."""
+        kept = dict(self._kept.pop(request_id, []))
+        rest = iter(own)
+        return [kept[i] if i in kept else next(rest) for i in range(len(kept) + len(own))]
 
     def start_upload(self, request_id: str) -> tuple:
         """Starts the host->device copy of a swapped request (see `swap_in`)."""
         return self.host_pool.upload(request_id)
 
     def swap_in(self, r: Request, upload: tuple, needed_now: bool) -> int:
-        """Gives r's upload device pages; it lands in the pool before r runs. Returns bytes."""
+        """Gives r's upload device pages; it lands in the pool before r runs. Returns bytes. With
+        prefix caching a plan may count pages that a preempted request's shared pages still
+        hold as free: if r's do not fit, its copy goes back to the host and r stays swapped."""
         staged, n = upload
-        pages = self.allocator.allocate(n)
+        if n > self.allocator.num_free:
+            self.stats["prefix_deferred"] += 1
+            if staged["k"].shape[1] <= self.host_pool.num_free:
+                self.host_pool.store(r.request_id, staged, n)
+                return 0
+            self.stats["recomputed_tokens"] += r.num_computed  # this step's swap-outs took its room
+            self.release(r)
+            r.num_computed, r.status = 0, Status.WAITING
+            return 0
+        pages = self._allocate(n)
         moved = sum(x.nbytes for x in staged.values()) * n // staged["k"].shape[1]
-        r.pages, r.status = pages, Status.RUNNING
+        r.pages, r.status = self._with_kept(r.request_id, pages), Status.RUNNING
         self._staged[r.request_id] = (pages, staged)
         self.stats["swap_ins"] += 1
         self.stats["swap_in_bytes"] += moved
@@ -140,7 +234,15 @@ class KVManager:
             kv = gather_bucketed(self.runner.cache, r.pages)
         elif with_kv and r.status is Status.SWAPPED:
             on_device = self.runner.cache["k"].sharding
-            kv = {name: jax.device_put(x, on_device) for name, x in self.host_pool.entries[r.request_id].data.items()}
+            entry = self.host_pool.entries[r.request_id]
+            kv = {name: jax.device_put(x, on_device) for name, x in entry.data.items()}
+            kept = self._kept.get(r.request_id)
+            if kept:  # its shared pages stayed on the device: put them back in their places
+                shared = gather_bucketed(self.runner.cache, [p for _, p in kept])
+                own = iter(range(entry.num_pages))
+                at = {i: kv["k"].shape[1] + j for j, (i, _) in enumerate(kept)}
+                order = np.array([at[i] if i in at else next(own) for i in range(entry.num_pages + len(kept))])
+                kv = {name: jnp.concatenate([kv[name], shared[name]], axis=1)[:, order] for name in kv}
         self.release(r)
         return kv
 
@@ -154,7 +256,7 @@ class KVManager:
         n = 0 if kv is None else self.pages_needed(r.num_computed)
         on_device = self.runner.cache["k"].sharding  # the pool's spec: only the page count differs
         if kv is not None and self.has_pages_for(r):
-            pages = self.allocator.allocate(n)
+            pages = self._allocate(n)
             staged = {name: jax.device_put(x, on_device) for name, x in kv.items()}
             self.runner.cache = write_staged(self.runner.cache, pages, staged)
             r.pages, r.status = pages, Status.RUNNING

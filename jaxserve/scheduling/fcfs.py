@@ -34,10 +34,10 @@ class FCFSPolicy:
             while need > free and running:  # make room by preempting the youngest
                 victim = running.pop()
                 plan.preempt.append(victim.request_id)
-                free += victim.num_pages
+                free += victim.own_pages
             if need > free:
                 plan.preempt.append(r.request_id)
-                free += r.num_pages
+                free += r.own_pages
                 break
             plan.run.append((r.request_id, n))
             free, budget, slots = free - need, budget - n, slots - 1

@@ -23,10 +23,21 @@ class RequestView:
     max_tokens: int
     num_pages: int         # pages held
     location: str          # "none" (no cache), "device" or "host"
+    # With prefix caching: tokens of a request with no cache of its own that the cache holds for
+    # it (its prefill starts after them), and pages it holds that others hold too (taking its
+    # cache away frees none of them).
+    num_cached: int = 0
+    shared_pages: int = 0
 
     @property
     def num_remaining(self) -> int:
-        return self.num_tokens - self.num_computed
+        """Tokens still to compute before its next token."""
+        return self.num_tokens - self.num_computed - self.num_cached
+
+    @property
+    def own_pages(self) -> int:
+        """Pages that preempting or swapping it out frees (and that a swap-out copies)."""
+        return self.num_pages - self.shared_pages
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,8 +55,9 @@ class CacheState:
     swap_s_per_page: float = 0.0
 
     def pages_needed(self, r: RequestView, n: int) -> int:
-        """New pages `r` needs to run its next `n` tokens."""
-        return max(0, pages_for(r.num_computed + n, self.page_size) - r.num_pages)
+        """New pages `r` needs to run its next `n` tokens (a cached prefix's pages count: the
+        unheld ones it takes are among the free pages)."""
+        return max(0, pages_for(r.num_computed + r.num_cached + n, self.page_size) - r.num_pages)
 
     @staticmethod
     def host_pages_for(num_pages: int) -> int:

@@ -82,7 +82,7 @@ class PreemptivePolicy:
         for _ in range(3):
             chunks = [(n, pages_for(by_id[rid].num_computed + n, cache.page_size)) for rid, n in plan.run]
             fits = int(self.cost_model.step_time(chunks) / cache.swap_s_per_page) if chunks else 0
-            if sum(by_id[rid].num_pages for rid in plan.swap_out + plan.swap_in) <= fits or fits == link:
+            if sum(by_id[rid].own_pages for rid in plan.swap_out + plan.swap_in) <= fits or fits == link:
                 break
             plan, link = self._plan(ordered, cache, fits), fits
         return plan
@@ -122,12 +122,12 @@ class PreemptivePolicy:
                 break
             if victim.request_id in uploading or victim.request_id in self._uploaded:
                 continue
-            held = cache.host_pages_for(victim.num_pages)
-            if (loc[victim.request_id] == "device" and victim.num_pages and held <= host_free
-                    and victim.num_pages <= link):
+            held = cache.host_pages_for(victim.own_pages)
+            if (loc[victim.request_id] == "device" and victim.own_pages and held <= host_free
+                    and victim.own_pages <= link):
                 plan.swap_out.append(victim.request_id)
                 loc[victim.request_id] = "host"
-                free, host_free, link = free + victim.num_pages, host_free - held, link - victim.num_pages
+                free, host_free, link = free + victim.own_pages, host_free - held, link - victim.own_pages
         # prefetch the host-resident jobs next in line, while the watermark still holds
         if self.prefetch and not plan.swap_out and not plan.preempt:
             for r in idle:
@@ -191,17 +191,17 @@ class PreemptivePolicy:
             for victim in (reversed(ordered[i + 1:]) if self.may_evict_for(r) else ()):
                 if need <= free + gain:
                     break
-                if loc[victim.request_id] != "device" or not victim.num_pages:
+                if loc[victim.request_id] != "device" or not victim.own_pages:
                     continue
                 if victim.request_id in self._uploaded and not forced:
                     continue  # its upload has just landed: evicting it now moves it twice for nothing
-                to_host = cache.host_pages_for(victim.num_pages) <= room and moved + victim.num_pages <= link
+                to_host = cache.host_pages_for(victim.own_pages) <= room and moved + victim.own_pages <= link
                 if not to_host and not forced:
                     continue
-                room -= cache.host_pages_for(victim.num_pages) if to_host else 0
-                moved += victim.num_pages if to_host else 0
+                room -= cache.host_pages_for(victim.own_pages) if to_host else 0
+                moved += victim.own_pages if to_host else 0
                 victims.append((victim, to_host))
-                gain += victim.num_pages
+                gain += victim.own_pages
             alone = oversize_ok and on_host and moved > link == untouched
             if need > free + gain or (moved > link and not alone):
                 continue
@@ -209,7 +209,7 @@ class PreemptivePolicy:
             host_free += freed
             for victim, to_host in victims:
                 (plan.swap_out if to_host else plan.preempt).append(victim.request_id)
-                host_free -= cache.host_pages_for(victim.num_pages) if to_host else 0
+                host_free -= cache.host_pages_for(victim.own_pages) if to_host else 0
                 loc[victim.request_id] = "gone"
             if on_host:
                 plan.swap_in.append(r.request_id)

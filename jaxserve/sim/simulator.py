@@ -44,6 +44,14 @@ class _State:
     def tokens(self) -> int:
         return self.job.prompt_len + self.generated
 
+    @property
+    def cached(self) -> int:
+        """The job's cached prompt prefix, while it has no cache of its own (as the engine's
+        prefix cache gives it; it is assumed to stay cached across preemptions)."""
+        if self.location != "none" or self.computed:
+            return 0
+        return min(self.job.cached_len, self.tokens - 1)
+
 
 class Simulator:
     def __init__(self, policy, cost_model: CostModel, config: SimConfig):
@@ -66,7 +74,8 @@ class Simulator:
                 now = pending[0][0]
                 continue
             views = [RequestView(s.job.request_id, s.job.arrival, s.job.priority, s.tokens, s.computed,
-                                 s.generated, s.job.output_len, s.pages, s.location) for s in active.values()]
+                                 s.generated, s.job.output_len, s.pages, s.location, num_cached=s.cached)
+                     for s in active.values()]
             cache = CacheState(c.page_size, free, c.num_pages, host_free, c.max_batch, c.token_budget, c.max_chunk,
                                link_s_per_page)
             plan = self.policy.schedule(views, cache, now)
@@ -94,6 +103,7 @@ class Simulator:
             chunks = []
             for rid, n in plan.run:
                 s = active[rid]
+                s.computed += s.cached  # its prefill starts after its cached prefix
                 new = pages_for(s.computed + n, c.page_size) - s.pages
                 free, s.pages, s.location = free - new, s.pages + new, "device"
                 chunks.append((s, n))

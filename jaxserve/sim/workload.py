@@ -21,6 +21,7 @@ class Job:
     prompt_len: int
     output_len: int
     priority: int = 0
+    cached_len: int = 0         # prompt tokens a prefix cache holds for it (its prefill skips them)
     first_token: Optional[float] = None   # absolute times on the replay's clock
     finish: Optional[float] = None
 
