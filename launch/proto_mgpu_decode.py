@@ -37,7 +37,8 @@ from jaxserve.cli import run  # noqa: E402
 _CASES = flags.DEFINE_list("cases", ["128x1024", "64x640", "128r100-2048"], "Batch and context cases.")
 _CONFIGS = flags.DEFINE_list(
     "configs", ["p2s2", "p1s4"],
-    "Mosaic GPU configs: p<ctas per SM, 0 = one CTA per item>s<ring stages>[k<splits>][r<consumer regs>].")
+    "Mosaic GPU configs: p<ctas per SM, 0 = one CTA per item>s<ring stages>[k<splits>][r<consumer regs>]"
+    "[o0: o through its own smem, not the q buffer].")
 _LAYERS = flags.DEFINE_integer("layers", 32, "Layers (one kernel call each).")
 _KV_HEADS = flags.DEFINE_integer("kv_heads", 8, "KV heads.")
 _HEADS = flags.DEFINE_integer("heads", 32, "Query heads.")
@@ -56,9 +57,9 @@ QROWS = 8  # q rows a work item loads and stores: its group (4), padded to a til
 
 
 def parse_config(cfg: str) -> dict:
-    """'p2s2k2r200' -> dict(ctas_per_sm=2, stages=2, k_splits=2, regs=200); k and r optional."""
+    """'p2s2k2r200o0' -> dict(ctas_per_sm=2, stages=2, k_splits=2, regs=200, share_o=0); k, r, o optional."""
     out, key, num = {}, None, ""
-    names = {"p": "ctas_per_sm", "s": "stages", "k": "k_splits", "r": "regs"}
+    names = {"p": "ctas_per_sm", "s": "stages", "k": "k_splits", "r": "regs", "o": "share_o"}
     for ch in cfg + "$":
         if ch.isdigit():
             num += ch
@@ -70,7 +71,7 @@ def parse_config(cfg: str) -> dict:
 
 
 def mgpu_decode_attention(q, k_pool, v_pool, layer, page_table, lengths, *, k_splits: int, stages: int = 2,
-                          ctas_per_sm: int = 2, regs: int = 0, num_sms: int = 132, block_pages: int = 4,
+                          ctas_per_sm: int = 2, regs: int = 0, share_o: bool = True, num_sms: int = 132, block_pages: int = 4,
                           interpret: bool = False):
     """Decode attention of one layer, Mosaic GPU. Shapes as `pallas_decode_attention`; returns [B, H, D]."""
     import jax
@@ -94,6 +95,8 @@ def mgpu_decode_attention(q, k_pool, v_pool, layer, page_table, lengths, *, k_sp
     n_items = B * K * k_splits
     C = n_items if ctas_per_sm <= 0 else min(n_items, num_sms * ctas_per_sm)
     q2 = q.reshape(B * H, D)
+    if interpret:  # the last group's 8 rows run past q: TMA reads zeros there, the interpreter refuses
+        q2 = jnp.pad(q2, ((0, QROWS), (0, 0)))
     k_flat = k_pool.reshape(L * NP * S, K, D)  # free reshapes
     v_flat = v_pool.reshape(L * NP * S, K, D)
     tables = page_table.astype(jnp.int32).reshape(B, k_splits, per_split)
@@ -106,17 +109,12 @@ def mgpu_decode_attention(q, k_pool, v_pool, layer, page_table, lengths, *, k_sp
 
     def body(q_ref, k_ref, v_ref, t_ref, len_ref, layer_ref, o_ref, l_ref, m_ref):
         def scoped(smem, bars):
-            q_smem, k_smem, v_smem, o_smem, l_smem, m_smem = smem
+            q_smem, k_smem, v_smem, o_buf, l_smem, m_smem = smem
             q_bar, k_bar, v_bar, q_free, k_free, v_free = bars
             cta = lax.axis_index("c")
             wg = lax.axis_index("wg")
             n_mine = lax.div(n_items - cta + (C - 1), C)
             offset = layer_ref[0] * NP
-
-            def q_start(b, h):  # the 8 q rows loaded start at the group's, or end at q's last row
-                row = (b * K + h) * G
-                start = jnp.minimum(row, B * H - QROWS)
-                return start, row - start
 
             def item(t):
                 w = cta + t * C
@@ -143,7 +141,7 @@ def mgpu_decode_attention(q, k_pool, v_pool, layer, page_table, lengths, *, k_sp
                     def _():
                         plgpu.barrier_wait(q_free.at[qs])
 
-                    plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(q_start(b, h)[0], QROWS)],
+                    plgpu.copy_gmem_to_smem(q_ref.at[pl.ds((b * K + h) * G, QROWS)],
                                             q_smem.at[qs, pl.ds(0, QROWS)], q_bar.at[qs])
                     last = jnp.maximum(npages - 1, 0)
 
@@ -231,30 +229,48 @@ def mgpu_decode_attention(q, k_pool, v_pool, layer, page_table, lengths, *, k_sp
                         else:
                             acc = pl.run_state(pv)(plgpu.ACC.init(acc))
                         plgpu.barrier_arrive(v_free.at[slot])
+                        if share_o:  # by now the last item's output stores have long read its buffer
+                            pl.when(j == 0)(lambda: release_prev(t))
                         return acc, m_new, l, step + 1
 
                     acc, m, l, step = lax.fori_loop(0, nblocks, block, (acc, m, l, step))
-                    plgpu.barrier_arrive(q_free.at[qs])
-                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # last item's stores have read o/l/m smem
+                    if share_o:
+                        pl.when(nblocks == 0)(lambda: release_prev(t))
+                        o_smem = q_smem.at[qs]  # this item's q is no longer read: its buffer takes o
+                    else:
+                        plgpu.barrier_arrive(q_free.at[qs])
+                        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # last item's stores have read smem
+                        o_smem = o_buf
                     o_smem[...] = acc.astype(dtype)
                     l_smem[...] = l
                     m_smem[...] = m * (1.0 / LOG2E)  # natural-log units, as the combine expects
                     plgpu.commit_smem()
-                    r0 = q_start(b, h)[1]  # the group's first row in q_smem
-                    plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(r0, QROWS)], o_ref.at[s, b, h])
-                    plgpu.copy_smem_to_gmem(l_smem.at[pl.ds(r0, QROWS)], l_ref.at[s, b, h])
-                    plgpu.copy_smem_to_gmem(m_smem.at[pl.ds(r0, QROWS)], m_ref.at[s, b, h])
+                    plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(0, QROWS)], o_ref.at[s, b, h])
+                    plgpu.copy_smem_to_gmem(l_smem.at[pl.ds(0, QROWS)], l_ref.at[s, b, h])
+                    plgpu.copy_smem_to_gmem(m_smem.at[pl.ds(0, QROWS)], m_ref.at[s, b, h])
                     return step
+
+                def release_prev(t):
+                    # item t-1's output stores have read its q/o buffer: the producer may refill it
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+                    @pl.when(t >= 1)
+                    def _():
+                        plgpu.barrier_arrive(q_free.at[lax.rem(t + 1, 2)])
 
                 lax.fori_loop(0, n_mine, item_body, jnp.int32(0))
                 plgpu.wait_smem_to_gmem(0)
+                if share_o:
+                    @pl.when(n_mine >= 1)
+                    def _():
+                        plgpu.barrier_arrive(q_free.at[lax.rem(n_mine + 1, 2)])
 
         tiled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
         smem = (
             plgpu.SMEM((2, MQ, D), dtype, transforms=tiled),
             plgpu.SMEM((stages, BT, D), dtype, transforms=tiled),
             plgpu.SMEM((stages, BT, D), dtype, transforms=tiled),
-            plgpu.SMEM((MQ, D), dtype),
+            None if share_o else plgpu.SMEM((MQ, D), dtype),
             plgpu.SMEM((MQ,), jnp.float32),
             plgpu.SMEM((MQ,), jnp.float32),
         )

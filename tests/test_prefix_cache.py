@@ -212,14 +212,34 @@ def test_evicted_pages_come_back_from_the_host_with_the_content_their_names_say(
     assert kv.stats["prefix_spilled_pages"] == 5 and kv.host_pool.cached_prefix(names) == 5
     runner.cache = {n: jnp.zeros(shape, jnp.float32) for n in "kv"}  # their new holders overwrite them
     kv.prefix.free(everything)
-    target = kv._allocate(3)
-    kv._restore(names[1:4], target[::-1])
-    for name, page in zip(names[1:4], target[::-1]):
+    target = kv._restore(names[1:4])
+    for name, page in zip(names[1:4], target):
         src = first[names.index(name)]
         for n in "kv":
             assert np.array_equal(np.asarray(runner.cache[n][:, page]), np.asarray(original[n][:, src]))
     assert kv.prefix.match(list(range(4 * 4 + 1)), names[:4]) == []  # names[0] is not on the device
     assert kv.prefix.cached(names[1:4]) == 3
+
+
+def test_a_restore_that_makes_the_device_evict_keeps_what_it_restores(tiny):
+    """Restoring needs device pages; evicting named ones spills them to a full host tier, which
+    makes room by dropping its least recently used pages: those being restored must survive."""
+    import collections as col
+    import types
+    import jax.numpy as jnp
+    from jaxserve.engine.kv_manager import KVManager
+    cfg, _, mesh, _ = tiny
+    shape = (cfg.num_layers, 4, 4, cfg.num_kv_heads, cfg.head_dim)
+    runner = types.SimpleNamespace(cache={n: jnp.arange(np.prod(shape), dtype=jnp.float32).reshape(shape) for n in "kv"})
+    kv = KVManager(4, 4, 4, mesh, runner, col.defaultdict(int), prefix_cache=True)
+    old, new = [bytes([i]) * 16 for i in range(4)], [bytes([9, i]) * 8 for i in range(4)]
+    for names in (old, new):  # the second set evicts the first to the host (4 pages: full)
+        pages = kv._allocate(4)
+        kv.prefix.publish(pages, names)
+        kv.prefix.free(pages)
+    assert kv.host_pool.cached_prefix(old) == 4 and kv.host_pool.num_cached == 4
+    restored = kv._restore(old[:2])  # evicts 2 of `new` to the host, which drops `old`'s block
+    assert len(restored) == 2 and kv.prefix.cached(old[:2]) == 2
 
 
 def _conversations(rng, n, system_len, user_len):

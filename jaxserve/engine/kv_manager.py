@@ -57,12 +57,16 @@ class KVManager:
                                                 gather_bucketed(self.runner.cache, [p for p, _ in fresh])):
             self.stats["prefix_spilled_pages"] += len(fresh)
 
-    def _restore(self, names: Sequence[bytes], pages: Sequence[int]) -> None:
-        """Uploads host-tier copies of `names` into device `pages` (in order) and names them."""
-        for staged, idx, pos in self.host_pool.upload_cached(names):
+    def _restore(self, names: Sequence[bytes]) -> List[int]:
+        """New device pages holding the host tier's copies of `names` (in order), named."""
+        # uploads first: the pages allocated next may evict others, whose spill may drop these
+        uploads = self.host_pool.upload_cached(names)
+        pages = self._allocate(len(names))
+        for staged, idx, pos in uploads:
             self.runner.cache = write_staged(self.runner.cache, [pages[i] for i in pos], gather_bucketed(staged, idx))
         self.prefix.publish(pages, names)
         self.stats["prefix_restored_pages"] += len(pages)
+        return pages
 
     def prompt_names(self, r: Request) -> List[bytes]:
         """The names of r's full pages of known tokens (hashed once per token count)."""
@@ -102,9 +106,7 @@ class KVManager:
             self.prefix.free(pages)
             return n
         if on_host:
-            restored = self._allocate(on_host)
-            self._restore(names[len(pages):len(pages) + on_host], restored)
-            pages += restored
+            pages += self._restore(names[len(pages):len(pages) + on_host])
             self.stats["prefix_host_hit_tokens"] += on_host * self.page_size
         r.pages, r.num_computed = pages, hit
         self._names[r.request_id], self._published[r.request_id] = names, len(pages)
