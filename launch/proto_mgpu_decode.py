@@ -59,7 +59,7 @@ QROWS = 8  # q rows a work item loads and stores: its group (4), padded to a til
 def parse_config(cfg: str) -> dict:
     """'p2s2k2r200o0' -> dict(ctas_per_sm=2, stages=2, k_splits=2, regs=200, share_o=0); k, r, o optional."""
     out, key, num = {}, None, ""
-    names = {"p": "ctas_per_sm", "s": "stages", "k": "k_splits", "r": "regs", "o": "share_o"}
+    names = {"p": "ctas_per_sm", "s": "stages", "k": "k_splits", "r": "regs", "o": "share_o", "w": "wg_semantics"}
     for ch in cfg + "$":
         if ch.isdigit():
             num += ch
@@ -71,7 +71,7 @@ def parse_config(cfg: str) -> dict:
 
 
 def mgpu_decode_attention(q, k_pool, v_pool, layer, page_table, lengths, *, k_splits: int, stages: int = 2,
-                          ctas_per_sm: int = 2, regs: int = 0, share_o: bool = True, num_sms: int = 132, block_pages: int = 4,
+                          ctas_per_sm: int = 2, regs: int = 0, share_o: bool = True, wg_semantics: bool = False, num_sms: int = 132, block_pages: int = 4,
                           interpret: bool = False):
     """Decode attention of one layer, Mosaic GPU. Shapes as `pallas_decode_attention`; returns [B, H, D]."""
     import jax
@@ -82,7 +82,7 @@ def mgpu_decode_attention(q, k_pool, v_pool, layer, page_table, lengths, *, k_sp
     L, NP, S, K, D = k_pool.shape
     B, H, _ = q.shape
     G = H // K
-    assert G <= QROWS and D % 64 == 0
+    assert QROWS % G == 0 and H % QROWS == 0 and D % 64 == 0
     P = page_table.shape[1]
     if P % k_splits:
         raise ValueError(f"{P} pages per row not divisible by {k_splits} splits")
@@ -95,8 +95,6 @@ def mgpu_decode_attention(q, k_pool, v_pool, layer, page_table, lengths, *, k_sp
     n_items = B * K * k_splits
     C = n_items if ctas_per_sm <= 0 else min(n_items, num_sms * ctas_per_sm)
     q2 = q.reshape(B * H, D)
-    if interpret:  # the last group's 8 rows run past q: TMA reads zeros there, the interpreter refuses
-        q2 = jnp.pad(q2, ((0, QROWS), (0, 0)))
     k_flat = k_pool.reshape(L * NP * S, K, D)  # free reshapes
     v_flat = v_pool.reshape(L * NP * S, K, D)
     tables = page_table.astype(jnp.int32).reshape(B, k_splits, per_split)
@@ -141,7 +139,8 @@ def mgpu_decode_attention(q, k_pool, v_pool, layer, page_table, lengths, *, k_sp
                     def _():
                         plgpu.barrier_wait(q_free.at[qs])
 
-                    plgpu.copy_gmem_to_smem(q_ref.at[pl.ds((b * K + h) * G, QROWS)],
+                    # the 8-row tile holding the group's rows (TMA into a tiled buffer starts on a tile)
+                    plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(lax.div((b * K + h) * G, QROWS) * QROWS, QROWS)],
                                             q_smem.at[qs, pl.ds(0, QROWS)], q_bar.at[qs])
                     last = jnp.maximum(npages - 1, 0)
 
@@ -293,13 +292,17 @@ def mgpu_decode_attention(q, k_pool, v_pool, layer, page_table, lengths, *, k_sp
         kw = {"interpret": InterpretGPUParams()}
     o, l, m = plgpu.kernel(
         body, out_type=out_type, grid=(C,), grid_names=("c",), num_threads=2, thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=True), **kw,
+        compiler_params=plgpu.CompilerParams(
+            approx_math=True,
+            lowering_semantics=plgpu.LoweringSemantics.Warpgroup if wg_semantics else plgpu.LoweringSemantics.Lane),
+        **kw,
     )(q2, k_flat, v_flat, tables, lengths.astype(jnp.int32), layer_arr)
     return combine(o, l, m, B, G, dtype, interpret)
 
 
 def combine(o, l, m, out_rows: int, num_heads: int, dtype, interpret: bool):
-    """`attention_kernels._combine` with its backend pinned to Triton: a pallas_call without compiler
+    """`attention_kernels._combine`, but reading each kv head's rows from its item's 8-row tile of q
+    rows (at (h * G) % 8) and with its backend pinned to Triton: a pallas_call without compiler
     params goes to Mosaic GPU when jax_pallas_use_mosaic_gpu is on (0.10's default), which refuses
     these small blocks."""
     import jax
@@ -310,7 +313,8 @@ def combine(o, l, m, out_rows: int, num_heads: int, dtype, interpret: bool):
     ks, B, K, block_h, D = o.shape
     g = 1 << (num_heads - 1).bit_length()
     last = B - 1
-    part = lambda b, h: (0, jax.numpy.minimum(b, last), h, 0)
+    per_tile = block_h // g  # groups a tile of q rows holds
+    part = lambda b, h: (0, jax.numpy.minimum(b, last), h, h % per_tile)
     out = pl.pallas_call(
         functools.partial(ak._combine_kernel, batch=B),
         grid=(out_rows, K),
@@ -392,6 +396,7 @@ def main(argv):
     key = jax.random.key(0)
     pool = {n: jax.random.normal(jax.random.fold_in(key, i), (L, pages_needed, S, K, D), jnp.bfloat16)
             for i, n in enumerate("kv")}
+    print(f"jax {jax.__version__}, jax_pallas_use_mosaic_gpu={getattr(jax.config, 'jax_pallas_use_mosaic_gpu', 'n/a')}", flush=True)
     print(f"pool: {pages_needed} pages, {2 * pool['k'].nbytes / 1e9:.1f} GB, {dev.device_kind}, {num_sms} SMs",
           flush=True)
 
@@ -453,8 +458,8 @@ def main(argv):
                 t_compile = time.perf_counter() - t0
                 sec = timeit(layers_fn(attn), q, pool["k"], pool["v"], table, lengths)
             except Exception as e:  # noqa: BLE001
-                print(f"{name} mgpu {cname} ks={ks} failed: {type(e).__name__}: {str(e)[:2000]}", flush=True)
-                traceback.print_exc()
+                print(f"{name} mgpu {cname} ks={ks} failed: {type(e).__name__}: {str(e)[:1500]}", flush=True)
+                print(traceback.format_exc()[-2500:], flush=True)
                 continue
             rows.append({"case": name, "kernel": "mgpu", "config": cname, "k_splits": ks, "ms_all_layers": sec * 1e3,
                          "tb_s": kv_bytes / sec / 1e12, "rel_err": err[0], "max_abs_err": err[1]})

@@ -162,34 +162,29 @@ def test_prefix_caching_config_is_checked():
 # -- the host tier: pages evicted from the device wait in host memory ----------------------------
 def test_the_host_pool_keeps_evicted_pages_by_name_in_the_room_swaps_leave(tiny):
     import jax.numpy as jnp
-    from jaxserve.cache.swap import HostPagePool
+    from jaxserve.cache.swap import HostPagePool, gather_bucketed
     cfg, _, mesh, _ = tiny
     shape = (cfg.num_layers, 9, 4, cfg.num_kv_heads, cfg.head_dim)
     pool = {n: jnp.arange(np.prod(shape), dtype=jnp.float32).reshape(shape) + i for i, n in enumerate("kv")}
     host = HostPagePool(8, mesh)
     names = [bytes([i]) * 16 for i in range(6)]
-    from jaxserve.cache.swap import gather_bucketed
-    assert host.cache_pages(names[:3], gather_bucketed(pool, [5, 6, 7]))  # a 4-page block
-    assert host.cache_pages(names[3:5], gather_bucketed(pool, [1, 2]))    # a 2-page block
-    assert (host.cached_used, host.num_free, host.num_cached) == (6, 8, 5)
+    assert host.cache_pages(names[:3], gather_bucketed(pool, [5, 6, 7])) == 3  # page by page, not the 4-page buffer
+    assert host.cache_pages(names[3:5], gather_bucketed(pool, [1, 2])) == 2
+    assert (host.cached_used, host.num_free, host.num_cached) == (5, 8, 5)
     assert host.cached_prefix(names) == 5 and host.cached_prefix(names[1:]) == 4 and host.cached_prefix(names[5:]) == 0
-    # a hit uploads the pages' blocks; what comes back is what went in, in the asked order
-    uploads = host.upload_cached([names[4], names[0], names[2]])
-    got = {}
-    for staged, idx, pos in uploads:
-        for i, q in zip(idx, pos):
-            got[q] = np.asarray(staged["k"][:, i])
-    want = [np.asarray(pool["k"][:, p]) for p in (2, 5, 7)]
-    assert all(np.array_equal(got[q], want[q]) for q in range(3))
-    # a swap-out needs room: cached pages go, least recently used first, until whole blocks free up
-    # (LRU order now 1, 3, 4, 0, 2: dropping 1 and 3 frees no block, 4 frees the 2-page one)
-    host.put("swapped", pool, [3, 4, 8])  # a 4-page buffer
+    # a hit uploads just its pages, in the asked order (padded to a power of two)
+    staged = host.upload_cached([names[4], names[0], names[2]])
+    assert staged["k"].shape[1] == 4
+    for q, page in enumerate((2, 5, 7)):
+        for n in "kv":
+            assert np.array_equal(np.asarray(staged[n][:, q]), np.asarray(pool[n][:, page]))
+    # a swap-out needs room: cached pages go, least recently used first (now 1, 3, 4, 0, 2)
+    host.put("swapped", pool, [3, 4, 8])  # a 4-page buffer: 8 - 5 = 3 free, one page must go
     assert (host.used, host.cached_used) == (4, 4)
-    assert [host.has_cached(n) for n in names[:5]] == [True, False, True, False, False]
-    # no room left beside the swapped request: a new block is not kept
-    host.put("swapped2", pool, [1, 2, 3, 4])
-    assert host.num_cached == 0 and host.cached_used == 0
-    assert not host.cache_pages(names[5:], gather_bucketed(pool, [1]))
+    assert [host.has_cached(n) for n in names[:5]] == [True, False, True, True, True]
+    host.put("swapped2", pool, [1, 2, 3, 4])  # no room beside the swapped requests: every page goes
+    assert host.num_cached == 0
+    assert host.cache_pages(names[5:], gather_bucketed(pool, [1])) == 0
 
 
 def test_evicted_pages_come_back_from_the_host_with_the_content_their_names_say(tiny):
@@ -273,6 +268,26 @@ def test_pages_evicted_from_the_device_come_back_from_the_host_tier(tiny):
     assert tiered.stats["prefix_spilled_pages"] > 0 and tiered.stats["prefix_host_hit_tokens"] > 0
     assert tiered.stats["prefix_hit_tokens"] > device_only.stats["prefix_hit_tokens"]
     assert tiered.kv.host_pool.used == 0 and tiered.allocator.num_used == 0 and tiered.allocator.num_free == 40
+
+
+def test_after_precompile_the_host_tier_compiles_nothing(tiny):
+    from jaxserve import SamplingParams
+    greedy = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    rng = np.random.default_rng(12)
+    first = _conversations(rng, 8, system_len=24, user_len=40)
+    tiered = _engine(tiny, prefix_cache=True, host_pages=128, page_size=8, num_pages=40, token_budget=64,
+                     max_chunk=32, max_batch=4)
+    tiered.precompile()
+    from jax._src import monitoring
+    compiles = []
+    listener = lambda event, duration, **kw: compiles.append(event) if "backend_compile" in event else None
+    monitoring.register_event_duration_secs_listener(listener)
+    try:
+        _two_turns([tiered], first, greedy, rng)
+    finally:
+        monitoring.unregister_event_duration_listener(listener)
+    assert tiered.stats["prefix_host_hit_tokens"] > 0 and tiered.stats["prefix_spilled_pages"] > 0
+    assert compiles == []
 
 
 @pytest.mark.parametrize("policy", ["mlfq", "priority"])

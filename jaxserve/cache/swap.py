@@ -7,16 +7,17 @@ device staging buffer (also asynchronous, so it overlaps the running step) and a
 cheap device-side scatter writes it into freshly allocated pages.
 
 The same pool is the prefix cache's host tier: named pages evicted from the device are kept
-here, by name, in the room swapped requests leave, and go first (least recently used) when a
-swap-out needs that room.
+here, by name and one by one, in the room swapped requests leave, and go first (least recently
+used) when a swap-out needs that room.
 """
 from __future__ import annotations
 
 import collections
 import dataclasses
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxserve.cache import transfer
@@ -37,17 +38,11 @@ class HostEntry:
     allocated: int      # the pages the buffers hold (bucket(n)): what `used` counts
 
 
-@dataclasses.dataclass
-class CachedBlock:
-    data: dict          # {"k", "v"}: [L, bucket(n), S, K, D] in host memory, n named pages
-    allocated: int      # bucket(n): what `cached_used` counts while any of its pages is named
-    live: int           # how many of its pages are still named
-
-
 class HostPagePool:
     """Swapped-out KV of preempted requests, bounded by `capacity` pages of host memory
     (counted as allocated: a copy of n pages holds bucket(n)), and named prefix pages in the
-    room they leave (evicted first, LRU, when a swap-out needs it)."""
+    room they leave (evicted first, LRU, when a swap-out needs it). Cached pages are kept one
+    by one, so that a hit uploads the pages it needs and nothing else."""
 
     def __init__(self, capacity: int, mesh):
         self.capacity = capacity
@@ -55,8 +50,8 @@ class HostPagePool:
         self.memory_kind = host_memory_kind(mesh.devices.flat[0])
         self.entries: Dict[str, HostEntry] = {}
         self.used = 0  # pages of swapped requests' entries
-        self.cached_used = 0  # pages of cached blocks (always <= capacity - used)
-        self._cached: "collections.OrderedDict[bytes, Tuple[CachedBlock, int]]" = collections.OrderedDict()
+        # named prefix pages: name -> {"k", "v"} [L, 1, S, K, D] in host memory, LRU first
+        self._cached: "collections.OrderedDict[bytes, dict]" = collections.OrderedDict()
         self.stats = {"cached_pages_dropped": 0}
 
     @property
@@ -66,6 +61,11 @@ class HostPagePool:
 
     @property
     def num_cached(self) -> int:
+        return len(self._cached)
+
+    @property
+    def cached_used(self) -> int:
+        """Pages of named prefix pages (always <= capacity - used)."""
         return len(self._cached)
 
     def _sharding(self, shape, memory_kind):
@@ -92,62 +92,6 @@ class HostPagePool:
             return transfer.to_host(data)
         return {name: np.asarray(x) for name, x in data.items()}  # backends without host memory spaces
 
-    # -- the prefix cache's host tier ----------------------------------------------------------
-    def has_cached(self, name: bytes) -> bool:
-        return name in self._cached
-
-    def cached_prefix(self, names: Sequence[bytes]) -> int:
-        """How many of `names`, from the first, this pool holds."""
-        n = 0
-        while n < len(names) and names[n] in self._cached:
-            n += 1
-        return n
-
-    def cache_pages(self, names: Sequence[bytes], data: dict) -> bool:
-        """Keeps device buffers [L, >= len(names), ...] of named pages, unless swapped requests'
-        entries leave no room for them; older cached pages make room. Returns whether kept."""
-        allocated = data["k"].shape[1]
-        if allocated > self.num_free:
-            self.stats["cached_pages_dropped"] += len(names)
-            return False
-        self._make_room(allocated)
-        block = CachedBlock(self._to_host(data), allocated, len(names))
-        for i, name in enumerate(names):
-            self._cached[name] = (block, i)
-        self.cached_used += allocated
-        return True
-
-    def touch(self, names: Sequence[bytes]) -> None:
-        for name in names:
-            self._cached.move_to_end(name)
-
-    def upload_cached(self, names: Sequence[bytes]) -> List[Tuple[dict, List[int], List[int]]]:
-        """Starts the upload of named pages: [(staged device block, its page indices, positions
-        in `names`)], one per host block they are in. Their host copies stay cached."""
-        kind = self.mesh.devices.flat[0].default_memory().kind
-        by_block: Dict[int, tuple] = {}
-        for pos, name in enumerate(names):
-            block, i = self._cached[name]
-            self._cached.move_to_end(name)
-            entry = by_block.setdefault(id(block), (block, [], []))
-            entry[1].append(i)
-            entry[2].append(pos)
-        return [({n: jax.device_put(x, self._sharding(x.shape, kind)) for n, x in block.data.items()}, idx, pos)
-                for block, idx, pos in by_block.values()]
-
-    def forget_cached(self) -> None:
-        self._cached.clear()
-        self.cached_used = 0
-
-    def _make_room(self, pages: int) -> None:
-        """Drops cached pages, least recently used first, until `pages` more fit."""
-        while self.capacity - self.used - self.cached_used < pages and self._cached:
-            _, (block, _) = self._cached.popitem(last=False)
-            self.stats["cached_pages_dropped"] += 1
-            block.live -= 1
-            if block.live == 0:
-                self.cached_used -= block.allocated
-
     def upload(self, request_id: str) -> tuple:
         """Starts the host->device copy of a request's pages; returns (staged data, num_pages)."""
         entry = self.entries.pop(request_id)
@@ -160,6 +104,66 @@ class HostPagePool:
         entry = self.entries.pop(request_id, None)
         if entry is not None:
             self.used -= entry.allocated
+
+    # -- the prefix cache's host tier ----------------------------------------------------------
+    def has_cached(self, name: bytes) -> bool:
+        return name in self._cached
+
+    def cached_prefix(self, names: Sequence[bytes]) -> int:
+        """How many of `names`, from the first, this pool holds."""
+        n = 0
+        while n < len(names) and names[n] in self._cached:
+            n += 1
+        return n
+
+    def cache_pages(self, names: Sequence[bytes], data: dict) -> int:
+        """Keeps the pages of device buffers [L, >= len(names), ...], one per name, in the room
+        swapped requests' entries leave; older cached pages make room. Returns how many it kept."""
+        n = min(len(names), self.num_free)
+        self.stats["cached_pages_dropped"] += len(names) - n
+        if n == 0:
+            return 0
+        self._make_room(n)
+        pages = split_pages(data)
+        for i, name in enumerate(names[:n]):
+            self._cached[name] = self._to_host(pages[i])
+        return n
+
+    def touch(self, names: Sequence[bytes]) -> None:
+        for name in names:
+            self._cached.move_to_end(name)
+
+    def upload_cached(self, names: Sequence[bytes]) -> dict:
+        """Starts the upload of named pages: {"k", "v"} device buffers [L, bucket(len(names)), ...]
+        holding them in order (their host copies stay cached)."""
+        kind = self.mesh.devices.flat[0].default_memory().kind
+        pages = []
+        for name in names:
+            self._cached.move_to_end(name)
+            pages.append({n: jax.device_put(x, self._sharding(x.shape, kind)) for n, x in self._cached[name].items()})
+        return stack_pages(tuple(pages + pages[:1] * (bucket(len(pages)) - len(pages))))
+
+    def forget_cached(self) -> None:
+        self._cached.clear()
+
+    def _make_room(self, pages: int) -> None:
+        """Drops cached pages, least recently used first, until `pages` more fit."""
+        while self.capacity - self.used - len(self._cached) < pages and self._cached:
+            self._cached.popitem(last=False)
+            self.stats["cached_pages_dropped"] += 1
+
+
+@jax.jit
+def split_pages(blocks: dict) -> list:
+    """[L, n, ...] buffers -> n single-page [L, 1, ...] buffers (one compilation per bucket of n)."""
+    n = blocks["k"].shape[1]
+    return [{name: x[:, i:i + 1] for name, x in blocks.items()} for i in range(n)]
+
+
+@jax.jit
+def stack_pages(pages: tuple) -> dict:
+    """Single-page buffers -> one [L, len(pages), ...] buffer per name."""
+    return {name: jnp.concatenate([p[name] for p in pages], axis=1) for name in pages[0]}
 
 
 def gather_bucketed(pool: dict, pages: Sequence[int]) -> dict:

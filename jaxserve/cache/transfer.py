@@ -36,15 +36,23 @@ def gather(pool: dict, pages) -> dict:
     return jax.tree.map(lambda a: a[:, pages], pool)
 
 
-@functools.partial(jax.jit, donate_argnums=(0,))
 def scatter(pool: dict, pages, blocks: dict) -> dict:
-    """Writes blocks {name: [L, n, ...]} into `pages` [n] of the donated pool.
+    """Writes blocks {name: [L, n, ...]} into `pages` [n] of the donated pool, which keeps its
+    sharding (so that the steps and transfers after it find the arrays they were compiled for).
 
     `pages` must not repeat (pad with distinct ids >= num_pages: those rows are dropped). Telling
     XLA so lets it write without guarding against colliding rows: 1 GB in 1.1 ms instead of 5.2.
     """
-    return jax.tree.map(lambda a, b: a.at[:, pages].set(b.astype(a.dtype), mode="drop", unique_indices=True),
-                        pool, blocks)
+    names = tuple(sorted(pool))
+    return _scatter_fn(names, tuple(pool[n].sharding for n in names))(pool, pages, blocks)
+
+
+@functools.lru_cache(maxsize=None)
+def _scatter_fn(names: tuple, shardings: tuple):
+    def write(pool, pages, blocks):
+        return jax.tree.map(lambda a, b: a.at[:, pages].set(b.astype(a.dtype), mode="drop", unique_indices=True),
+                            pool, blocks)
+    return jax.jit(write, donate_argnums=(0,), out_shardings=dict(zip(names, shardings)))
 
 
 def to_host(blocks: dict) -> dict:

@@ -434,9 +434,14 @@ class Engine:
         return self.host_pool.used
 
     def precompile(self, progress: bool = False) -> int:
-        """Compiles every step shape up front (see ModelRunner.precompile); returns how many."""
+        """Compiles every step shape up front (see ModelRunner.precompile), and the page transfers
+        of swapping and the host tier; returns how many step shapes."""
         self._held += self.drain()
-        return self.runner.precompile(self.config.token_budget, progress=progress)
+        compiled = self.runner.precompile(self.config.token_budget, progress=progress)
+        if self.host_pool.capacity:
+            self.runner.padding_step()  # the transfers are compiled for the pool as steps leave it
+            self.kv.warm_transfers(self.runner.max_pages_per_seq)
+        return compiled
 
     def calibrate(self) -> CostModel:
         """Refits the cost model (shared with the policy) to the steps run so far."""

@@ -21,6 +21,7 @@ import numpy as np
 from jaxserve.cache.page_allocator import PageAllocator, pages_for
 from jaxserve.cache.prefix_cache import PrefixCache
 from jaxserve.cache.swap import HostPagePool, gather_bucketed, write_staged
+from jaxserve.scheduling.cost_model import bucket
 from jaxserve.engine.request import Request, Status
 
 
@@ -53,17 +54,16 @@ class KVManager:
         the steps dispatched so far leave it: before any write of the pages' new holders."""
         fresh = [(p, h) for p, h in evicted if not self.host_pool.has_cached(h)]
         self.host_pool.touch([h for _, h in evicted if self.host_pool.has_cached(h)])
-        if fresh and self.host_pool.cache_pages([h for _, h in fresh],
-                                                gather_bucketed(self.runner.cache, [p for p, _ in fresh])):
-            self.stats["prefix_spilled_pages"] += len(fresh)
+        if fresh:
+            data = gather_bucketed(self.runner.cache, [p for p, _ in fresh])
+            self.stats["prefix_spilled_pages"] += self.host_pool.cache_pages([h for _, h in fresh], data)
 
     def _restore(self, names: Sequence[bytes]) -> List[int]:
         """New device pages holding the host tier's copies of `names` (in order), named."""
         # uploads first: the pages allocated next may evict others, whose spill may drop these
-        uploads = self.host_pool.upload_cached(names)
+        staged = self.host_pool.upload_cached(names)
         pages = self._allocate(len(names))
-        for staged, idx, pos in uploads:
-            self.runner.cache = write_staged(self.runner.cache, [pages[i] for i in pos], gather_bucketed(staged, idx))
+        self.runner.cache = write_staged(self.runner.cache, pages, staged)
         self.prefix.publish(pages, names)
         self.stats["prefix_restored_pages"] += len(pages)
         return pages
@@ -182,6 +182,22 @@ class KVManager:
     def kept_pages(self) -> int:
         """Shared device pages that swapped-out requests hold (see `swap_out`)."""
         return sum(map(len, self._kept.values()))
+
+    def warm_transfers(self, max_pages: int) -> int:
+        """Runs each page transfer once at every bucket up to max_pages (one request's pages),
+        through the swap and host-tier paths on page 0 with every write dropped, so that they
+        compile nothing while serving. Returns the number of buckets."""
+        sizes = [1 << i for i in range(bucket(max_pages).bit_length()) if 1 << i <= self.host_pool.num_free]
+        for n in sizes:
+            self.host_pool.put("warm-up", self.runner.cache, [0] * n)
+            staged, _ = self.host_pool.upload("warm-up")
+            self.runner.cache = write_staged(self.runner.cache, [], staged)
+            if self.host_tier:
+                names = [b"warm-up %d" % i for i in range(n)]
+                kept = self.host_pool.cache_pages(names, gather_bucketed(self.runner.cache, [0] * n))
+                self.runner.cache = write_staged(self.runner.cache, [], self.host_pool.upload_cached(names[:kept]))
+                self.host_pool.forget_cached()  # nothing is cached before serving
+        return len(sizes)
 
     def _with_kept(self, request_id: str, own: Sequence[int]) -> List[int]:
         """A swapped request's page list again: its own (new) pages around the shared ones it kept."""

@@ -308,6 +308,12 @@ class ModelRunner:
         jax.block_until_ready(self.cache)
         return TRACE_COUNT["forward"] - before
 
+    def padding_step(self) -> None:
+        """Runs one step of padding rows only (it writes nothing but the scratch page)."""
+        shape = step_shapes(self.max_batch, 1, self.max_pages_per_seq)[0]
+        self.launch(shape, *padding_inputs(shape, self.num_pages), "greedy")
+        jax.block_until_ready(self.cache)
+
     def follow(self, max_steps: Optional[int] = None) -> int:
         """A non-leading process: runs every step process 0 announces, until it says stop.
 
