@@ -20,11 +20,11 @@ def default_config() -> config_dict.ConfigDict:
     # unroll_layers: decode steps run the layers unrolled, auto (on GPU) | on | off: faster steps,
     # slower compiles (model_runner.UNROLL_LAYERS_GPU). async_scheduling: the host schedules step
     # N+1 while step N runs. compile_cache_dir: JAX's persistent compilation cache ("" = off).
-    # prefix_cache: requests share the KV pages of common prompt prefixes; with host_pages, pages
-    # evicted from the device are kept in host memory too and come back on a hit.
+    # prefix_cache: requests share the KV pages of common prompt prefixes. prefix_host_tier (needs
+    # host_pages): pages evicted from the device are kept in host memory too and come back on a hit.
     c.engine = dict(page_size=16, num_pages=512, max_batch=32, token_budget=256, max_chunk=256,
                     host_pages=0, attention_impl="auto", unroll_layers="auto", async_scheduling=True,
-                    compile_cache_dir="", prefix_cache=False)
+                    compile_cache_dir="", prefix_cache=True, prefix_host_tier=False)
     # fcfs | mlfq | priority. mlfq and priority preempt at token granularity and keep preempted
     # jobs' KV, swapping it to host memory (engine.host_pages) to keep `watermark_pages` free.
     # max_prefill_slowdown / idle_prefill_slowdown: how much prefill throughput a step may give up

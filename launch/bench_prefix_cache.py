@@ -117,7 +117,7 @@ def main(argv):
                                   _SYSTEM.value, _USER.value, cfg.vocab_size)
     runs = {"off": {}, "on": {"prefix_cache": True}}
     for n in map(int, _HOST_PAGES.value):
-        runs[f"on_host{n}"] = {"prefix_cache": True, "host_pages": n}
+        runs[f"on_host{n}"] = {"prefix_cache": True, "host_pages": n, "prefix_host_tier": True}
     if _CONTROL_CHUNK.value:
         c = _CONTROL_CHUNK.value
         runs["off_rechunked"] = {"max_chunk": c, "token_budget": min(c, engine.config.token_budget)}

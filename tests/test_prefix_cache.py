@@ -81,6 +81,7 @@ def test_thousands_of_random_operations_keep_counts_and_contents_right():
             held[rid], prompts[rid] = pages, prompt
             holders.update(pages)
         assert all(cache.refcount(p) == holders[p] for p in range(64))
+        assert cache.num_shared == sum(1 for p in range(64) if holders[p] > 1)
         assert cache.num_free + cache.num_used == 64 and cache.num_used == sum(1 for p in range(64) if holders[p])
     for pages in held.values():
         cache.free(pages)
@@ -115,7 +116,7 @@ def test_conversations_reuse_their_earlier_turns_and_get_the_same_tokens(tiny, i
     system = rng.integers(3, 1000, size=37).tolist()
     first = {f"c{i}": system + rng.integers(3, 1000, size=int(rng.integers(2, 20))).tolist() for i in range(6)}
     kw = dict(page_size=8, num_pages=96, token_budget=64, max_chunk=32, max_batch=8, attention_impl=impl)
-    off, on = _engine(tiny, **kw), _engine(tiny, prefix_cache=True, **kw)
+    off, on = _engine(tiny, prefix_cache=False, **kw), _engine(tiny, prefix_cache=True, **kw)
 
     def turn(prompts):
         reqs = [(rid, p, seeded if i % 2 else greedy) for i, (rid, p) in enumerate(prompts.items())]
@@ -148,7 +149,7 @@ def test_shared_pages_survive_preemption_under_memory_pressure(tiny, policy):
     got = _run(on, reqs)
     assert on.stats["preemptions"] > 0, on.stats
     assert on.stats["prefix_hit_tokens"] > 0
-    assert got == _run(_engine(tiny, **kw), reqs)
+    assert got == _run(_engine(tiny, prefix_cache=False, **kw), reqs)
     assert on.allocator.num_used == 0 and on.allocator.num_free == 12
 
 
@@ -156,7 +157,11 @@ def test_prefix_caching_config_is_checked():
     from jaxserve import EngineConfig
     with pytest.raises(ValueError, match="engine.prefix_cache must be true or false"):
         EngineConfig(prefix_cache="yes")
-    assert EngineConfig(prefix_cache=True, host_pages=4).host_pages == 4  # the host tier
+    assert EngineConfig(prefix_cache=True, host_pages=4, prefix_host_tier=True).prefix_host_tier
+    assert EngineConfig().prefix_cache and not EngineConfig().prefix_host_tier  # the defaults
+    with pytest.raises(ValueError, match="engine.prefix_host_tier=true needs engine.prefix_cache=true and "
+                                         "engine.host_pages > 0"):
+        EngineConfig(prefix_host_tier=True)
 
 
 # -- the host tier: pages evicted from the device wait in host memory ----------------------------
@@ -198,7 +203,7 @@ def test_evicted_pages_come_back_from_the_host_with_the_content_their_names_say(
     shape = (cfg.num_layers, 8, 4, cfg.num_kv_heads, cfg.head_dim)
     original = {n: jnp.arange(np.prod(shape), dtype=jnp.float32).reshape(shape) * (i + 1) for i, n in enumerate("kv")}
     runner = types.SimpleNamespace(cache=dict(original))
-    kv = KVManager(8, 4, 16, mesh, runner, col.defaultdict(int), prefix_cache=True)
+    kv = KVManager(8, 4, 16, mesh, runner, col.defaultdict(int), prefix_cache=True, host_tier=True)
     names = [bytes([i]) * 16 for i in range(5)]
     first = kv._allocate(5)
     kv.prefix.publish(first, names)
@@ -226,7 +231,7 @@ def test_a_restore_that_makes_the_device_evict_keeps_what_it_restores(tiny):
     cfg, _, mesh, _ = tiny
     shape = (cfg.num_layers, 4, 4, cfg.num_kv_heads, cfg.head_dim)
     runner = types.SimpleNamespace(cache={n: jnp.arange(np.prod(shape), dtype=jnp.float32).reshape(shape) for n in "kv"})
-    kv = KVManager(4, 4, 4, mesh, runner, col.defaultdict(int), prefix_cache=True)
+    kv = KVManager(4, 4, 4, mesh, runner, col.defaultdict(int), prefix_cache=True, host_tier=True)
     old, new = [bytes([i]) * 16 for i in range(4)], [bytes([9, i]) * 8 for i in range(4)]
     for names in (old, new):  # the second set evicts the first to the host (4 pages: full)
         pages = kv._allocate(4)
@@ -259,9 +264,9 @@ def test_pages_evicted_from_the_device_come_back_from_the_host_tier(tiny):
     rng = np.random.default_rng(11)
     first = _conversations(rng, 8, system_len=24, user_len=40)  # 8 pages each, 3 of them shared
     kw = dict(page_size=8, num_pages=40, token_budget=64, max_chunk=32, max_batch=4)
-    off = _engine(tiny, **kw)
+    off = _engine(tiny, prefix_cache=False, **kw)
     device_only = _engine(tiny, prefix_cache=True, **kw)
-    tiered = _engine(tiny, prefix_cache=True, host_pages=128, **kw)
+    tiered = _engine(tiny, prefix_cache=True, host_pages=128, prefix_host_tier=True, **kw)
     want, got_device, got_tiered = _two_turns([off, device_only, tiered], first, greedy, rng)
     assert got_device == want and got_tiered == want
     # the first turn's pages did not all fit on the device: the host tier kept what it evicted
@@ -275,8 +280,8 @@ def test_after_precompile_the_host_tier_compiles_nothing(tiny):
     greedy = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
     rng = np.random.default_rng(12)
     first = _conversations(rng, 8, system_len=24, user_len=40)
-    tiered = _engine(tiny, prefix_cache=True, host_pages=128, page_size=8, num_pages=40, token_budget=64,
-                     max_chunk=32, max_batch=4)
+    tiered = _engine(tiny, prefix_cache=True, host_pages=128, prefix_host_tier=True, page_size=8, num_pages=40,
+                     token_budget=64, max_chunk=32, max_batch=4)
     tiered.precompile()
     from jax._src import monitoring
     compiles = []
@@ -299,7 +304,7 @@ def test_swapping_out_leaves_shared_pages_on_the_device(tiny, policy):
     reqs = [(f"r{i}", system + rng.integers(3, 1000, size=int(rng.integers(4, 30))).tolist(), greedy)
             for i in range(10)]
     kw = dict(page_size=8, num_pages=24, token_budget=48, max_chunk=32, max_batch=4, policy=policy)
-    want = _run(_engine(tiny, page_size=8, num_pages=128, max_batch=4), reqs)
+    want = _run(_engine(tiny, prefix_cache=False, page_size=8, num_pages=128, max_batch=4), reqs)
     on = _engine(tiny, prefix_cache=True, host_pages=256, **kw)
     for i, (rid, p, sp) in enumerate(reqs):  # later requests outrank earlier ones: forces swaps
         on.add_request(rid, p, sp, priority=-i)

@@ -263,6 +263,7 @@ def test_requests_sharing_cached_pages_migrate_with_the_same_outputs(tiny_host):
     """Prefix caching on, requests sharing a system prompt's pages, random ones swapped out each
     step (their shared pages kept on the device), the notice while some are: every output as on
     one device without the cache."""
+    import dataclasses
     import numpy as np
     from test_swap import ChaosPolicy
     cfg, params, tok = tiny_host
@@ -271,7 +272,8 @@ def test_requests_sharing_cached_pages_migrate_with_the_same_outputs(tiny_host):
     reqs = [(f"s{i}", system + rng.integers(3, 1000, size=int(rng.integers(20, 50))).tolist(), GREEDY if i % 2 else SEEDED)
             for i in range(12)]
     mesh = make_mesh(1, 1)
-    want = drain(Engine(cfg, shard_params(params, cfg, mesh), mesh, tok, CONFIG), reqs)
+    plain = dataclasses.replace(CONFIG, prefix_cache=False)
+    want = drain(Engine(cfg, shard_params(params, cfg, mesh), mesh, tok, plain), reqs)
     devices = jax.devices()
     small = EngineConfig(num_pages=40, page_size=8, host_pages=200, max_batch=4, token_budget=48, max_chunk=32,
                          prefix_cache=True)

@@ -43,6 +43,7 @@ class PrefixCache:
         # (page, name) of pages evicted since the owner last took them: their contents are intact
         # until the pages' new holders write them, so a host tier can still copy them
         self.evicted: List[tuple] = []
+        self.num_shared = 0  # pages held by more than one request
         self.stats = {"evicted_pages": 0}
 
     @property
@@ -123,6 +124,7 @@ class PrefixCache:
                 raise ValueError(f"page {page} freed twice or never allocated")
             if refs > 1:
                 self._refs[page] = refs - 1
+                self.num_shared -= refs == 2
                 continue
             del self._refs[page]
             if page in self._hash_of:
@@ -141,6 +143,7 @@ class PrefixCache:
     def _hold(self, page: int) -> None:
         if page in self._refs:
             self._refs[page] += 1
+            self.num_shared += self._refs[page] == 2
         else:
             del self._idle[page]
             self._refs[page] = 1

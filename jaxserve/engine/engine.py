@@ -43,14 +43,16 @@ class EngineConfig:
     max_batch: int = 32
     token_budget: int = 256   # tokens per step, prefill chunks and decodes together
     max_chunk: int = 256      # longest prefill chunk
-    host_pages: int = 0       # host (pinned) memory, in pages, for swapped-out KV (and evicted cached
-    #                           prefix pages, with prefix_cache); 0 = none
+    host_pages: int = 0       # host (pinned) memory, in pages, for swapped-out KV; 0 = none
     attention_impl: str = "auto"  # decode attention: auto (Pallas on GPU) | reference | pallas
     unroll_layers: str = "auto"   # decode steps' layer loop unrolled: auto (on GPU) | on | off
     policy: str = "fcfs"
     async_scheduling: bool = True  # schedule and dispatch step N+1 while step N runs
     compile_cache_dir: str = ""    # JAX's persistent compilation cache: a restart compiles nothing
-    prefix_cache: bool = False     # share the KV pages of common prompt prefixes (cache/prefix_cache.py)
+    prefix_cache: bool = True      # share the KV pages of common prompt prefixes (cache/prefix_cache.py)
+    # and keep the pages the device evicts in the host pool too (off: it costs more than it saves
+    # on the H200 so far, docs/benchmarks.md)
+    prefix_host_tier: bool = False
 
     def __post_init__(self):
         for name in ("page_size", "num_pages", "max_batch", "token_budget", "max_chunk"):
@@ -58,8 +60,12 @@ class EngineConfig:
                 raise ValueError(f"engine.{name} must be a positive integer, got {getattr(self, name)!r}")
         if not isinstance(self.host_pages, int) or self.host_pages < 0:
             raise ValueError(f"engine.host_pages must be an integer >= 0, got {self.host_pages!r}")
-        if not isinstance(self.prefix_cache, bool):
-            raise ValueError(f"engine.prefix_cache must be true or false, got {self.prefix_cache!r}")
+        for name in ("prefix_cache", "prefix_host_tier"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"engine.{name} must be true or false, got {getattr(self, name)!r}")
+        if self.prefix_host_tier and not (self.prefix_cache and self.host_pages):
+            raise ValueError("engine.prefix_host_tier=true needs engine.prefix_cache=true and engine.host_pages > 0 "
+                             f"(got prefix_cache={self.prefix_cache}, host_pages={self.host_pages})")
         if self.unroll_layers not in UNROLL_CHOICES:
             raise ValueError(f"engine.unroll_layers={self.unroll_layers!r} is not one of {UNROLL_CHOICES}")
 
@@ -99,7 +105,8 @@ class Engine:
                       "prefix_deferred": 0, "prefix_host_hit_tokens": 0, "prefix_spilled_pages": 0,
                       "prefix_restored_pages": 0, "swap_shared_pages_kept": 0}
         self.kv = KVManager(config.num_pages, config.page_size, config.host_pages, mesh, self.runner, self.stats,
-                            prefix_cache=config.prefix_cache, model_key=repr(cfg))
+                            prefix_cache=config.prefix_cache, host_tier=config.prefix_host_tier,
+                            model_key=repr(cfg))
         self.step_log: List[tuple] = []      # (cost features, seconds) of recent steps, for calibration
         self._unfitted, self._fits = 0, 0     # steps since the last refit; refits so far
         self._swaps_beside = mesh.devices.flat[0].platform != "cpu"  # DMA beside compute

@@ -27,13 +27,13 @@ from jaxserve.engine.request import Request, Status
 
 class KVManager:
     def __init__(self, num_pages: int, page_size: int, host_pages: int, mesh, runner, stats: dict,
-                 prefix_cache: bool = False, model_key: str = ""):
+                 prefix_cache: bool = False, host_tier: bool = False, model_key: str = ""):
         self.page_size, self.runner, self.stats = page_size, runner, stats
         # with prefix caching, full pages are named by their tokens and shared (cache/prefix_cache.py)
         self.prefix = PrefixCache(num_pages, page_size, model_key) if prefix_cache else None
         self.allocator = self.prefix or PageAllocator(num_pages)
         self.host_pool = HostPagePool(host_pages, mesh)
-        self.host_tier = self.prefix is not None and host_pages > 0  # evicted named pages kept on the host
+        self.host_tier = host_tier and self.prefix is not None and host_pages > 0  # evicted named pages kept there
         self._staged: Dict[str, tuple] = {}  # uploads in flight: request_id -> (pages, device buffers)
         self._names: Dict[str, List[bytes]] = {}  # request_id -> its full pages' names so far
         self._published: Dict[str, int] = {}  # request_id -> how many of its pages are named
@@ -104,6 +104,7 @@ class KVManager:
         rest = min(n, r.num_tokens - hit)
         if not hit or self.pages_needed(hit + rest) - len(pages) > self.prefix.num_free:
             self.prefix.free(pages)
+            self._names[r.request_id] = names  # `computed` names its pages from these
             return n
         if on_host:
             pages += self._restore(names[len(pages):len(pages) + on_host])
@@ -160,7 +161,9 @@ class KVManager:
 
     def shared_pages(self, r: Request) -> int:
         """Of r's device pages, those other requests hold too: releasing r frees none of them."""
-        return 0 if self.prefix is None else sum(self.prefix.refcount(p) > 1 for p in r.pages)
+        if self.prefix is None or not self.prefix.num_shared:
+            return 0
+        return sum(self.prefix.refcount(p) > 1 for p in r.pages)
 
     def swap_out(self, r: Request) -> int:
         """Moves r's pages to the host pool; r keeps its computed tokens. Pages it shares stay on
