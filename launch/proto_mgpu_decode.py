@@ -42,6 +42,9 @@ from absl import flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from jaxserve.cli import run  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from decode_cases import parse_case  # noqa: E402
+
 _CASES = flags.DEFINE_list("cases", ["128x1024", "64x640", "128r100-2048"], "Batch and context cases.")
 _CONFIGS = flags.DEFINE_list(
     "configs", ["p1s4k1w1", "p2s2w1"],
@@ -361,15 +364,6 @@ def reference_decode(q, k_pool, v_pool, layer, page_table, lengths):
     p = jnp.exp(logits - logits.max(-1, keepdims=True))
     p = p / p.sum(-1, keepdims=True)
     return jnp.einsum("bkgt,btkd->bkgd", p, v).reshape(B, H, D)
-
-
-def parse_case(case: str, rng):
-    if "r" in case:
-        b, span = case.split("r")
-        lo, hi = map(int, span.split("-"))
-        return rng.integers(lo, hi + 1, int(b)).astype(np.int32), hi
-    b, ctx = map(int, case.split("x"))
-    return np.full(int(b), ctx, np.int32), ctx
 
 
 def main(argv):

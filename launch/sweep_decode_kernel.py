@@ -24,6 +24,9 @@ from absl import flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from jaxserve.cli import run  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from decode_cases import parse_case  # noqa: E402
+
 _CASES = flags.DEFINE_list("cases", ["128x1024", "64x640", "128r100-2000"], "Batch and context cases.")
 _PPCB = flags.DEFINE_list("ppcb", ["1", "2"], "Pages per compute block.")
 _SPLITS = flags.DEFINE_list("splits", ["0"], "k_splits (0: decode_params' pick, and twice it).")
@@ -36,17 +39,6 @@ _HEAD_DIM = flags.DEFINE_integer("head_dim", 128, "Head dim.")
 _PAGE = flags.DEFINE_integer("page_size", 16, "Tokens a page.")
 _REPS = flags.DEFINE_integer("reps", 10, "Timed calls per configuration.")
 _BUDGET = flags.DEFINE_float("budget_s", 400.0, "Stop sweeping after this many seconds.")
-
-
-def parse_case(case: str, rng):
-    """'128x1024' or '128r100-2000' -> (lengths [B], longest length); the page table's width is
-    bucketed to a power of two of pages, as the engine's step shapes are."""
-    if "r" in case:
-        b, span = case.split("r")
-        lo, hi = map(int, span.split("-"))
-        return rng.integers(lo, hi + 1, int(b)).astype(np.int32), hi
-    b, ctx = map(int, case.split("x"))
-    return np.full(int(b), ctx, np.int32), ctx
 
 
 def main(argv):

@@ -329,7 +329,8 @@ def test_metrics_in_prometheus_format(server, client):
         assert m[(name, frozenset())] > 0, name
     assert {"jaxserve_preemptions_total", "jaxserve_reparallelizations_total", "jaxserve_swap_bytes_total",
             "jaxserve_kv_pages_total", "jaxserve_generation_tokens_total", "jaxserve_prefix_cache_hit_tokens_total",
-            "jaxserve_prefix_cache_queried_tokens_total"} <= names
+            "jaxserve_prefix_cache_queried_tokens_total", "jaxserve_prefix_cache_host_hit_tokens_total"} <= names
+    assert m[("jaxserve_prefix_cache_queried_tokens_total", frozenset())] >= 2  # on by default: "count me" looked up
     assert ("jaxserve_requests", frozenset({("state", "waiting")})) in m
     assert m[("jaxserve_kv_pages_total", frozenset())] == 512
     assert m[("jaxserve_requests_finished_total", frozenset({("reason", "length")}))] >= 1

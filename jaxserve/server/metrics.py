@@ -27,6 +27,8 @@ _ENGINE_COUNTERS = {
     "prefix_hit_tokens": ("jaxserve_prefix_cache_hit_tokens", "Tokens whose KV came from the prefix cache."),
     "prefix_queried_tokens": ("jaxserve_prefix_cache_queried_tokens",
                               "Tokens of the requests looked up in the prefix cache (hit rate: hit / queried)."),
+    "prefix_host_hit_tokens": ("jaxserve_prefix_cache_host_hit_tokens",
+                               "Of the prefix cache's hit tokens, those whose KV came back from host memory."),
 }
 
 
