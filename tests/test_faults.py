@@ -110,3 +110,52 @@ def test_health_answers_503_once_the_engine_gives_up_after_repeated_faults(tiny_
         assert httpx.get(url + "/health").status_code == 503
     finally:
         stop()
+
+
+def test_a_swapped_request_whose_shared_pages_were_in_the_lost_pool_recomputes_them(tiny):
+    """With prefix caching a swapped-out request keeps its shared pages on the device: when a
+    fault takes the pool, those are lost too, and it must recompute, not resume from them."""
+    from test_swap import ChaosPolicy
+
+    class HoldSwapped(ChaosPolicy):
+        """Random swap-outs; while `hold`, no swap-ins (the swapped stay swapped through the fault)."""
+        hold = False
+
+        def schedule(self, views, cache, now):
+            plan = super().schedule(views, cache, now)
+            if self.hold:
+                plan.run = [(rid, n) for rid, n in plan.run if rid not in plan.swap_in]
+                plan.swap_in = []
+            return plan
+
+    cfg, params, mesh, tokenizer = tiny
+    config = EngineConfig(token_budget=24, max_chunk=16, max_batch=4, page_size=8, num_pages=64, host_pages=128)
+    ref = Engine(cfg, params, mesh, tokenizer, EngineConfig(prefix_cache=False))
+    reqs = requests(8)
+    for rid, prompt, p in reqs:
+        ref.add_request(rid, prompt, p)
+    reference = finish(ref)
+    policy = HoldSwapped(seed=3, p=0.5)
+    engine = Engine(cfg, params, mesh, tokenizer, config, policy=policy)
+    for rid, prompt, p in reqs:
+        engine.add_request(rid, prompt, p)
+    done = {}
+    for _ in range(60):
+        if engine.kv.kept_pages:
+            break
+        done.update((o.request_id, o) for o in engine.step() if o.finished)
+    assert engine.kv.kept_pages  # a swapped-out request holds shared pages on the device
+    policy.hold = True
+    with DeviceFault() as fault:
+        fault.armed = True
+        with pytest.raises(Exception, match="injected device fault"):
+            for _ in range(3):
+                engine.step()
+        fault.armed = False
+    failed = {o.request_id for o in engine.fail_step()}
+    assert engine.kv.kept_pages == 0  # what they kept went with the pool: they recompute
+    policy.hold = False
+    finish(engine, done)
+    for rid in set(reference) - failed:
+        assert done[rid].token_ids == reference[rid].token_ids, rid
+    assert engine.allocator.num_used == 0 and engine.host_pool.used == 0

@@ -308,7 +308,7 @@ class Engine:
         self.kv.forget_cached()  # a failed step may have left named pages unwritten
         for r in self.requests.values():
             r.num_pending, r.pending_row = 0, -1
-            if lost and (r.status is Status.RUNNING or r.pages):  # their KV went with the pool
+            if lost and (r.status is Status.RUNNING or self.kv.holds_device_pages(r)):  # their KV went with the pool
                 self._preempt(r, counted=False)
         return outputs
 

@@ -181,6 +181,10 @@ class KVManager:
         self.stats["swap_out_bytes"] += moved
         return moved
 
+    def holds_device_pages(self, r: Request) -> bool:
+        """Whether r holds device pages: its own, or (swapped out) shared ones it kept."""
+        return bool(r.pages) or r.request_id in self._kept
+
     @property
     def kept_pages(self) -> int:
         """Shared device pages that swapped-out requests hold (see `swap_out`)."""
