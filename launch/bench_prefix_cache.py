@@ -151,8 +151,9 @@ def main(argv):
                          "first_differing_token_mean": float(np.mean(diverged)) if diverged else None}
         r = results[name]
         print(f"[prefix cache {name:3s}] {r['requests']} requests, {prompt_tokens} prompt tokens "
-              f"({100 * r['cached_prompt_share']:.1f}% cached, {100 * r['host_tier_share']:.1f}% from the host), wall {wall:.2f} s, {r['output_tok_s']:.1f} output tok/s, "
-              f"TTFT mean {r['ttft_mean_s'] * 1e3:.1f} ms p90 {r['ttft_p90_s'] * 1e3:.1f} ms, answers as with the cache off: {identical}/{len(reference)}"
+              f"({100 * r['cached_prompt_share']:.1f}% cached, {100 * r['host_tier_share']:.1f}% from the host), "
+              f"wall {wall:.2f} s, {r['output_tok_s']:.1f} output tok/s, TTFT mean {r['ttft_mean_s'] * 1e3:.1f} ms "
+              f"p90 {r['ttft_p90_s'] * 1e3:.1f} ms, answers as with the cache off: {identical}/{len(reference)}"
               + (f" (the others differ from token {r['first_differing_token_mean']:.1f} on, mean)" if diverged else ""),
               flush=True)
     off, on = results["off"], results["on"]
