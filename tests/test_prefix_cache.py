@@ -314,3 +314,48 @@ def test_swapping_out_leaves_shared_pages_on_the_device(tiny, policy):
     assert got == want
     assert on.stats["swap_outs"] > 0 and on.stats["swap_shared_pages_kept"] > 0, on.stats
     assert on.kv.host_pool.used == 0 and on.allocator.num_used == 0 and on.allocator.num_free == 24
+
+
+def test_a_plan_that_preempts_one_sharer_and_swaps_out_the_other_keeps_their_shared_pages(tiny):
+    """Two requests hold a prefix's pages, no one else: the plan preempts A and swaps B out, with
+    room on the host for B's own pages only. B must keep the shared pages (as the policy counted),
+    not copy them once A let go (before, the swap-out asked for more room than there was)."""
+    from jaxserve import SamplingParams
+    from jaxserve.scheduling import FCFSPolicy
+    from jaxserve.scheduling.plan import Plan
+
+    class Scripted(FCFSPolicy):
+        trigger = False
+
+        def schedule(self, views, cache, now):
+            if self.trigger:
+                self.trigger = False
+                return Plan(preempt=["a"], swap_out=["b"])
+            return super().schedule(views, cache, now)
+
+    greedy = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    rng = np.random.default_rng(2)
+    system = rng.integers(3, 1000, size=32).tolist()  # 4 pages of 8
+    reqs = [("a", system + rng.integers(3, 1000, size=20).tolist(), greedy),
+            ("b", system + rng.integers(3, 1000, size=12).tolist(), greedy)]
+    want = _run(_engine(tiny, prefix_cache=False, page_size=8, num_pages=64), reqs)
+    cfg, params, mesh, tok = tiny
+    from jaxserve import Engine, EngineConfig
+    policy = Scripted()
+    engine = Engine(cfg, params, mesh, tok, EngineConfig(page_size=8, num_pages=64, host_pages=4, token_budget=64,
+                                                         max_chunk=64, max_batch=4), policy=policy)
+    engine.add_request(*reqs[0])
+    got = {}
+    for _ in range(2):  # a computes and names the prefix
+        got.update((o.request_id, o.token_ids) for o in engine.step() if o.finished)
+    engine.add_request(*reqs[1])
+    for _ in range(3):  # b shares it
+        got.update((o.request_id, o.token_ids) for o in engine.step() if o.finished)
+    b = engine.requests["b"]
+    assert engine.kv.shared_pages(b) == 4 and len(b.pages) - 4 <= 4
+    policy.trigger = True
+    while engine.has_unfinished():
+        got.update((o.request_id, o.token_ids) for o in engine.step() if o.finished)
+    assert got == want
+    assert engine.stats["swap_shared_pages_kept"] == 4 and engine.stats["swap_outs"] == 1
+    assert engine.allocator.num_used == 0 and engine.host_pool.used == 0

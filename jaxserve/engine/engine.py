@@ -321,12 +321,19 @@ class Engine:
         start = self.clock()
         views = [self._view(r) for r in self.requests.values() if not self._finishing(r)]
         plan = self.policy.schedule(views, self.cache_state(), start)
+        # Uploads start first: they free host pages that this step's swap-outs may need, and
+        # swap-outs free the device pages that the uploads land in. Swap-outs go before the
+        # preemptions: a page two victims share is then kept by the swapped one, as planned,
+        # not copied by it once the other let go. One that finds no host room recomputes.
+        uploads = {rid: self.kv.start_upload(rid) for rid in plan.swap_in}
+        swap_bytes = 0
+        for rid in plan.swap_out:
+            moved = self.kv.swap_out(self.requests[rid])
+            if moved is None:
+                self._preempt(self.requests[rid])
+            swap_bytes += moved or 0
         for rid in plan.preempt:
             self._preempt(self.requests[rid])
-        # Uploads start first: they free host pages that this step's swap-outs may need, and
-        # swap-outs free the device pages that the uploads land in.
-        uploads = {rid: self.kv.start_upload(rid) for rid in plan.swap_in}
-        swap_bytes = sum(self.kv.swap_out(self.requests[rid]) for rid in plan.swap_out)
         running = {rid for rid, _ in plan.run}
         swap_bytes += sum(self.kv.swap_in(self.requests[rid], uploads[rid], rid in running) for rid in plan.swap_in)
         scheduled = []
@@ -467,14 +474,16 @@ class Engine:
         return r.num_pending > 0 and (r.num_generated >= r.params.max_tokens or r.num_tokens >= self.max_context)
 
     def _view(self, r: Request) -> RequestView:
-        if r.status is Status.SWAPPED:
-            location, pages = "host", self.kv.host_entry_pages(r.request_id)
+        if r.status is Status.SWAPPED:  # its own pages on the host, the shared ones kept on the device
+            kept = self.kv.kept_pages_of(r)
+            location, pages, shared = "host", self.kv.host_entry_pages(r.request_id) + kept, kept
         else:
             location, pages = ("device" if r.status is Status.RUNNING else "none"), len(r.pages)
+            shared = self.kv.shared_pages(r) if r.status is Status.RUNNING else 0
         cached = self.kv.cached_tokens(r) if r.status is Status.WAITING else 0
         return RequestView(r.request_id, r.arrival_time, r.priority, r.num_tokens, r.num_computed,
                            r.num_generated, r.params.max_tokens, pages, location, num_cached=cached,
-                           shared_pages=self.kv.shared_pages(r) if r.status is Status.RUNNING else 0)
+                           shared_pages=shared)
 
     def _chunk(self, r: Request, n: int) -> Chunk:
         p = r.params

@@ -165,12 +165,15 @@ class KVManager:
             return 0
         return sum(self.prefix.refcount(p) > 1 for p in r.pages)
 
-    def swap_out(self, r: Request) -> int:
+    def swap_out(self, r: Request) -> Optional[int]:
         """Moves r's pages to the host pool; r keeps its computed tokens. Pages it shares stay on
-        the device, held, and are not copied. Returns bytes moved."""
-        self.write_staged(r.request_id)
+        the device, held, and are not copied. Returns bytes moved, or None (and moves nothing)
+        when the host pool has no room for them."""
         kept = [(i, p) for i, p in enumerate(r.pages) if self.prefix is not None and self.prefix.refcount(p) > 1]
         own = [p for p in r.pages if self.prefix is None or self.prefix.refcount(p) == 1]
+        if bucket(len(own)) > self.host_pool.num_free:
+            return None
+        self.write_staged(r.request_id)
         moved = self.host_pool.put(r.request_id, self.runner.cache, own)
         self.allocator.free(own)
         if kept:
@@ -180,6 +183,9 @@ class KVManager:
         self.stats["swap_outs"] += 1
         self.stats["swap_out_bytes"] += moved
         return moved
+
+    def kept_pages_of(self, r: Request) -> int:
+        return len(self._kept.get(r.request_id, ()))
 
     def holds_device_pages(self, r: Request) -> bool:
         """Whether r holds device pages: its own, or (swapped out) shared ones it kept."""
@@ -266,7 +272,9 @@ class KVManager:
                 shared = gather_bucketed(self.runner.cache, [p for _, p in kept])
                 own = iter(range(entry.num_pages))
                 at = {i: kv["k"].shape[1] + j for j, (i, _) in enumerate(kept)}
-                order = np.array([at[i] if i in at else next(own) for i in range(entry.num_pages + len(kept))])
+                total = entry.num_pages + len(kept)
+                order = np.zeros(bucket(total), np.int32)  # bucketed, as every exported buffer is
+                order[:total] = [at[i] if i in at else next(own) for i in range(total)]
                 kv = {name: jnp.concatenate([kv[name], shared[name]], axis=1)[:, order] for name in kv}
         self.release(r)
         return kv

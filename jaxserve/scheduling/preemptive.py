@@ -133,10 +133,10 @@ class PreemptivePolicy:
             for r in idle:
                 if loc[r.request_id] != "host":
                     continue
-                if free - r.num_pages < self.watermark_pages or r.num_pages > link:
+                if free - r.own_pages < self.watermark_pages or r.own_pages > link:
                     break
                 plan.swap_in.append(r.request_id)
-                free, link = free - r.num_pages, link - r.num_pages
+                free, link = free - r.own_pages, link - r.own_pages
         return plan
 
     def short_step(self, decodes: Sequence[RequestView], chosen: Sequence[RequestView], cache: CacheState,
@@ -184,7 +184,7 @@ class PreemptivePolicy:
             if loc[r.request_id] == "gone":  # evicted earlier in this plan
                 continue
             n = min(r.num_remaining, cache.max_chunk)
-            on_host = r.num_pages if r.location == "host" else 0      # device pages its upload needs
+            on_host = r.own_pages if r.location == "host" else 0      # device pages its upload needs
             freed = cache.host_pages_for(on_host) if on_host else 0   # host pages the upload frees
             need = cache.pages_needed(r, n) + on_host
             room, victims, gain, moved = host_free + freed, [], 0, on_host
