@@ -1,8 +1,16 @@
-"""Decode-attention benchmark cases shared by the kernel sweeps: 'BxCTX' (every row CTX long) or
-'BrLO-HI' (lengths uniform in [LO, HI])."""
+"""What the decode-attention kernel sweeps share: the KV shape's flags, and cases 'BxCTX' (every
+row CTX long) or 'BrLO-HI' (lengths uniform in [LO, HI])."""
 from __future__ import annotations
 
 import numpy as np
+from absl import flags
+
+LAYERS = flags.DEFINE_integer("layers", 32, "Layers (one kernel call each).")
+KV_HEADS = flags.DEFINE_integer("kv_heads", 8, "KV heads.")
+HEADS = flags.DEFINE_integer("heads", 32, "Query heads.")
+HEAD_DIM = flags.DEFINE_integer("head_dim", 128, "Head dim.")
+PAGE = flags.DEFINE_integer("page_size", 16, "Tokens a page.")
+REPS = flags.DEFINE_integer("reps", 10, "Timed calls per configuration.")
 
 
 def parse_case(case: str, rng):

@@ -43,7 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from jaxserve.cli import run  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from decode_cases import parse_case  # noqa: E402
+from decode_cases import HEAD_DIM, HEADS, KV_HEADS, LAYERS, PAGE, REPS, parse_case  # noqa: E402
 
 _CASES = flags.DEFINE_list("cases", ["128x1024", "64x640", "128r100-2048"], "Batch and context cases.")
 _CONFIGS = flags.DEFINE_list(
@@ -51,12 +51,6 @@ _CONFIGS = flags.DEFINE_list(
     "Mosaic GPU configs: p<ctas per SM, 0 = one CTA per item>s<ring stages>[k<splits>][r<consumer regs>]"
     "[o0: o through its own smem, not the q buffer][w1: Warpgroup lowering semantics, else Lane]"
     "[c0: skip the combine (timing only)].")
-_LAYERS = flags.DEFINE_integer("layers", 32, "Layers (one kernel call each).")
-_KV_HEADS = flags.DEFINE_integer("kv_heads", 8, "KV heads.")
-_HEADS = flags.DEFINE_integer("heads", 32, "Query heads.")
-_HEAD_DIM = flags.DEFINE_integer("head_dim", 128, "Head dim.")
-_PAGE = flags.DEFINE_integer("page_size", 16, "Tokens a page.")
-_REPS = flags.DEFINE_integer("reps", 10, "Timed calls per configuration.")
 _TRITON = flags.DEFINE_bool("triton", True, "Also time the Triton kernel.")
 _INTERPRET = flags.DEFINE_bool("interpret", False, "Run the Mosaic GPU kernel interpreted (CPU check).")
 _LOWER_ONLY = flags.DEFINE_bool("lower_only", False, "Only lower for cuda (no device needed) and exit.")
@@ -373,7 +367,7 @@ def main(argv):
     from jaxserve.cache import attention_kernels as ak
     from jaxserve.scheduling.cost_model import bucket
 
-    L, K, H, D, S = _LAYERS.value, _KV_HEADS.value, _HEADS.value, _HEAD_DIM.value, _PAGE.value
+    L, K, H, D, S = LAYERS.value, KV_HEADS.value, HEADS.value, HEAD_DIM.value, PAGE.value
     rng = np.random.default_rng(0)
     cases = [(c, *parse_case(c, rng)) for c in _CASES.value]
     configs = [(c, parse_config(c)) for c in _CONFIGS.value]
@@ -419,10 +413,10 @@ def main(argv):
     def timeit(f, *args):
         jax.block_until_ready(f(*args))
         t = time.perf_counter()
-        for _ in range(_REPS.value):
+        for _ in range(REPS.value):
             out = f(*args)
         jax.block_until_ready(out)
-        return (time.perf_counter() - t) / _REPS.value
+        return (time.perf_counter() - t) / REPS.value
 
     rows, start = [], time.perf_counter()
     for name, lens, width in cases:

@@ -25,19 +25,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from jaxserve.cli import run  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from decode_cases import parse_case  # noqa: E402
+from decode_cases import HEAD_DIM, HEADS, KV_HEADS, LAYERS, PAGE, REPS, parse_case  # noqa: E402
 
 _CASES = flags.DEFINE_list("cases", ["128x1024", "64x640", "128r100-2000"], "Batch and context cases.")
 _PPCB = flags.DEFINE_list("ppcb", ["1", "2"], "Pages per compute block.")
 _SPLITS = flags.DEFINE_list("splits", ["0"], "k_splits (0: decode_params' pick, and twice it).")
 _WARPS = flags.DEFINE_list("warps", ["1", "2", "4"], "Warps per program.")
 _PREFETCH = flags.DEFINE_list("prefetch", ["1", "2", "3"], "Blocks loaded ahead of the math.")
-_LAYERS = flags.DEFINE_integer("layers", 32, "Layers (one kernel call each).")
-_KV_HEADS = flags.DEFINE_integer("kv_heads", 8, "KV heads.")
-_HEADS = flags.DEFINE_integer("heads", 32, "Query heads.")
-_HEAD_DIM = flags.DEFINE_integer("head_dim", 128, "Head dim.")
-_PAGE = flags.DEFINE_integer("page_size", 16, "Tokens a page.")
-_REPS = flags.DEFINE_integer("reps", 10, "Timed calls per configuration.")
 _BUDGET = flags.DEFINE_float("budget_s", 400.0, "Stop sweeping after this many seconds.")
 
 
@@ -48,7 +42,7 @@ def main(argv):
     from jaxserve.cache import attention_kernels as ak
     from jaxserve.scheduling.cost_model import bucket
 
-    L, K, H, D, S = _LAYERS.value, _KV_HEADS.value, _HEADS.value, _HEAD_DIM.value, _PAGE.value
+    L, K, H, D, S = LAYERS.value, KV_HEADS.value, HEADS.value, HEAD_DIM.value, PAGE.value
     rng = np.random.default_rng(0)
     cases = [(c, *parse_case(c, rng)) for c in _CASES.value]
     pages_needed = max(len(lens) * bucket(-(-width // S)) for _, lens, width in cases) + 1
@@ -91,10 +85,10 @@ def main(argv):
                 print(f"{name} ppcb={ppcb} ks={ks} nw={nw} pf={pf}: failed ({type(e).__name__}: {str(e)[:120]})")
                 continue
             t = time.perf_counter()
-            for _ in range(_REPS.value):
+            for _ in range(REPS.value):
                 out = f()
             jax.block_until_ready(out)
-            sec = (time.perf_counter() - t) / _REPS.value
+            sec = (time.perf_counter() - t) / REPS.value
             mark = " <- decode_params" if (ppcb, ks, nw, pf) == (*pick, 1) else ""
             rows.append({"case": name, "ppcb": ppcb, "k_splits": ks, "num_warps": nw, "prefetch": pf,
                          "ms_all_layers": sec * 1e3, "tb_s": kv_bytes / sec / 1e12, "decode_params": bool(mark)})

@@ -175,7 +175,7 @@ def test_the_host_pool_keeps_evicted_pages_by_name_in_the_room_swaps_leave(tiny)
     names = [bytes([i]) * 16 for i in range(6)]
     assert host.cache_pages(names[:3], gather_bucketed(pool, [5, 6, 7])) == 3  # page by page, not the 4-page buffer
     assert host.cache_pages(names[3:5], gather_bucketed(pool, [1, 2])) == 2
-    assert (host.cached_used, host.num_free, host.num_cached) == (5, 8, 5)
+    assert (host.num_cached, host.num_free) == (5, 8)
     assert host.cached_prefix(names) == 5 and host.cached_prefix(names[1:]) == 4 and host.cached_prefix(names[5:]) == 0
     # a hit uploads just its pages, in the asked order (padded to a power of two)
     staged = host.upload_cached([names[4], names[0], names[2]])
@@ -185,7 +185,7 @@ def test_the_host_pool_keeps_evicted_pages_by_name_in_the_room_swaps_leave(tiny)
             assert np.array_equal(np.asarray(staged[n][:, q]), np.asarray(pool[n][:, page]))
     # a swap-out needs room: cached pages go, least recently used first (now 1, 3, 4, 0, 2)
     host.put("swapped", pool, [3, 4, 8])  # a 4-page buffer: 8 - 5 = 3 free, one page must go
-    assert (host.used, host.cached_used) == (4, 4)
+    assert (host.used, host.num_cached) == (4, 4)
     assert [host.has_cached(n) for n in names[:5]] == [True, False, True, True, True]
     host.put("swapped2", pool, [1, 2, 3, 4])  # no room beside the swapped requests: every page goes
     assert host.num_cached == 0

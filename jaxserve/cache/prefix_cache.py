@@ -28,6 +28,20 @@ def page_hashes(tokens: Sequence[int], page_size: int, model_key: str = "", pare
     return out
 
 
+def matchable_pages(num_tokens: int, page_size: int) -> int:
+    """Full pages of a sequence a cache hit may cover: its last token is always computed, since
+    its forward pass gives the logits of the first new token."""
+    return max(num_tokens - 1, 0) // page_size
+
+
+def leading_run(names: Sequence[bytes], known) -> int:
+    """How many of `names`, from the first, are in `known`."""
+    n = 0
+    while n < len(names) and names[n] in known:
+        n += 1
+    return n
+
+
 class PrefixCache:
     """Owner of a pool's device pages when prefix caching is on (it replaces `PageAllocator`)."""
 
@@ -67,25 +81,16 @@ class PrefixCache:
 
     def match(self, tokens: Sequence[int], names: Sequence[bytes] = ()) -> List[int]:
         """The pages of the longest cached prefix of `tokens` (whose page names are `names`, if
-        known), now held by the caller. At least the last token is left out: its forward pass
-        gives the logits of the first new token."""
-        pages = []
-        usable = max(len(tokens) - 1, 0) // self.page_size
-        for h in list(names or self.hashes(tokens))[:usable]:
-            page = self._page_of.get(h)
-            if page is None:
-                break
-            pages.append(page)
+        known), now held by the caller; at most `matchable_pages` of them."""
+        names = list(names or self.hashes(tokens))[:matchable_pages(len(tokens), self.page_size)]
+        pages = [self._page_of[h] for h in names[:self.cached(names)]]
         for page in pages:
             self._hold(page)
         return pages
 
     def cached(self, names: Sequence[bytes]) -> int:
         """How many of `names`, from the first, name device pages (nothing is held)."""
-        n = 0
-        while n < len(names) and names[n] in self._page_of:
-            n += 1
-        return n
+        return leading_run(names, self._page_of)
 
     def allocate(self, n: int) -> List[int]:
         """n pages for new content, evicting the least recently used unheld cached pages if needed

@@ -22,6 +22,7 @@ import numpy as np
 
 from jaxserve.cache import transfer
 from jaxserve.cache.paged_kv import POOL_AXES
+from jaxserve.cache.prefix_cache import leading_run
 from jaxserve.parallel.sharding import logical_sharding
 from jaxserve.scheduling.cost_model import bucket
 
@@ -61,11 +62,7 @@ class HostPagePool:
 
     @property
     def num_cached(self) -> int:
-        return len(self._cached)
-
-    @property
-    def cached_used(self) -> int:
-        """Pages of named prefix pages (always <= capacity - used)."""
+        """Named prefix pages held (each one page; always <= capacity - used)."""
         return len(self._cached)
 
     def _sharding(self, shape, memory_kind):
@@ -111,10 +108,7 @@ class HostPagePool:
 
     def cached_prefix(self, names: Sequence[bytes]) -> int:
         """How many of `names`, from the first, this pool holds."""
-        n = 0
-        while n < len(names) and names[n] in self._cached:
-            n += 1
-        return n
+        return leading_run(names, self._cached)
 
     def cache_pages(self, names: Sequence[bytes], data: dict) -> int:
         """Keeps the pages of device buffers [L, >= len(names), ...], one per name, in the room

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxserve.cache.page_allocator import PageAllocator, pages_for
-from jaxserve.cache.prefix_cache import PrefixCache
+from jaxserve.cache.prefix_cache import PrefixCache, matchable_pages
 from jaxserve.cache.swap import HostPagePool, gather_bucketed, write_staged
 from jaxserve.scheduling.cost_model import bucket
 from jaxserve.engine.request import Request, Status
@@ -81,7 +81,7 @@ class KVManager:
         cache of its own, whose prefill would start after them; 0 without prefix caching)."""
         if self.prefix is None or r.pages or r.num_computed:
             return 0
-        names = self.prompt_names(r)[:max(r.num_tokens - 1, 0) // self.page_size]
+        names = self.prompt_names(r)[:matchable_pages(r.num_tokens, self.page_size)]
         n = self.prefix.cached(names)
         if self.host_tier:
             n += self.host_pool.cached_prefix(names[n:])
@@ -98,7 +98,7 @@ class KVManager:
         self._prompt_names.pop(r.request_id, None)
         pages = self.prefix.match(r.token_ids(0, r.num_tokens), names)
         self.stats["prefix_queried_tokens"] += r.num_tokens  # misses too: hit / queried is the hit rate
-        usable = max(r.num_tokens - 1, 0) // self.page_size
+        usable = matchable_pages(r.num_tokens, self.page_size)
         on_host = self.host_pool.cached_prefix(names[len(pages):usable]) if self.host_tier else 0
         hit = (len(pages) + on_host) * self.page_size
         rest = min(n, r.num_tokens - hit)
@@ -212,12 +212,6 @@ class KVManager:
                 self.host_pool.forget_cached()  # nothing is cached before serving
         return len(sizes)
 
-    def _with_kept(self, request_id: str, own: Sequence[int]) -> List[int]:
-        """A swapped request's page list again: its own (new) pages around the shared ones it kept."""
-        kept = dict(self._kept.pop(request_id, []))
-        rest = iter(own)
-        return [kept[i] if i in kept else next(rest) for i in range(len(kept) + len(own))]
-
     def start_upload(self, request_id: str) -> tuple:
         """Starts the host->device copy of a swapped request (see `swap_in`)."""
         return self.host_pool.upload(request_id)
@@ -238,7 +232,7 @@ class KVManager:
             return 0
         pages = self._allocate(n)
         moved = sum(x.nbytes for x in staged.values()) * n // staged["k"].shape[1]
-        r.pages, r.status = self._with_kept(r.request_id, pages), Status.RUNNING
+        r.pages, r.status = _around_kept(self._kept.pop(r.request_id, []), pages), Status.RUNNING
         self._staged[r.request_id] = (pages, staged)
         self.stats["swap_ins"] += 1
         self.stats["swap_in_bytes"] += moved
@@ -270,11 +264,11 @@ class KVManager:
             kept = self._kept.get(r.request_id)
             if kept:  # its shared pages stayed on the device: put them back in their places
                 shared = gather_bucketed(self.runner.cache, [p for _, p in kept])
-                own = iter(range(entry.num_pages))
-                at = {i: kv["k"].shape[1] + j for j, (i, _) in enumerate(kept)}
                 total = entry.num_pages + len(kept)
                 order = np.zeros(bucket(total), np.int32)  # bucketed, as every exported buffer is
-                order[:total] = [at[i] if i in at else next(own) for i in range(total)]
+                # rows of [its own pages' buffer, the kept pages' buffer], in the request's order
+                order[:total] = _around_kept([(i, kv["k"].shape[1] + j) for j, (i, _) in enumerate(kept)],
+                                             range(entry.num_pages))
                 kv = {name: jnp.concatenate([kv[name], shared[name]], axis=1)[:, order] for name in kv}
         self.release(r)
         return kv
@@ -304,3 +298,10 @@ class KVManager:
 
     def host_entry_pages(self, request_id: str) -> int:
         return self.host_pool.entries[request_id].num_pages
+
+
+def _around_kept(kept: Sequence[tuple], own: Sequence) -> list:
+    """A swapped request's page list again: its own entries, in order, around the (index, entry)
+    ones it kept on the device."""
+    at, rest = dict(kept), iter(own)
+    return [at[i] if i in at else next(rest) for i in range(len(at) + len(own))]
