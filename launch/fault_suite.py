@@ -173,7 +173,7 @@ def reconnect_all(clients, url: str):
 def wait_tokens(clients, n: int, timeout: float = 120):
     deadline = time.time() + timeout
     while time.time() < deadline and any(c.tokens < n and c.finish is None for c in clients):
-        time.sleep(0.05)
+        time.sleep(0.005)
 
 
 def references(url: str, indices, workers: int = 8, **overrides) -> Dict[int, str]:
@@ -187,9 +187,12 @@ def references(url: str, indices, workers: int = 8, **overrides) -> Dict[int, st
 
 def count(clients, reference: Dict[int, str]) -> dict:
     given = [c for c in clients if c.id is not None]
-    lost = [c.id for c in given if c.finish != "length" or c.text != reference[c.i]]
+    lost = [c for c in given if c.finish != "length" or c.text != reference[c.i]]
+    # what each lost request got against what it should have: enough to tell a cut from a wrong token
+    why = [{"id": c.id, "finish": c.finish, "gone": c.gone, "tokens": c.tokens, "text": c.text,
+            "reference": reference[c.i]} for c in lost]
     return {"requests": len(clients), "given_an_id": len(given), "refused": sum(c.refused is not None for c in clients),
-            "lost": len(lost), "lost_ids": lost}
+            "lost": len(lost), "lost_ids": [c.id for c in lost], "lost_detail": why}
 
 
 # -- scenarios ------------------------------------------------------------------------------------
@@ -199,7 +202,9 @@ def kill9_twice(workdir: str) -> dict:
     clients = [StreamClient(i, s.url) for i in range(_STREAMS.value)]
     restarts, resumed_after = [], []
     for crash in range(2):
-        wait_tokens(clients, 8 + 25 * crash)
+        # a third and two thirds of the way: each kill lands mid-stream, after the last resume
+        wait_tokens(clients, _MAX_TOKENS.value * (crash + 1) // 3)
+        cut = [c for c in clients if c.finish is None and c.id is not None]
         s.signal(signal.SIGKILL)
         with open(s.journal, "a") as f:
             f.write(TORN)  # the crash also cut a write short
@@ -209,7 +214,7 @@ def kill9_twice(workdir: str) -> dict:
         deadline = time.time() + 120
         while time.time() < deadline and not all(c.finish or c.first_resumed_at for c in clients):
             time.sleep(0.02)
-        firsts = [c.first_resumed_at for c in clients if c.first_resumed_at]
+        firsts = [c.first_resumed_at for c in cut if c.first_resumed_at]  # not an earlier crash's resume
         resumed_after.append(round(min(firsts) - t, 2) if firsts else None)
     for c in clients:
         c.thread.join(300)

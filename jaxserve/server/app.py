@@ -223,7 +223,7 @@ class OpenAIServer:
                            "request_id", "not_found") from None
         except ValueError as e:
             raise APIError(409, str(e), "request_id", "already_attached") from None
-        reply = responses.Reply(request_id, self.model_name, self.tokenizer)
+        reply = responses.Reply(request_id, self.model_name, self.tokenizer, stream.stop, stream.logprobs)
         events = responses.chat_events if request_id.startswith("chatcmpl-") else responses.completion_events
         return StreamingResponse(self._aborting_when_closed(request_id, events(reply, stream, from_token)),
                                  media_type="text/event-stream",

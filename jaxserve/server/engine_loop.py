@@ -43,6 +43,10 @@ class RequestStream:
     def __init__(self, request_id: str):
         self.request_id = request_id
         self.started = False          # has its first token
+        # A reconnecting client's request, as it was asked: its stop strings and whether it wants
+        # logprobs shape the rest of its stream as they shaped the start
+        self.stop: Sequence[str] = ()
+        self.logprobs = False
         self._items: asyncio.Queue = asyncio.Queue()
 
     async def next(self):
@@ -76,7 +80,7 @@ class EngineLoop:
         self._dead = False
         # Requests the engine already holds when serving starts were resumed from a journal after
         # a crash: their clients may reconnect (`attach`); until then their latest output is kept.
-        self._resumed = set(engine.requests)
+        self._resumed: Dict[str, SamplingParams] = {rid: r.params for rid, r in engine.requests.items()}
         self._detached: Dict[str, RequestOutput] = {}
         # Resumed requests that finished while no client was attached: every reconnect gets their
         # whole output, until MAX_FINISHED_KEPT newer ones push them out (then 404).
@@ -150,12 +154,15 @@ class EngineLoop:
         stream.started = True
         done = self._finished.get(request_id)
         if done is not None:   # every reconnect gets it: nothing is consumed
+            stream.logprobs = done.logprobs is not None
             stream._items.put_nowait(done)
             return stream
         if request_id not in self._resumed:
             raise KeyError(request_id)
         if request_id in self._streams:
             raise ValueError(f"request_id={request_id!r}: a client is already attached")
+        params = self._resumed[request_id]
+        stream.stop, stream.logprobs = tuple(params.stop), bool(params.logprobs)
         last = self._detached.pop(request_id, None)
         if last is not None:
             stream._items.put_nowait(last)
@@ -171,14 +178,15 @@ class EngineLoop:
         key = f"take-over-{id(stream)}"
         self._streams[key] = stream
         stream.started = True  # not a waiting request
-        ids = {r.request_id for r in requests} - self._resumed
+        new = {r.request_id: r.params for r in requests if r.request_id not in self._resumed}
         # before the engine resumes them: their outputs must be kept for their clients from the first
-        self._resumed |= ids
+        self._resumed.update(new)
         self._inbox.put(("take_over", key, requests))
         try:
             return await stream.next()
         except ValueError:
-            self._resumed -= ids
+            for rid in new:
+                self._resumed.pop(rid, None)
             raise
         finally:
             self._streams.pop(key, None)
@@ -209,7 +217,7 @@ class EngineLoop:
                     self._num_waiting -= 1
                 if item.finished:
                     self._release(request_id)
-                    self._resumed.discard(request_id)   # delivered to its reconnected client: done
+                    self._resumed.pop(request_id, None)   # delivered to its reconnected client: done
             elif isinstance(item, BaseException):
                 self._release(request_id)
             stream._items.put_nowait(item)
@@ -219,7 +227,7 @@ class EngineLoop:
             self._detached[out.request_id] = out
             return
         self._detached.pop(out.request_id, None)
-        self._resumed.discard(out.request_id)
+        self._resumed.pop(out.request_id, None)
         self.keep_finished([out])
 
     def _fail_all(self, error: BaseException) -> None:
