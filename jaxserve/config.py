@@ -16,7 +16,8 @@ def default_config() -> config_dict.ConfigDict:
     c.mesh = dict(data=1, model=1)
     c.sampling = dict(max_tokens=128, temperature=0.0, top_p=1.0, top_k=0, seed=0)
     # Paged KV cache and per-step limits of the iteration-level engine.
-    # attention_impl: decode attention, auto (Pallas kernel on GPU) | reference | pallas.
+    # attention_impl: auto (mgpu on GPU, tpu on TPU, else reference) | reference | pallas (the
+    # Triton kernels) | mgpu (pallas, but decode by the Mosaic GPU kernel on Hopper) | tpu.
     # unroll_layers: decode steps run the layers unrolled, auto (on GPU) | on | off: faster steps,
     # slower compiles (model_runner.UNROLL_LAYERS_GPU). async_scheduling: the host schedules step
     # N+1 while step N runs. compile_cache_dir: JAX's persistent compilation cache ("" = off).

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from jaxserve.cache import attention_kernels as ak
+from jaxserve.cache import mgpu_decode
 from jaxserve.cache import paged_kv, transfer
 from jaxserve.cache.paged_kv import paged_attend, pool_sharding
 from jaxserve.engine import model_runner
@@ -52,7 +53,7 @@ def rel_err(a, b):
 
 # -- dispatch -----------------------------------------------------------------------------------
 def test_auto_picks_each_platforms_kernel_and_bad_names_name_the_field():
-    assert ak.resolve_impl("auto", "gpu") == "pallas"
+    assert ak.resolve_impl("auto", "gpu") == "mgpu"
     assert ak.resolve_impl("auto", "cpu") == "reference"
     assert ak.resolve_impl("auto", "tpu") == "tpu"
     assert ak.resolve_impl("reference", "gpu") == "reference"
@@ -100,6 +101,45 @@ def test_interpreted_kernel_writes_gemm_padding_rows_as_zeros(G):
     assert got.shape == (8, 2 * G, 16)
     np.testing.assert_allclose(np.asarray(got)[:3], np.asarray(want), rtol=2e-5, atol=2e-5)
     assert not np.asarray(got)[2:].any()  # the length-0 row and the 5 padding rows
+
+
+@pytest.mark.parametrize("ks, stages, ctas", [(1, 4, 1), (2, 2, 2), (4, 2, 1)])
+def test_interpreted_mosaic_gpu_kernel_equals_reference(ks, stages, ctas):
+    # 4 splits of 8 pages: 2 pages a split, less than a 64-token block (the rest of the block
+    # repeats the split's last page and must be masked even where the row goes on)
+    # 2 SMs: each CTA of the persistent grid runs several items, its ring carried over between them
+    q, k_pool, v_pool, table, lengths = random_case(np.random.default_rng(ks), L=2, num_pages=40, S=16, K=2, G=4,
+                                                    D=64, B=3, P=8, dtype=jnp.bfloat16)
+    layer = jnp.int32(1)
+    scaled = (q.astype(jnp.float32) * 64 ** -0.5).astype(q.dtype)
+    got = ak._mgpu_decode_attention(scaled, k_pool, v_pool, layer, table, lengths, out_rows=5, k_splits=ks,
+                                    stages=stages, ctas_per_sm=ctas, num_sms=2, interpret=True)
+    want = reference_decode(q, k_pool, v_pool, layer, table, lengths)
+    assert got.shape == (5, 8, 64)
+    assert rel_err(got[:3], want) < 5e-3  # bf16 probabilities and partials
+    assert not np.asarray(got, np.float32)[2:].any()  # the length-0 row and the 2 GEMM padding rows
+
+
+@pytest.mark.parametrize("batch", [1, 2, 8, 16, 64, 128, 256])
+@pytest.mark.parametrize("pages", [1, 2, 4, 8, 64, 128, 512])
+def test_mosaic_gpu_parameters_always_divide_the_bucketed_page_table(batch, pages):
+    ks, stages, ctas = mgpu_decode.mgpu_params(batch, pages, 8)
+    assert pages % ks == 0 and stages * ctas <= 4  # shared memory holds 4 stages of K and V an SM
+    assert pages // ks >= min(pages, 4)  # a split holds a whole 64-token block where the row does
+    assert ks >= 2 or pages < 8  # ragged rows are split: round-robin items would end on the long ones
+
+
+def test_decode_kernel_names_are_checked_and_the_mosaic_kernel_needs_hopper():
+    q, k_pool, v_pool, table, lengths = random_case(np.random.default_rng(0))
+    with pytest.raises(ValueError, match="decode kernel 'flash'"):
+        ak.decode_attention(q, k_pool, v_pool, jnp.int32(0), table, lengths, kernel_impl="flash")
+    assert ak.resolve_impl("mgpu", "gpu") == "mgpu"
+    if jax.default_backend() != "gpu":
+        assert not mgpu_decode.supported(32, 8, 128, 16, jnp.bfloat16)
+        # off Hopper 'mgpu' is the Triton kernel (here interpreted): the same numbers
+        args = (q * 16 ** -0.5, k_pool, v_pool, jnp.int32(1), table, lengths)
+        np.testing.assert_array_equal(np.asarray(ak.decode_attention(*args, kernel_impl="mgpu")),
+                                      np.asarray(ak.decode_attention(*args)))
 
 
 def _decode_over_layers(impl, q, k, v, cache, positions, layout, mesh=None):
@@ -310,6 +350,27 @@ def test_gpu_kernel_matches_reference_in_bf16(ppcb, ks, warps):
 
 @pytest.mark.gpu
 @gpu
+@pytest.mark.parametrize("ks, stages, ctas", [(1, 4, 1), (2, 2, 2), (4, 2, 2), (16, 2, 2), (32, 4, 1), (0, 0, 0)])
+def test_gpu_mosaic_kernel_matches_reference_in_bf16(ks, stages, ctas):
+    rng = np.random.default_rng(ks)
+    q, k_pool, v_pool, table, lengths = random_case(rng, L=2, num_pages=300, S=16, K=8, G=4, D=128,
+                                                    B=5, P=64, dtype=jnp.bfloat16)
+    layer = jnp.int32(1)
+    scaled = (q.astype(jnp.float32) * 128 ** -0.5).astype(jnp.bfloat16)
+    if ks:
+        f = functools.partial(ak._mgpu_decode_attention, k_splits=ks, stages=stages, ctas_per_sm=ctas, out_rows=8)
+    else:  # what the engine runs on Hopper by default (attention_impl auto -> mgpu), mgpu_params' pick
+        assert mgpu_decode.supported(32, 8, 128, 16, jnp.bfloat16) == (jax.devices()[0].compute_capability == "9.0")
+        f = functools.partial(ak.decode_attention, out_rows=8, kernel_impl="mgpu")
+    got = jax.jit(f)(scaled, k_pool, v_pool, layer, table, lengths)
+    want = reference_decode(q, k_pool, v_pool, layer, table, lengths)
+    assert got.shape == (8, 32, 128) and np.isfinite(np.asarray(got, np.float32)).all()
+    assert rel_err(got[:5], want) < 1e-2
+    assert not np.asarray(got, np.float32)[[2, 5, 6, 7]].any()
+
+
+@pytest.mark.gpu
+@gpu
 def test_gpu_mixed_step_kernels_match_reference_step():
     cfg = ModelConfig(vocab_size=512, embed_dim=256, num_layers=2, num_heads=8, num_kv_heads=2,
                       head_dim=64, mlp_dim=512, max_seq_len=512, dtype="bfloat16")
@@ -323,11 +384,12 @@ def test_gpu_mixed_step_kernels_match_reference_step():
               model_runner.Chunk(rng.integers(0, 512, 100).tolist(), 30, perm[12:21], 0.0, 0, 1.0, 0, 0),
               model_runner.Chunk(rng.integers(0, 512, 7).tolist(), 0, perm[21:22], 0.0, 0, 1.0, 0, 0)]
     out = {}
-    for impl in ("reference", "pallas"):
+    for impl in ("reference", "pallas", "mgpu"):
         runner = model_runner.ModelRunner(cfg, params, mesh, 64, 16, 8, attention_impl=impl,
                                           cache=jax.tree.map(jnp.copy, pool))
         out[impl] = runner.run(chunks)
     np.testing.assert_allclose(out["pallas"][1], out["reference"][1], atol=5e-2)
+    np.testing.assert_allclose(out["mgpu"][1], out["reference"][1], atol=5e-2)
 
 
 @pytest.mark.gpu

@@ -94,7 +94,8 @@ def paged_attend(q, k, v, cache, layer, positions, *, layout: StepLayout, impl: 
     """Writes k, v [1,N,K,D] of a flattened step into their pages, then attends (see StepLayout).
 
     impl: "reference" (pure JAX, every backend), "pallas" (the GPU kernels of
-    jaxserve.cache.attention_kernels, interpreted off GPU) or "tpu" (jaxserve.cache.tpu_attention, one
+    jaxserve.cache.attention_kernels, interpreted off GPU), "mgpu" (the same, with the Mosaic GPU
+    decode kernel on Hopper) or "tpu" (jaxserve.cache.tpu_attention, one
     device only: it takes no mesh). mesh: where the pool lives, for the GPU kernels' per-shard call.
     Padding tokens write to the scratch page and get zeros.
     """
@@ -120,16 +121,17 @@ def paged_attend(q, k, v, cache, layer, positions, *, layout: StepLayout, impl: 
     # A decode-only step's rows are its sequences (and GEMM padding, zeros); in a mixed step only
     # the first S rows can be decodes, and the merge below places them.
     dec_rows = N if not NB else S
-    if impl == "pallas":
+    if impl in attention_kernels.PALLAS_IMPLS:
         out = attention_kernels.decode_attention(scaled[:S], cache["k"], cache["v"], layer, L.page_table,
-                                                 L.decode_lens, mesh=mesh, out_rows=dec_rows)
+                                                 L.decode_lens, mesh=mesh, out_rows=dec_rows,
+                                                 kernel_impl="mgpu" if impl == "mgpu" else "triton")
     else:
         dec = _reference_decode(scaled[:S], cache["k"], cache["v"], layer, L.page_table, L.decode_lens)
         out = jnp.pad(dec, ((0, dec_rows - S), (0, 0), (0, 0)))
     if NB:
         QB = QUERY_BLOCK
         tables = L.page_table[L.block_seq]
-        if impl == "pallas":
+        if impl in attention_kernels.PALLAS_IMPLS:
             blocks = attention_kernels.prefill_attention(scaled, cache["k"], cache["v"], layer, tables, L.block_start,
                                                          L.block_len, L.block_pos, query_block=QB, mesh=mesh)
         else:

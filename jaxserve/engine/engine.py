@@ -44,7 +44,7 @@ class EngineConfig:
     token_budget: int = 256   # tokens per step, prefill chunks and decodes together
     max_chunk: int = 256      # longest prefill chunk
     host_pages: int = 0       # host (pinned) memory, in pages, for swapped-out KV; 0 = none
-    attention_impl: str = "auto"  # decode attention: auto (Pallas on GPU) | reference | pallas
+    attention_impl: str = "auto"  # auto | reference | pallas | mgpu | tpu (attention_kernels.resolve_impl)
     unroll_layers: str = "auto"   # decode steps' layer loop unrolled: auto (on GPU) | on | off
     policy: str = "fcfs"
     async_scheduling: bool = True  # schedule and dispatch step N+1 while step N runs

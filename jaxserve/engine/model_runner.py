@@ -173,7 +173,7 @@ def gemm_row_table(cfg: ModelConfig, mesh) -> gemm_rows.RowTable:
 def forward_kwargs(cfg: ModelConfig, mesh, shape: StepShape, attention_impl: str, unroll_layers: bool,
                    row_table: gemm_rows.RowTable) -> dict:
     """The static arguments of `forward_step` for a step of `shape` (settings from `step_settings`)."""
-    return dict(cfg=cfg, attention_impl=attention_impl, mesh=mesh if attention_impl == "pallas" else None,
+    return dict(cfg=cfg, attention_impl=attention_impl, mesh=mesh if attention_impl in attention_kernels.PALLAS_IMPLS else None,
                 unroll_layers=unroll_layers and not shape.prefill,
                 gemm_rows=() if shape.prefill else row_table.get(shape.tokens, ()))
 
