@@ -197,20 +197,25 @@ class KVManager:
         return sum(map(len, self._kept.values()))
 
     def warm_transfers(self, max_pages: int) -> int:
-        """Runs each page transfer once at every bucket up to max_pages (one request's pages),
-        through the swap and host-tier paths on page 0 with every write dropped, so that they
-        compile nothing while serving. Returns the number of buckets."""
-        sizes = [1 << i for i in range(bucket(max_pages).bit_length()) if 1 << i <= self.host_pool.num_free]
-        for n in sizes:
-            self.host_pool.put("warm-up", self.runner.cache, [0] * n)
-            staged, _ = self.host_pool.upload("warm-up")
-            self.runner.cache = write_staged(self.runner.cache, [], staged)
+        """Runs each page transfer once at every bucket it can take, through the swap and
+        host-tier paths on page 0 with every write dropped, so that they compile nothing while
+        serving. Swaps take buckets the host pool has room for; the tier's spills any up to
+        max_pages (one request's pages), and its hits any up to the pages it can hold (a hit of
+        3 runs at a 4-page bucket). Returns the number of buckets."""
+        buckets = [1 << i for i in range(bucket(max_pages).bit_length())]
+        for n in buckets:
+            if n <= self.host_pool.num_free:
+                self.host_pool.put("warm-up", self.runner.cache, [0] * n)
+                staged, _ = self.host_pool.upload("warm-up")
+                self.runner.cache = write_staged(self.runner.cache, [], staged)
             if self.host_tier:
                 names = [b"warm-up %d" % i for i in range(n)]
                 kept = self.host_pool.cache_pages(names, gather_bucketed(self.runner.cache, [0] * n))
-                self.runner.cache = write_staged(self.runner.cache, [], self.host_pool.upload_cached(names[:kept]))
+                if kept and n <= bucket(self.host_pool.capacity):  # held pages padded to n
+                    hit = names[:kept] + names[:1] * (n - kept)
+                    self.runner.cache = write_staged(self.runner.cache, [], self.host_pool.upload_cached(hit))
                 self.host_pool.forget_cached()  # nothing is cached before serving
-        return len(sizes)
+        return len(buckets)
 
     def start_upload(self, request_id: str) -> tuple:
         """Starts the host->device copy of a swapped request (see `swap_in`)."""
