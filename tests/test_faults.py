@@ -159,3 +159,65 @@ def test_a_swapped_request_whose_shared_pages_were_in_the_lost_pool_recomputes_t
     for rid in set(reference) - failed:
         assert done[rid].token_ids == reference[rid].token_ids, rid
     assert engine.allocator.num_used == 0 and engine.host_pool.used == 0
+
+
+def test_a_request_swapped_out_while_the_failing_step_ran_recomputes_its_cache(tiny, monkeypatch):
+    """A request that sits out a step keeps its pages in the pool that step takes. Swapped out
+    while that step runs, its host copy is read from the pool the step leaves; if the step
+    fails (its error seen when its tokens are read, as on a GPU), the copy is of a lost pool:
+    the request must recompute, not swap back in what the failed step left."""
+    from jaxserve.scheduling.fcfs import FCFSPolicy
+
+    class SitOutThenSwap:
+        """FCFS; on cue, one running request sits out a step, then is swapped out in the next."""
+        name = "sit-out-then-swap"
+
+        def __init__(self):
+            self.fcfs, self.victim, self.phase = FCFSPolicy(), None, 0
+
+        def schedule(self, views, cache, now):
+            plan = self.fcfs.schedule(views, cache, now)
+            if self.phase in (1, 2):
+                plan.run = [(rid, n) for rid, n in plan.run if rid != self.victim]
+                if self.phase == 2:
+                    plan.swap_out.append(self.victim)
+                self.phase += 1
+            return plan
+
+    cfg, params, mesh, tokenizer = tiny
+    config = EngineConfig(token_budget=64, max_chunk=32, max_batch=4, host_pages=128, prefix_cache=False)
+    reqs = requests(4)
+    ref = Engine(cfg, params, mesh, tokenizer, config)
+    for rid, prompt, p in reqs:
+        ref.add_request(rid, prompt, p)
+    reference = finish(ref)
+    policy = SitOutThenSwap()
+    engine = Engine(cfg, params, mesh, tokenizer, config, policy=policy)
+    for rid, prompt, p in reqs:
+        engine.add_request(rid, prompt, p)
+    done = {}
+    for _ in range(4):  # every request prefilled and decoding
+        done.update((o.request_id, o) for o in engine.step() if o.finished)
+    done.update((o.request_id, o) for o in engine.drain() if o.finished)  # nothing in flight
+    policy.victim, policy.phase = "r1", 1
+    assert engine.requests["r1"].pages and engine.requests["r1"].output_ids
+    read = engine._read
+
+    def failing_read(record, touched):  # the first step dispatched from here failed on the device
+        for x in engine.runner.cache.values():
+            x.delete()  # a failed step's outputs, the pool among them, are gone
+        raise RuntimeError("injected device fault")
+
+    monkeypatch.setattr(engine, "_read", failing_read)
+    with pytest.raises(RuntimeError, match="injected device fault"):
+        for _ in range(3):
+            engine.step()
+    monkeypatch.setattr(engine, "_read", read)
+    assert policy.phase == 3 and engine.stats["swap_outs"] == 1  # r1 went to the host as the step ran
+    failed = {o.request_id for o in engine.fail_step()}
+    assert "r1" not in failed and engine.requests["r1"].status.name == "WAITING"
+    assert "r1" not in engine.host_pool.entries
+    finish(engine, done)
+    for rid in set(reference) - failed:
+        assert done[rid].token_ids == reference[rid].token_ids, rid
+    assert engine.allocator.num_used == 0 and engine.host_pool.used == 0

@@ -283,7 +283,8 @@ class Engine:
         self._aborted = []
         keep = 1 if self.config.async_scheduling and self._dispatched else 0
         while len(self._in_flight) > keep:
-            self._read(self._in_flight.popleft(), touched)
+            self._read(self._in_flight[0], touched)  # popped once read: a failed one stays for fail_step
+            self._in_flight.popleft()
         outputs, self._held = self._held + [self._output(r, new) for r, new in touched.values()], []
         self.stats["host_s"] += time.perf_counter() - t - (self.stats["device_wait_s"] - wait0)
         return outputs
@@ -297,6 +298,8 @@ class Engine:
         failed = {r.request_id: r for r in self._dispatching}
         for record in self._in_flight:
             failed.update((r.request_id, r) for r, _ in record.scheduled)
+        # swapped out while a failed step ran: their host copies were read from the pool it left
+        tainted = {rid for record in self._in_flight for rid in record.swapped_after}
         self._in_flight.clear()
         self._dispatching, self._held, self._dispatched = [], [], False
         outputs = []
@@ -308,7 +311,8 @@ class Engine:
         self.kv.forget_cached()  # a failed step may have left named pages unwritten
         for r in self.requests.values():
             r.num_pending, r.pending_row = 0, -1
-            if lost and (r.status is Status.RUNNING or self.kv.holds_device_pages(r)):  # their KV went with the pool
+            if lost and (r.status is Status.RUNNING or self.kv.holds_device_pages(r)  # their KV went with the pool
+                         or (r.status is Status.SWAPPED and r.request_id in tainted)):
                 self._preempt(r, counted=False)
         return outputs
 
@@ -331,6 +335,9 @@ class Engine:
             moved = self.kv.swap_out(self.requests[rid])
             if moved is None:
                 self._preempt(self.requests[rid])
+            else:
+                for record in self._in_flight:
+                    record.swapped_after.append(rid)
             swap_bytes += moved or 0
         for rid in plan.preempt:
             self._preempt(self.requests[rid])
@@ -371,7 +378,7 @@ class Engine:
                 r.num_pending += 1
                 r.pending_row = row
         features = self.cost_model.features([(n, len(r.pages)) for r, n in scheduled], swap_bytes)
-        return _StepRecord(dispatched, scheduled, produced, features, start)
+        return _StepRecord(dispatched, scheduled, produced, features, start, [])
 
     def _read(self, record: "_StepRecord", touched: dict) -> None:
         """Waits for a dispatched step's tokens and commits them."""
@@ -554,3 +561,4 @@ class _StepRecord(NamedTuple):
     produced: list        # whether each sampled a new token
     features: np.ndarray  # cost-model features of the step
     start: float          # engine clock when it was scheduled
+    swapped_after: list   # requests swapped out while it ran: their copies read the pool it leaves
