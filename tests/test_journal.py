@@ -1,4 +1,5 @@
 """The token journal: a crashed engine's requests finish on a new one without regenerating tokens."""
+import contextlib
 import json
 import os
 import signal
@@ -334,9 +335,47 @@ def test_sigterm_hands_in_flight_work_to_a_peer(tmp_path):
 def test_every_reconnect_to_a_request_that_finished_while_detached_gets_its_output(tiny, tmp_path):
     """A resumed request ends before its client comes back: the first and the second reconnect
     both get the whole output (before, the second waited forever)."""
+    import httpx
+    with _server_resuming_two_requests(tiny, tmp_path) as (url, pending, reference, path):
+        deadline = time.time() + 120
+        while replay(path) and time.time() < deadline:  # they finish with nobody attached
+            time.sleep(0.1)
+        assert replay(path) == []
+        for r in pending:
+            for attempt in range(2):
+                with httpx.stream("GET", f"{url}/v1/requests/{r.request_id}/stream", timeout=30) as resp:
+                    assert resp.status_code == 200, (r.request_id, attempt)
+                    chunks = list(_sse_chunks(resp))
+                text = "".join(c["choices"][0]["text"] for c in chunks)
+                assert text == reference[r.request_id].text, (r.request_id, attempt)
+                assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+
+def test_a_reconnected_stream_keeps_the_requests_logprobs(tiny, tmp_path):
+    """A client that asked for logprobs reconnects to its resumed request with the tokens it has:
+    every token after them comes with its logprob, as in the stream it started. (Without them a
+    counting client under-counted multi-token chunks, asked for too early a token on its next
+    reconnect, and got a token's text twice: the fault suite's kill9_twice caught it.)"""
+    import httpx
+    with _server_resuming_two_requests(tiny, tmp_path) as (url, pending, reference, _):
+        assert all(0 < len(r.output_ids) < 24 for r in pending)
+        for r in pending:
+            have = len(r.output_ids)
+            with httpx.stream("GET", f"{url}/v1/requests/{r.request_id}/stream?from_token={have}", timeout=60) as resp:
+                assert resp.status_code == 200
+                chunks = [c["choices"][0] for c in _sse_chunks(resp)]
+            assert all(c["logprobs"] is not None for c in chunks), chunks
+            got = [lp for c in chunks for lp in c["logprobs"]["token_logprobs"]]
+            np.testing.assert_allclose(got, reference[r.request_id].logprobs[have:], atol=1e-4)
+            assert chunks[-1]["finish_reason"] == "length"
+
+
+@contextlib.contextmanager
+def _server_resuming_two_requests(tiny, tmp_path):
+    """A server (in this process) whose engine resumed two requests cut off after 6 steps from
+    their journal: yields (url, the resumed requests, uninterrupted outputs by id, journal path)."""
     import threading
 
-    import httpx
     import uvicorn
     from jaxserve.server import create_app
     from test_server import free_port, wait_healthy
@@ -357,60 +396,7 @@ def test_every_reconnect_to_a_request_that_finished_while_detached_gets_its_outp
     try:
         url = f"http://127.0.0.1:{port}"
         wait_healthy(url)
-        deadline = time.time() + 120
-        while replay(path) and time.time() < deadline:  # they finish with nobody attached
-            time.sleep(0.1)
-        assert replay(path) == []
-        for r in pending:
-            for attempt in range(2):
-                with httpx.stream("GET", f"{url}/v1/requests/{r.request_id}/stream", timeout=30) as resp:
-                    assert resp.status_code == 200, (r.request_id, attempt)
-                    chunks = list(_sse_chunks(resp))
-                text = "".join(c["choices"][0]["text"] for c in chunks)
-                assert text == reference[r.request_id].text, (r.request_id, attempt)
-                assert chunks[-1]["choices"][0]["finish_reason"] == "length"
-    finally:
-        uv.should_exit = True
-        thread.join(30)
-
-
-def test_a_reconnected_stream_keeps_the_requests_logprobs(tiny, tmp_path):
-    """A client that asked for logprobs reconnects to its resumed request with the tokens it has:
-    every token after them comes with its logprob, as in the stream it started. (Without them a
-    counting client under-counted multi-token chunks, asked for too early a token on its next
-    reconnect, and got a token's text twice: the fault suite's kill9_twice caught it.)"""
-    import threading
-
-    import httpx
-    import uvicorn
-    from jaxserve.server import create_app
-    from test_server import free_port, wait_healthy
-    cfg, params, mesh, tokenizer = tiny
-    config = EngineConfig(token_budget=32, max_chunk=16, max_batch=4)
-    reqs = requests()[:2]
-    reference = run(Engine(cfg, params, mesh, tokenizer, config), reqs)
-    path = str(tmp_path / "journal.jsonl")
-    run(Engine(cfg, params, mesh, tokenizer, config, journal=TokenJournal(path, fsync_every=1)), reqs, steps=6)
-    pending = replay(path)
-    assert pending and all(0 < len(r.output_ids) < 24 for r in pending)
-    engine = Engine(cfg, params, mesh, tokenizer, config, journal=TokenJournal(path, fsync_every=1))
-    engine.resume(pending)
-    port = free_port()
-    uv = uvicorn.Server(uvicorn.Config(create_app(engine, "tiny"), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    try:
-        url = f"http://127.0.0.1:{port}"
-        wait_healthy(url)
-        for r in pending:
-            have = len(r.output_ids)
-            with httpx.stream("GET", f"{url}/v1/requests/{r.request_id}/stream?from_token={have}", timeout=60) as resp:
-                assert resp.status_code == 200
-                chunks = [c["choices"][0] for c in _sse_chunks(resp)]
-            assert all(c["logprobs"] is not None for c in chunks), chunks
-            got = [lp for c in chunks for lp in c["logprobs"]["token_logprobs"]]
-            np.testing.assert_allclose(got, reference[r.request_id].logprobs[have:], atol=1e-4)
-            assert chunks[-1]["finish_reason"] == "length"
+        yield url, pending, reference, path
     finally:
         uv.should_exit = True
         thread.join(30)

@@ -330,43 +330,34 @@ def pool_kind(x):
     return next(iter(x.sharding.device_set)).default_memory().kind
 
 
-# -- on the GPU: the Triton-compiled kernel ------------------------------------------------------
-@pytest.mark.gpu
-@gpu
-@pytest.mark.parametrize("ppcb, ks, warps", [(8, 1, 4), (4, 4, 4), (1, 4, 1), (1, 1, 1), (4, 16, 4)])
-def test_gpu_kernel_matches_reference_in_bf16(ppcb, ks, warps):
-    rng = np.random.default_rng(ks)
-    q, k_pool, v_pool, table, lengths = random_case(rng, L=2, num_pages=300, S=16, K=8, G=4, D=128,
-                                                    B=5, P=64, dtype=jnp.bfloat16)
-    layer = jnp.int32(1)
-    scaled = (q.astype(jnp.float32) * 128 ** -0.5).astype(jnp.bfloat16)
-    got = jax.jit(functools.partial(ak.pallas_decode_attention, pages_per_compute_block=ppcb, k_splits=ks,
-                                    num_warps=warps))(scaled, k_pool, v_pool, layer, table, lengths)
-    want = reference_decode(q, k_pool, v_pool, layer, table, lengths)
-    assert np.isfinite(np.asarray(got, np.float32)).all()
-    assert rel_err(got, want) < 1e-2
-    assert not np.asarray(got, np.float32)[2].any()
+# -- on the GPU: the compiled kernels ------------------------------------------------------------
+MGPU = functools.partial(ak._mgpu_decode_attention, out_rows=8)
+DECODE_KERNELS_ON_GPU = {
+    **{f"triton ppcb{p} ks{k} w{w}": functools.partial(ak.pallas_decode_attention, pages_per_compute_block=p,
+                                                        k_splits=k, num_warps=w, out_rows=8)
+       for p, k, w in [(8, 1, 4), (4, 4, 4), (1, 4, 1), (1, 1, 1), (4, 16, 4)]},
+    **{f"mgpu ks{k} s{s} p{c}": functools.partial(MGPU, k_splits=k, stages=s, ctas_per_sm=c)
+       for k, s, c in [(1, 4, 1), (2, 2, 2), (4, 2, 2), (16, 2, 2), (32, 4, 1)]},
+    # what the engine runs on Hopper by default (attention_impl auto -> mgpu), mgpu_params' pick
+    "mgpu picked": functools.partial(ak.decode_attention, out_rows=8, kernel_impl="mgpu"),
+}
 
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("ks, stages, ctas", [(1, 4, 1), (2, 2, 2), (4, 2, 2), (16, 2, 2), (32, 4, 1), (0, 0, 0)])
-def test_gpu_mosaic_kernel_matches_reference_in_bf16(ks, stages, ctas):
-    rng = np.random.default_rng(ks)
+@pytest.mark.parametrize("name", list(DECODE_KERNELS_ON_GPU))
+def test_gpu_decode_kernels_match_reference_in_bf16(name):
+    rng = np.random.default_rng(len(name))
     q, k_pool, v_pool, table, lengths = random_case(rng, L=2, num_pages=300, S=16, K=8, G=4, D=128,
                                                     B=5, P=64, dtype=jnp.bfloat16)
     layer = jnp.int32(1)
     scaled = (q.astype(jnp.float32) * 128 ** -0.5).astype(jnp.bfloat16)
-    if ks:
-        f = functools.partial(ak._mgpu_decode_attention, k_splits=ks, stages=stages, ctas_per_sm=ctas, out_rows=8)
-    else:  # what the engine runs on Hopper by default (attention_impl auto -> mgpu), mgpu_params' pick
-        assert mgpu_decode.supported(32, 8, 128, 16, jnp.bfloat16) == (jax.devices()[0].compute_capability == "9.0")
-        f = functools.partial(ak.decode_attention, out_rows=8, kernel_impl="mgpu")
-    got = jax.jit(f)(scaled, k_pool, v_pool, layer, table, lengths)
+    assert mgpu_decode.supported(32, 8, 128, 16, jnp.bfloat16) == (jax.devices()[0].compute_capability == "9.0")
+    got = jax.jit(DECODE_KERNELS_ON_GPU[name])(scaled, k_pool, v_pool, layer, table, lengths)
     want = reference_decode(q, k_pool, v_pool, layer, table, lengths)
     assert got.shape == (8, 32, 128) and np.isfinite(np.asarray(got, np.float32)).all()
     assert rel_err(got[:5], want) < 1e-2
-    assert not np.asarray(got, np.float32)[[2, 5, 6, 7]].any()
+    assert not np.asarray(got, np.float32)[[2, 5, 6, 7]].any()  # the length-0 row and the GEMM padding
 
 
 @pytest.mark.gpu

@@ -1,5 +1,6 @@
 """Prefix caching's page bookkeeping: shared pages, reference counts, LRU eviction, content names."""
 import collections
+import contextlib
 
 import numpy as np
 import pytest
@@ -283,14 +284,8 @@ def test_after_precompile_the_host_tier_compiles_nothing(tiny):
     tiered = _engine(tiny, prefix_cache=True, host_pages=128, prefix_host_tier=True, page_size=8, num_pages=40,
                      token_budget=64, max_chunk=32, max_batch=4)
     tiered.precompile()
-    from jax._src import monitoring
-    compiles = []
-    listener = lambda event, duration, **kw: compiles.append(event) if "backend_compile" in event else None
-    monitoring.register_event_duration_secs_listener(listener)
-    try:
+    with _xla_compiles() as compiles:
         _two_turns([tiered], first, greedy, rng)
-    finally:
-        monitoring.unregister_event_duration_listener(listener)
     assert tiered.stats["prefix_host_hit_tokens"] > 0 and tiered.stats["prefix_spilled_pages"] > 0
     assert compiles == []
 
@@ -299,25 +294,32 @@ def test_a_host_tier_smaller_than_a_transfer_bucket_compiles_nothing_after_preco
     # 3 host pages: a spill of 4 evicted pages and a hit of 3 run at 4-page buckets, past the
     # swap buckets the host pool has room for
     import jax
-    from jax._src import monitoring
     from jaxserve.cache.swap import write_staged
     jax.clear_caches()  # what other tests compiled (larger host pools warm larger buckets) does not count
     engine = _engine(tiny, prefix_cache=True, host_pages=3, prefix_host_tier=True, page_size=8, num_pages=40,
                      token_budget=64, max_chunk=32, max_batch=4)
     engine.precompile()
-    compiles = []
-    listener = lambda event, duration, **kw: compiles.append(event) if "backend_compile" in event else None
-    monitoring.register_event_duration_secs_listener(listener)
-    try:
+    with _xla_compiles() as compiles:
         names = [b"page %d" % i for i in range(4)]
         engine.kv._spill(list(zip([1, 2, 3, 4], names)))
         kept = [n for n in names if engine.kv.host_pool.has_cached(n)]
         assert len(kept) == 3
         staged = engine.kv.host_pool.upload_cached(kept)
         engine.runner.cache = write_staged(engine.runner.cache, [5, 6, 7], staged)
+    assert compiles == []
+
+
+@contextlib.contextmanager
+def _xla_compiles():
+    """Yields a list that collects an entry for every XLA compilation inside the block."""
+    from jax._src import monitoring
+    compiles = []
+    listener = lambda event, duration, **kw: compiles.append(event) if "backend_compile" in event else None
+    monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield compiles
     finally:
         monitoring.unregister_event_duration_listener(listener)
-    assert compiles == []
 
 
 @pytest.mark.parametrize("policy", ["mlfq", "priority"])
