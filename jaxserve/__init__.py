@@ -1,7 +1,7 @@
 """jaxserve: iteration-level, preemptive, preemption-tolerant LLM serving in JAX."""
 from jaxserve.engine.engine import Engine, EngineConfig
-from jaxserve.engine.outputs import RequestOutput
+from jaxserve.engine.outputs import CompletionOutput, RequestOutput
 from jaxserve.llm import LLM
 from jaxserve.sampling_params import SamplingParams
 
-__all__ = ["Engine", "EngineConfig", "LLM", "RequestOutput", "SamplingParams"]
+__all__ = ["CompletionOutput", "Engine", "EngineConfig", "LLM", "RequestOutput", "SamplingParams"]

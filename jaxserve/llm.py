@@ -1,11 +1,16 @@
 """`LLM`: the offline, vLLM-like entry point for research code.
 
     llm = jaxserve.LLM(config)                      # an ml_collections config (see configs/)
-    outs = llm.generate(["Hello"], jaxserve.SamplingParams(max_tokens=32, temperature=0))
+    llm = jaxserve.LLM(model="configs/tiny.py", engine=dict(max_batch=8))  # a config file, sections overridden
+    outs = llm.generate(["Hello"], sampling_params=jaxserve.SamplingParams(max_tokens=32, temperature=0))
+    outs[0].outputs[0].text                         # vLLM's shape; outs[0].text is the same text
 """
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 import itertools
+import os
 from typing import List, Optional, Sequence, Union
 
 from jaxserve.checkpoint.load import load
@@ -40,15 +45,55 @@ def policy_from_config(scheduler, cost_model: CostModel):
                        idle_prefill_slowdown=scheduler.idle_prefill_slowdown, **own)
 
 
+def config_from_file(path: str):
+    """The config a config file's `get_config()` returns (e.g. configs/tiny.py)."""
+    if not os.path.isfile(path):
+        raise ValueError(f"model: no config file at {path!r}")
+    spec = importlib.util.spec_from_file_location(f"jaxserve_config_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ValueError(f"model: {path!r} has no get_config()")
+    return module.get_config()
+
+
+def override(config, overrides: dict):
+    """config with its sections updated by {section: {field: value}}; an unknown name raises a
+    ValueError naming it."""
+    config = config.copy_and_resolve_references()
+    for section, fields in overrides.items():
+        if section not in config:
+            raise ValueError(f"{section}: not a config section (one of {', '.join(sorted(config.keys()))})")
+        if not isinstance(fields, dict):
+            raise ValueError(f"{section}: must be a dict of fields, got {type(fields).__name__}")
+        for name, value in fields.items():
+            if name not in config[section]:
+                raise ValueError(f"{section}.{name}: not a field of {section} "
+                                 f"(one of {', '.join(sorted(config[section].keys()))})")
+            config[section][name] = value
+    return config
+
+
 class LLM:
-    def __init__(self, config):
-        self.engine = engine_from_config(config)
+    def __init__(self, config=None, *, model: Optional[str] = None, **overrides):
+        """`LLM(config)` with an ml_collections config, or `LLM(model=PATH, **sections)` with a
+        config file and section overrides (`engine=dict(max_batch=8)`)."""
+        if (config is None) == (model is None):
+            raise ValueError("model: give a config or model=PATH to a config file, not both or neither")
+        config = config_from_file(model) if model is not None else config
+        self.engine = engine_from_config(override(config, overrides) if overrides else config)
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()
 
     def generate(self, prompts: Sequence[Union[str, Sequence[int]]],
-                 params: Optional[Union[SamplingParams, Sequence[SamplingParams]]] = None) -> List[RequestOutput]:
-        """Runs every prompt to completion; outputs come back in prompt order."""
+                 params: Optional[Union[SamplingParams, Sequence[SamplingParams]]] = None, *,
+                 sampling_params: Optional[Union[SamplingParams, Sequence[SamplingParams]]] = None
+                 ) -> List[RequestOutput]:
+        """Runs every prompt to completion; outputs come back in prompt order. `sampling_params`
+        is vLLM's name for `params`."""
+        if params is not None and sampling_params is not None:
+            raise ValueError("sampling_params: given twice (as params too)")
+        params = sampling_params if params is None else params
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         if params is None or isinstance(params, SamplingParams):
@@ -63,7 +108,8 @@ class LLM:
             for out in self.engine.step():
                 if out.finished:
                     final[out.request_id] = out
-        return [final[rid] for rid in ids]
+        return [dataclasses.replace(final[rid], prompt=prompt if isinstance(prompt, str) else None)
+                for rid, prompt in zip(ids, prompts)]
 
     def chat(self, messages: Sequence[dict], params: Optional[SamplingParams] = None) -> RequestOutput:
         prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)

@@ -45,11 +45,8 @@ def hf_smollm2(smollm2_path):
 
 def load_tiny_config():
     """configs/tiny.py's config (also for helper processes that are not pytest)."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("tiny_config", os.path.join(REPO, "configs", "tiny.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    from jaxserve.llm import config_from_file
+    return config_from_file(os.path.join(REPO, "configs", "tiny.py"))
 
 
 @pytest.fixture(scope="session")

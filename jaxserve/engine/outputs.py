@@ -7,6 +7,16 @@ from typing import List, Optional
 
 
 @dataclasses.dataclass
+class CompletionOutput:
+    """One completion of a request, as vLLM's `RequestOutput.outputs[i]` holds it."""
+    index: int
+    text: str
+    token_ids: List[int]
+    finish_reason: Optional[str]
+    logprobs: Optional[List[float]]
+
+
+@dataclasses.dataclass
 class RequestOutput:
     request_id: str
     prompt_token_ids: List[int]
@@ -20,6 +30,12 @@ class RequestOutput:
     first_token_time: Optional[float]
     finish_time: Optional[float]
     num_preemptions: int = 0
+    prompt: Optional[str] = None   # the prompt's text, where the caller gave text (LLM.generate)
+
+    @property
+    def outputs(self) -> List[CompletionOutput]:
+        """vLLM's shape of the same answer: one completion (jaxserve runs one per request)."""
+        return [CompletionOutput(0, self.text, self.token_ids, self.finish_reason, self.logprobs)]
 
     @property
     def ttft(self) -> Optional[float]:

@@ -1,0 +1,43 @@
+"""The vLLM-shaped face of `LLM`: a config file with section overrides, `sampling_params=`, and
+outputs read as `o.prompt` and `o.outputs[0].text / .token_ids / .finish_reason / .logprobs`."""
+import os
+
+import pytest
+
+import jaxserve
+from jaxserve.llm import override
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(REPO, "configs", "tiny.py")
+
+
+def test_a_config_file_with_overrides_gives_the_config_apis_answers_in_vllms_shape(tiny_config):
+    greedy = jaxserve.SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=True)
+    prompts = ["The capital of France is", "One, two, three,"]
+    llm = jaxserve.LLM(model=TINY, engine=dict(max_batch=2, token_budget=64))
+    assert llm.engine.config.max_batch == 2 and llm.engine.config.token_budget == 64
+    outs = llm.generate(prompts, sampling_params=greedy)
+    want = jaxserve.LLM(tiny_config).generate(prompts, greedy)
+    for out, ref, prompt in zip(outs, want, prompts):
+        (completion,) = out.outputs
+        assert out.prompt == prompt and out.prompt_token_ids == ref.prompt_token_ids
+        assert completion.token_ids == ref.token_ids and len(completion.token_ids) == 6
+        assert completion.text == ref.text == out.text and completion.finish_reason == "length"
+        assert completion.logprobs == out.logprobs and len(completion.logprobs) == 6
+    assert llm.generate([[5, 6, 7]], sampling_params=greedy)[0].prompt is None  # token ids: no text
+    with pytest.raises(ValueError, match="sampling_params: given twice"):
+        llm.generate(prompts, greedy, sampling_params=greedy)
+
+
+def test_bad_models_and_overrides_name_the_field_before_anything_loads(tiny_config):
+    with pytest.raises(ValueError, match="model: no config file at"):
+        jaxserve.LLM(model=os.path.join(REPO, "configs", "nope.py"))
+    with pytest.raises(ValueError, match="model: give a config or model="):
+        jaxserve.LLM(tiny_config, model=TINY)
+    with pytest.raises(ValueError, match=r"engine\.max_batchh: not a field of engine \(one of .*max_batch"):
+        jaxserve.LLM(model=TINY, engine=dict(max_batchh=2))
+    with pytest.raises(ValueError, match="enigne: not a config section"):
+        override(tiny_config, {"enigne": {"max_batch": 2}})
+    with pytest.raises(ValueError, match="engine: must be a dict"):
+        override(tiny_config, {"engine": 3})
+    assert tiny_config.engine.max_batch != 3 and override(tiny_config, {"engine": {"max_batch": 3}}).engine.max_batch == 3
