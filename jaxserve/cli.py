@@ -38,15 +38,25 @@ def _parse_flags(argv):
     try:
         return flags.FLAGS(fetch_remote_config_files(argv))
     except (AttributeError, KeyError) as e:  # ml_collections: an override names no existing field
-        key = str(e).strip("\"'")
+        # its message quotes the name (escaped, with a "Did you mean" suggestion after it)
+        text = str(e).replace("\\", "")
+        key = (re.findall(r"[\w]+", text) or [text])[0]
         bad = [m.group(1) for a in argv for m in [re.match(r"--config\.([\w.]+)=?", a)]
                if m and m.group(1).split(".")[-1] == key]
         field = bad[0] if bad else key
-        sys.stderr.write(f"error: config field {field!r} does not exist\n")
+        hint = re.search(r'Did you mean "(\w+)"', text)
+        sys.stderr.write(f"error: config field {field!r} does not exist"
+                         + (f" (did you mean {hint.group(1)!r}?)" if hint else "") + "\n")
         sys.exit(2)
     except (flags.Error, FileNotFoundError) as e:
-        sys.stderr.write(f"error: {e}\n")
+        sys.stderr.write(f"error: {_one_line(e)}\n")
         sys.exit(2)
+
+
+def _one_line(e: Exception) -> str:
+    """An error's message on one line; a config file ml_collections could not load, by its path."""
+    missing = re.search(r"No such file or directory: '([^']+)'", str(e))
+    return f"no config file at {missing.group(1)}" if missing else " ".join(str(e).split())
 
 
 def run(main) -> None:
@@ -55,7 +65,7 @@ def run(main) -> None:
         logging.set_verbosity(logging.WARNING)
         try:
             return main(argv)
-        except (ValueError, FileNotFoundError) as e:
-            sys.stderr.write(f"error: {e}\n")
+        except (ValueError, OSError) as e:  # OSError: ml_collections loads config files on first use
+            sys.stderr.write(f"error: {_one_line(e)}\n")
             sys.exit(2)
     app.run(wrapped, flags_parser=_parse_flags)

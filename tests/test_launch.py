@@ -24,6 +24,8 @@ def test_generate_answers_the_readme_question():
 
 @pytest.mark.parametrize("args, message", [
     (["--config.model.nonexistent=3"], "config field 'model.nonexistent' does not exist"),
+    (["--config.engine.max_batchh=3"], "error: config field 'engine.max_batchh' does not exist "
+                                       "(did you mean 'max_batch'?)\n"),
     (["--config.model.dtype=float31"], "model.dtype='float31'"),
     (["--config.checkpoint.format=safetensors"], "checkpoint.format='safetensors'"),
     (["--config.mesh.model=0"], "mesh.model must be >= 1"),
@@ -33,6 +35,12 @@ def test_config_mistakes_name_the_field(args, message):
     assert proc.returncode == 2
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_missing_config_file_is_one_line_naming_it():
+    proc = launch("launch/generate.py", "--config=configs/nope.py")
+    assert proc.returncode == 2 and proc.stderr.endswith("error: no config file at configs/nope.py\n"), proc.stderr
+    assert proc.stderr.count("\n") == 1
 
 
 def test_missing_and_corrupt_gguf_name_the_file(tmp_path):
