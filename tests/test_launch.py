@@ -9,8 +9,10 @@ import pytest
 from conftest import REPO
 
 
-def launch(*args, timeout=600):
+def launch(*args, timeout=600, xla_flags=None):
     env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
+    if xla_flags is not None:  # else the tests' own (8 CPU devices)
+        env["XLA_FLAGS"] = xla_flags
     return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=timeout)
 
@@ -18,6 +20,17 @@ def launch(*args, timeout=600):
 def test_generate_answers_the_readme_question():
     proc = launch("launch/generate.py", "--config=configs/smollm2_135m.py",
                   "--prompt=What is the capital of France?")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Paris" in proc.stdout
+
+
+def test_the_readme_tensor_parallel_example_runs_and_without_devices_says_how_to_get_them():
+    example = ["launch/generate.py", "--config=configs/smollm2_135m.py", "--config.mesh.model=2",
+               "--prompt=What is the capital of France?"]
+    proc = launch(*example, xla_flags="")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "XLA_FLAGS=--xla_force_host_platform_device_count=2" in proc.stderr, proc.stderr
+    proc = launch(*example, xla_flags="--xla_force_host_platform_device_count=2")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "Paris" in proc.stdout
 

@@ -42,8 +42,10 @@ def make_mesh(data: int = 1, model: int = 1, devices: Optional[Sequence[jax.Devi
     if devices is None:
         available = jax.devices()
         if data * model > len(available):
+            hint = (f" (on CPU, XLA_FLAGS=--xla_force_host_platform_device_count={data * model} before the "
+                    "process starts gives that many CPU devices)" if available[0].platform == "cpu" else "")
             raise ValueError(f"mesh.data*mesh.model={data * model} exceeds the {len(available)} "
-                             f"devices available")
+                             f"devices available{hint}")
         devices = available[: data * model]
     return Mesh(np.asarray(devices).reshape(data, model), MESH_AXES)
 
