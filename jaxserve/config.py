@@ -38,8 +38,19 @@ def default_config() -> config_dict.ConfigDict:
 
 
 def validate(config: config_dict.ConfigDict) -> None:
-    """Checks fields whose mistakes would otherwise surface far from their cause."""
+    """Checks fields whose mistakes would otherwise surface far from their cause (or only after
+    the model has loaded): the model's dtype, the mesh, sampling, the policy, the engine."""
+    from jaxserve.engine.engine import EngineConfig
+    from jaxserve.sampling_params import SamplingParams
+    from jaxserve.scheduling import POLICIES
     dtype_from_name(config.model.dtype, "model.dtype")
+    try:
+        SamplingParams(**config.sampling)
+    except ValueError as e:
+        raise ValueError(f"sampling.{e}") from None
+    if config.scheduler.policy not in POLICIES:
+        raise ValueError(f"scheduler.policy={config.scheduler.policy!r} is not one of {sorted(POLICIES)}")
+    EngineConfig(policy=config.scheduler.policy, **config.engine)
     for axis in ("data", "model"):
         if int(config.mesh[axis]) < 1:
             raise ValueError(f"mesh.{axis} must be >= 1, got {config.mesh[axis]}")

@@ -42,12 +42,24 @@ def test_the_readme_tensor_parallel_example_runs_and_without_devices_says_how_to
     (["--config.model.dtype=float31"], "model.dtype='float31'"),
     (["--config.checkpoint.format=safetensors"], "checkpoint.format='safetensors'"),
     (["--config.mesh.model=0"], "mesh.model must be >= 1"),
+    (["--config.sampling.temperature=-1"], "sampling.temperature=-1.0: must be"),
+    (["--config.scheduler.policy=bogus"], "scheduler.policy='bogus' is not one of"),
 ])
 def test_config_mistakes_name_the_field(args, message):
     proc = launch("launch/generate.py", "--config=configs/tiny.py", *args)
     assert proc.returncode == 2
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_sampling_and_policy_mistakes_are_reported_before_the_model_loads(tmp_path):
+    # the checkpoint does not exist: the check that answers ran before anything was loaded
+    missing = f"--config.checkpoint.path={tmp_path / 'missing.gguf'}"
+    for bad, message in [("--config.sampling.top_p=2", "sampling.top_p=2.0"),
+                         ("--config.scheduler.policy=sjf", "scheduler.policy='sjf'"),
+                         ("--config.engine.max_batch=0", "engine.max_batch")]:
+        proc = launch("launch/generate.py", "--config=configs/smollm2_135m.py", missing, bad)
+        assert proc.returncode == 2 and message in proc.stderr and "missing.gguf" not in proc.stderr, proc.stderr
 
 
 def test_a_missing_config_file_is_one_line_naming_it():
