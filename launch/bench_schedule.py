@@ -31,7 +31,10 @@ from ml_collections import config_flags
 from jaxserve.cli import run
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Model and engine config for --backend=engine.")
-_TRACE = flags.DEFINE_string("trace", "../shared/data/azure_llm_2023_conv.csv", "CSV with TIMESTAMP, ContextTokens, GeneratedTokens.")
+_TRACE = flags.DEFINE_string("trace", os.path.join(os.path.dirname(os.path.abspath(__file__)), "data",
+                                                  "azure_conv_sample.csv"),
+                              "CSV with TIMESTAMP, ContextTokens, GeneratedTokens (default: the shipped "
+                              "400-request sample, launch/data/README.md).")
 _BACKEND = flags.DEFINE_enum("backend", "both", ["sim", "engine", "both"], "Where to replay.")
 _SETTING = flags.DEFINE_enum("setting", "engine", ["engine", "fastserve"], "Sim cost model: calibrated to this engine, or FastServe's artifact setting.")
 _POLICIES = flags.DEFINE_list("policies", ["fcfs", "mlfq", "priority", "gittins"], "Policies to compare.")
@@ -205,6 +208,7 @@ def main(argv):
     config = _CONFIG.value
     loads = [float(x) for x in _LOADS.value]
     results = {}
+    print(f"workload: {_WORKLOAD.value}" + (f", trace {_TRACE.value}" if _WORKLOAD.value == "trace" else ""))
     if _SETTING.value == "fastserve":
         from jaxserve.sim.settings import fastserve_setting
         cost, sim_config = fastserve_setting()

@@ -26,7 +26,7 @@ from absl import flags
 from jaxserve.cli import run
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_DEFAULT_TRACE = os.path.join(_REPO, "..", "shared", "data", "azure_llm_2023_conv.csv")
+_DEFAULT_TRACE = os.path.join(_REPO, "launch", "data", "azure_conv_sample.csv")  # launch/data/README.md
 
 _BASE_URL = flags.DEFINE_string("base_url", "http://127.0.0.1:8000", "Server root.")
 _ENDPOINT = flags.DEFINE_enum("endpoint", "/v1/completions", ["/v1/completions", "/v1/chat/completions"],

@@ -110,6 +110,17 @@ def test_bench_schedule_replays_a_synthetic_workload_and_writes_where_asked(tmp_
     assert "gittins  load  3.00/s" in proc.stdout
 
 
+def test_bench_schedule_replays_the_shipped_trace_sample_by_default(tmp_path):
+    # from a fresh clone: no --trace, the 400-request sample in launch/data
+    out = tmp_path / "sched.json"
+    proc = launch("launch/bench_schedule.py", "--backend=sim", "--num_requests=100", "--loads=2",
+                  "--policies=fcfs", f"--out={out}", "--plot=")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (stats,) = json.loads(out.read_text())["sim"]["fcfs"].values()
+    assert stats["completed"] == stats["of"] == 100
+    assert "trace " + os.path.join(REPO, "launch", "data", "azure_conv_sample.csv") in proc.stdout
+
+
 def test_bench_prefix_cache_runs_conversations_with_the_cache_off_and_on(tmp_path):
     out = tmp_path / "pc.json"
     proc = launch("launch/bench_prefix_cache.py", "--config=configs/tiny.py", "--conversations=4", "--max_turns=3",
