@@ -42,14 +42,13 @@ def validate(config: config_dict.ConfigDict) -> None:
     the model has loaded): the model's dtype, the mesh, sampling, the policy, the engine."""
     from jaxserve.engine.engine import EngineConfig
     from jaxserve.sampling_params import SamplingParams
-    from jaxserve.scheduling import POLICIES
+    from jaxserve.scheduling import check_policy_name
     dtype_from_name(config.model.dtype, "model.dtype")
     try:
         SamplingParams(**config.sampling)
     except ValueError as e:
         raise ValueError(f"sampling.{e}") from None
-    if config.scheduler.policy not in POLICIES:
-        raise ValueError(f"scheduler.policy={config.scheduler.policy!r} is not one of {sorted(POLICIES)}")
+    check_policy_name(config.scheduler.policy)
     EngineConfig(policy=config.scheduler.policy, **config.engine)
     for axis in ("data", "model"):
         if int(config.mesh[axis]) < 1:

@@ -294,15 +294,15 @@ def decode_attention(q, k_pool, v_pool, layer, page_table, lengths, *, mesh: Opt
     shards = model if model > 1 and K % model == 0 else 1
     if kernel_impl == "mgpu" and not mgpu_decode.supported(q.shape[1] // shards, K // shards, D, S, k_pool.dtype):
         kernel_impl = "triton"  # the shapes one shard's kernel sees are not the Mosaic GPU kernel's
+    common = dict(out_rows=out_rows, interpret=jax.default_backend() != "gpu")
     if kernel_impl == "mgpu":
         ks, stages, ctas = mgpu_decode.mgpu_params(B, num_p, K)
         kernel = functools.partial(_mgpu_decode_attention, k_splits=k_splits or ks, stages=stages,
-                                   ctas_per_sm=ctas, out_rows=out_rows, interpret=jax.default_backend() != "gpu")
+                                   ctas_per_sm=ctas, **common)
     else:
         ppcb, ks, warps = decode_params(B, num_p, K, S)
         kernel = functools.partial(pallas_decode_attention, pages_per_compute_block=pages_per_compute_block or ppcb,
-                                   k_splits=k_splits or ks, num_warps=warps, out_rows=out_rows,
-                                   interpret=jax.default_backend() != "gpu")
+                                   k_splits=k_splits or ks, num_warps=warps, **common)
     if shards == 1:
         return kernel(q, k_pool, v_pool, layer, page_table, lengths)
     heads = P(None, "model", None)
