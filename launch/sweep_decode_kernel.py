@@ -25,7 +25,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from jaxserve.cli import run  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from decode_cases import HEAD_DIM, HEADS, KV_HEADS, LAYERS, PAGE, REPS, parse_case  # noqa: E402
+from decode_cases import (HEAD_DIM, HEADS, KV_HEADS, LAYERS, PAGE, over_layers, parse_case,  # noqa: E402
+                          random_pool, shuffled_table, time_calls)
 
 _CASES = flags.DEFINE_list("cases", ["128x1024", "64x640", "128r100-2000"], "Batch and context cases.")
 _PPCB = flags.DEFINE_list("ppcb", ["1", "2"], "Pages per compute block.")
@@ -45,25 +46,13 @@ def main(argv):
     L, K, H, D, S = LAYERS.value, KV_HEADS.value, HEADS.value, HEAD_DIM.value, PAGE.value
     rng = np.random.default_rng(0)
     cases = [(c, *parse_case(c, rng)) for c in _CASES.value]
-    pages_needed = max(len(lens) * bucket(-(-width // S)) for _, lens, width in cases) + 1
-    key = jax.random.key(0)
-    pool = {n: jax.random.normal(jax.random.fold_in(key, i), (L, pages_needed, S, K, D), jnp.bfloat16)
-            for i, n in enumerate("kv")}
+    pages_needed, pool = random_pool(cases)
     print(f"pool: {pages_needed} pages, {2 * pool['k'].nbytes / 1e9:.1f} GB, {jax.devices()[0].device_kind}", flush=True)
-
-    @functools.partial(jax.jit, static_argnames=("ppcb", "ks", "nw", "pf"))
-    def layers(q, kp, vp, table, lengths, ppcb, ks, nw, pf):
-        def body(acc, layer):
-            o = ak.pallas_decode_attention(q, kp, vp, layer, table, lengths, pages_per_compute_block=ppcb,
-                                           k_splits=ks, num_warps=nw, prefetch=pf,
-                                           interpret=jax.default_backend() != "gpu")
-            return acc + o.astype(jnp.float32), None
-        return jax.lax.scan(body, jnp.zeros(q.shape, jnp.float32), jnp.arange(L))[0]
 
     rows, start = [], time.perf_counter()
     for name, lens, width in cases:
         B, P = len(lens), bucket(-(-width // S))
-        table = jnp.asarray(rng.permutation(pages_needed - 1)[:B * P].astype(np.int32).reshape(B, P))
+        table = shuffled_table(rng, pages_needed, B, width)
         lengths = jnp.asarray(lens)
         q = jax.random.normal(jax.random.key(1), (B, H, D), jnp.bfloat16)
         kv_bytes = 2 * int(lens.sum()) * L * K * D * 2
@@ -78,17 +67,13 @@ def main(argv):
             if time.perf_counter() - start > _BUDGET.value:
                 print("out of time", flush=True)
                 break
-            f = functools.partial(layers, q, pool["k"], pool["v"], table, lengths, ppcb=ppcb, ks=ks, nw=nw, pf=pf)
+            attn = functools.partial(ak.pallas_decode_attention, pages_per_compute_block=ppcb, k_splits=ks,
+                                     num_warps=nw, prefetch=pf, interpret=jax.default_backend() != "gpu")
             try:
-                jax.block_until_ready(f())
+                sec, _ = time_calls(over_layers(attn), q, pool["k"], pool["v"], table, lengths)
             except Exception as e:  # noqa: BLE001 - a configuration Triton refuses is a result, not a crash
                 print(f"{name} ppcb={ppcb} ks={ks} nw={nw} pf={pf}: failed ({type(e).__name__}: {str(e)[:120]})")
                 continue
-            t = time.perf_counter()
-            for _ in range(REPS.value):
-                out = f()
-            jax.block_until_ready(out)
-            sec = (time.perf_counter() - t) / REPS.value
             mark = " <- decode_params" if (ppcb, ks, nw, pf) == (*pick, 1) else ""
             rows.append({"case": name, "ppcb": ppcb, "k_splits": ks, "num_warps": nw, "prefetch": pf,
                          "ms_all_layers": sec * 1e3, "tb_s": kv_bytes / sec / 1e12, "decode_params": bool(mark)})

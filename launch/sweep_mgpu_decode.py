@@ -28,7 +28,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from jaxserve.cli import run  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from decode_cases import HEAD_DIM, HEADS, KV_HEADS, LAYERS, PAGE, REPS, parse_case  # noqa: E402
+from decode_cases import (HEAD_DIM, HEADS, KV_HEADS, LAYERS, PAGE, over_layers, parse_case,  # noqa: E402
+                          random_pool, shuffled_table, time_calls)
 
 _CASES = flags.DEFINE_list("cases", ["128x1024", "64x640", "128r100-2048"], "Batch and context cases.")
 _CONFIGS = flags.DEFINE_list("configs", ["auto", "k1s4p1", "k4s2p2"], "auto or k<splits>s<stages>p<ctas per SM>.")
@@ -99,38 +100,15 @@ def main(argv):
                     traceback.print_exc()
         return
 
-    pages_needed = max(len(lens) * bucket(-(-width // S)) for _, lens, width in cases) + 1
-    key = jax.random.key(0)
-    pool = {n: jax.random.normal(jax.random.fold_in(key, i), (L, pages_needed, S, K, D), jnp.bfloat16)
-            for i, n in enumerate("kv")}
+    pages_needed, pool = random_pool(cases)
     dev = jax.devices()[0]
     print(f"jax {jax.__version__}, {dev.device_kind}, {getattr(dev, 'core_count', '?')} SMs; pool {pages_needed} "
           f"pages, {2 * pool['k'].nbytes / 1e9:.1f} GB", flush=True)
 
-    def layers_fn(attn):
-        @jax.jit
-        def f(q, kp, vp, table, lengths):
-            def body(acc, layer):
-                return acc + attn(q, kp, vp, layer, table, lengths).astype(jnp.float32), None
-            return jax.lax.scan(body, jnp.zeros(q.shape, jnp.float32), jnp.arange(L))[0]
-        return f
-
-    def timeit(f, *args):
-        """(seconds a call, seconds a call's dispatch takes the host): a kernel whose launch
-        does host work (Mosaic GPU writes its TMA descriptors on the host) costs an engine
-        step host time even when the device is fast."""
-        jax.block_until_ready(f(*args))
-        t = time.perf_counter()
-        for _ in range(REPS.value):
-            out = f(*args)
-        host = time.perf_counter() - t
-        jax.block_until_ready(out)
-        return (time.perf_counter() - t) / REPS.value, host / REPS.value
-
     rows, start = [], time.perf_counter()
     for name, lens, width in cases:
         B, P = len(lens), bucket(-(-width // S))
-        table = jnp.asarray(rng.permutation(pages_needed - 1)[:B * P].astype(np.int32).reshape(B, P))
+        table = shuffled_table(rng, pages_needed, B, width)
         lengths = jnp.asarray(lens)
         q = (jax.random.normal(jax.random.key(1), (B, H, D), jnp.float32) / math.sqrt(D)).astype(jnp.bfloat16)
         kv_bytes = 2 * int(lens.sum()) * L * K * D * 2
@@ -150,7 +128,9 @@ def main(argv):
             try:
                 out = jax.jit(attn)(q, pool["k"], pool["v"], layer_chk, table, lengths).astype(jnp.float32)
                 err = float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
-                sec, host = timeit(layers_fn(attn), q, pool["k"], pool["v"], table, lengths)
+                # host: a kernel whose launch does host work (Mosaic GPU writes its TMA descriptors
+                # on the host) costs an engine step host time even when the device is fast
+                sec, host = time_calls(over_layers(attn), q, pool["k"], pool["v"], table, lengths)
             except Exception as e:  # noqa: BLE001
                 print(f"{name} {kname} failed: {type(e).__name__}: {str(e)[:1500]}", flush=True)
                 continue
