@@ -54,6 +54,8 @@ _INPUT_LEN = flags.DEFINE_integer("input_len", None, "Every prompt this long ins
 _OUTPUT_LEN = flags.DEFINE_integer("output_len", None, "Every output this long instead of the trace's.",
                                    lower_bound=1)
 _PRECOMPILE = flags.DEFINE_bool("precompile", True, "Call engine.precompile() before timing.")
+_HOST_PROFILE = flags.DEFINE_integer("host_profile", 0, "Run the timed requests once more under cProfile and "
+                                     "print this many of the host's functions by own time (0: no).", lower_bound=0)
 _PROFILE_DIR = flags.DEFINE_string("profile_dir", "", "Run the timed requests once more under jax's profiler, "
                                    "writing the trace here, and report the device's busy time per step from it.")
 
@@ -424,14 +426,25 @@ def bench(config, timer: CompileTimer) -> dict:
     stats1 = dict(getattr(engine, "stats", {}) or {})
     engine_steps = (engine.num_steps - num_steps0) if num_steps0 is not None else None
     profiled = None
+    # Reruns get new prompts of the same lengths: the timed prompts' pages are in the prefix cache.
     if _PROFILE_DIR.value:  # the same work again, traced (the profiler slows the host)
         import jax
         steps0 = engine.num_steps
         with jax.profiler.trace(_PROFILE_DIR.value):
-            p = run_requests(engine, "profiled", prompts, output_lens)
+            p = run_requests(engine, "profiled", prompts_of(prompt_lens), output_lens)
         profiled = device_busy(_PROFILE_DIR.value)
         if profiled is not None:
             profiled.update(wall_s=p["wall_s"], model_steps=engine.num_steps - steps0)
+
+    if _HOST_PROFILE.value:  # where the host's share of a step goes (cProfile slows it: shares, not times)
+        import cProfile
+        import pstats
+        prof = cProfile.Profile()
+        prof.enable()
+        h = run_requests(engine, "host-profiled", prompts_of(prompt_lens), output_lens)
+        prof.disable()
+        log(f"host-profiled rerun: {h['wall_s']:.2f} s wall")
+        pstats.Stats(prof, stream=sys.stdout).sort_stats("tottime").print_stats(_HOST_PROFILE.value)
 
     def delta(key):
         if key not in stats1:
@@ -470,6 +483,7 @@ def bench(config, timer: CompileTimer) -> dict:
                       "warmup": timer.total("warmup"), "timed": timer.total("timed")},
         "compile_detail": compile_summary,
         "host_s": delta("host_s"), "device_wait_s": delta("device_wait_s"),
+        "idle_dispatches": delta("idle_dispatches"),
         "preemptions": delta("preemptions"), "recomputed_tokens": delta("recomputed_tokens"),
         "measured": {"bandwidth_bytes_per_s": bw["bytes_per_s"], "copy": bw,
                      "matmul_flops_per_s": mm["flops_per_s"], "matmul": mm},
@@ -507,6 +521,7 @@ def bench(config, timer: CompileTimer) -> dict:
     hs, dw = res["host_s"], res["device_wait_s"]
     row("host / device wait", f"{hs:.3f} s / {dw:.3f} s" if hs is not None and dw is not None
         else f"{hs} / {dw} (engine.stats has no host_s / device_wait_s)")
+    row("steps sent to an idle device", f"{res['idle_dispatches']} of {model_steps}")
     row("preemptions", f"{res['preemptions']} ({res['recomputed_tokens']} tokens recomputed)")
     row("measured bandwidth", f"{bw['bytes_per_s'] / 1e9:.1f} GB/s" + (
         f"  (datasheet {sheet[0]}: {sheet[1] / 1e9:.0f} GB/s)" if sheet else ""))

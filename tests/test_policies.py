@@ -220,3 +220,19 @@ def test_the_simulator_skips_the_prefill_of_cached_prefixes():
     cold, warm = ([Simulator(mlfq(), COST, SimConfig(num_pages=4096)).run(jobs(c)) for c in (0, 960)])
     mean = lambda js: sum(j.ttft for j in js) / len(js)
     assert mean(warm) < 0.3 * mean(cold)
+
+
+def test_prefill_steps_pad_at_most_a_quarter_octave_and_precompile_covers_every_shape():
+    """A prefill step's GEMMs are compute bound, so each padded row costs a real token's time:
+    past 512 tokens a step rounds up to a quarter of an octave (639 tokens ran as 1,024 before)."""
+    from jaxserve.scheduling.cost_model import FINE_TOKENS, step_shape, step_shapes
+    max_batch, budget, max_pages = 128, 2048, 256
+    reachable = set(step_shapes(max_batch, budget, max_pages))
+    for total in range(2, budget + 1):
+        shape = step_shape([total], [max_pages], max_batch, max_pages)
+        assert shape in reachable
+        assert shape.tokens >= total and shape.tokens % 16 == 0
+        if total > FINE_TOKENS:
+            octave = 1 << (total - 1).bit_length()
+            assert shape.tokens - total < octave // 8, (total, shape.tokens)
+    assert step_shape([512 + 127], [8], max_batch, max_pages).tokens == 640

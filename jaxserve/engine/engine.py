@@ -97,11 +97,12 @@ class Engine:
         self.runner = ModelRunner(cfg, params, mesh, config.num_pages, config.page_size, config.max_batch,
                                   attention_impl=config.attention_impl, unroll_layers=config.unroll_layers)
         # Cumulative counters for metrics: read-only for callers. host_s: time in step() not
-        # spent waiting for the device (device_wait_s).
+        # spent waiting for the device (device_wait_s); idle_dispatches: steps sent to a device that
+        # had already finished the step before (the host, not the device, set the pace).
         self.stats = {"preemptions": 0, "recomputed_tokens": 0, "swap_out_bytes": 0, "swap_in_bytes": 0,
                       "swap_outs": 0, "swap_ins": 0, "swap_ins_unforeseen": 0, "swap_stall_s": 0.0,
                       "reparallelizations": 0, "finished": 0, "aborted": 0, "host_s": 0.0, "device_wait_s": 0.0,
-                      "dropped_tokens": 0, "failed": 0, "prefix_hit_tokens": 0, "prefix_queried_tokens": 0,
+                      "idle_dispatches": 0, "dropped_tokens": 0, "failed": 0, "prefix_hit_tokens": 0, "prefix_queried_tokens": 0,
                       "prefix_deferred": 0, "prefix_host_hit_tokens": 0, "prefix_spilled_pages": 0,
                       "prefix_restored_pages": 0, "swap_shared_pages_kept": 0}
         self.kv = KVManager(config.num_pages, config.page_size, config.host_pages, mesh, self.runner, self.stats,
@@ -267,6 +268,8 @@ class Engine:
     def dispatch(self) -> None:
         """Schedules the next step and sends it to the device, without waiting for it."""
         t = time.perf_counter()
+        if self._in_flight and _is_ready(self._in_flight[-1].dispatched.tokens):
+            self.stats["idle_dispatches"] += 1
         self.kv.write_staged()
         record = self._schedule()
         if record is not None:
@@ -562,3 +565,8 @@ class _StepRecord(NamedTuple):
     features: np.ndarray  # cost-model features of the step
     start: float          # engine clock when it was scheduled
     swapped_after: list   # requests swapped out while it ran: their copies read the pool it leaves
+
+
+def _is_ready(tokens) -> bool:
+    """Whether a dispatched step's tokens are computed (a host array always is)."""
+    return getattr(tokens, "is_ready", lambda: True)()

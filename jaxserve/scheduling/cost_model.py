@@ -31,6 +31,20 @@ def bucket(n: int, minimum: int = 1) -> int:
     return max(minimum, 1 << (max(n, 1) - 1).bit_length())
 
 
+FINE_TOKENS = 512  # above this, a prefill step's rows round up to a quarter octave, not an octave
+
+
+def token_bucket(n: int, minimum: int = 1) -> int:
+    """Flattened token rows of a step that holds a prefill chunk: the next power of two up to
+    FINE_TOKENS, then the next quarter of an octave (640, 768, 896, 1024, 1280, ...). Such steps
+    are compute bound, so every padded row costs a token's full time through the layers."""
+    p = bucket(n, minimum)
+    if p <= FINE_TOKENS:
+        return p
+    quarter = p // 8  # a quarter of the octave (p / 2, p]
+    return -(-n // quarter) * quarter
+
+
 class StepShape(NamedTuple):
     """The bucketed shape of one step: flattened tokens, sequences (sampled rows), pages per
     sequence, and whether any chunk is a prefill chunk (decode-only steps skip that attention)."""
@@ -55,7 +69,7 @@ def step_shape(chunk_lens: Sequence[int], chunk_pages: Sequence[int], max_batch:
     if max(chunk_lens) == 1:  # decode only: a row per sequence
         S = min(bucket(n), rows)
         return StepShape(max(S, MIN_TOKENS), S, P, False)
-    N = bucket(total, max(MIN_TOKENS, QUERY_BLOCK))
+    N = token_bucket(total, max(MIN_TOKENS, QUERY_BLOCK))
     return StepShape(N, min(N, rows), P, True)
 
 
