@@ -301,7 +301,7 @@ def device_busy(trace_dir: str) -> Optional[dict]:
     files = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True), key=os.path.getmtime)
     if not files:
         return None
-    spans, by_kernel = [], collections.Counter()
+    spans, by_kernel, calls = [], collections.Counter(), collections.Counter()
     for plane in jax.profiler.ProfileData.from_file(files[-1]).planes:
         if plane.name.startswith("/device:") and "CPU" not in plane.name:
             for line in plane.lines:
@@ -309,11 +309,13 @@ def device_busy(trace_dir: str) -> Optional[dict]:
                     for ev in line.events:
                         spans.append((ev.start_ns, ev.end_ns))
                         by_kernel[ev.name] += ev.duration_ns
+                        calls[ev.name] += 1
     if not spans:
         return None
-    top = {name: ns / 1e9 for name, ns in by_kernel.most_common(20)}
+    top = {name: ns / 1e9 for name, ns in by_kernel.most_common(40)}
     span = max(b for _, b in spans) - min(a for a, _ in spans)
-    return {"busy_s": union_length(spans) / 1e9, "span_s": span / 1e9, "kernels": len(spans), "top_kernels_s": top}
+    return {"busy_s": union_length(spans) / 1e9, "span_s": span / 1e9, "kernels": len(spans), "top_kernels_s": top,
+            "top_kernel_calls": {name: calls[name] for name in top}}
 
 
 def union_length(spans: Sequence[tuple]) -> int:
@@ -540,7 +542,7 @@ def bench(config, timer: CompileTimer) -> dict:
             f"({100 * profiled['busy_s'] / profiled['wall_s']:.1f}%); per model step {profiled['busy_s'] / n * 1e3:.2f} "
             f"ms busy, {profiled['wall_s'] / n * 1e3:.2f} ms wall; {profiled['kernels'] / n:.0f} kernels")
         for name, sec in profiled["top_kernels_s"].items():
-            row(f"  {sec / n * 1e3:7.3f} ms/step", name[:60])
+            row(f"  {sec / n * 1e3:7.3f} ms/step", f"{profiled['top_kernel_calls'][name] / n:5.1f}/step {name[:60]}")
     print("=" * 72, flush=True)
     if _OUTPUT.value:
         os.makedirs(os.path.dirname(os.path.abspath(_OUTPUT.value)), exist_ok=True)

@@ -22,6 +22,7 @@ the whole group; the causal mask compares each row's position with each key's.
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Optional
 
 import jax
@@ -200,6 +201,16 @@ def _combine(o, l, m, out_rows: int, num_heads: int, dtype, interpret: bool, sha
     return out.reshape(out_rows, K * num_heads, D)
 
 
+# The kernels are jitted with their parameters static so that an unrolled step (a call per layer)
+# traces and lowers each kernel once: a Mosaic GPU kernel lowered 32 times took most of a step's
+# 13 s of lowering.
+def _kernel_jit(fn):
+    """jax.jit with every keyword-only parameter of fn static."""
+    kw = [n for n, p in inspect.signature(fn).parameters.items() if p.kind == p.KEYWORD_ONLY]
+    return jax.jit(fn, static_argnames=kw)
+
+
+@_kernel_jit
 def pallas_decode_attention(q, k_pool, v_pool, layer, page_table, lengths, *,
                             pages_per_compute_block: int, k_splits: int, out_rows: Optional[int] = None,
                             num_warps: int = 4, num_stages: int = 2, prefetch: int = 1, interpret: bool = False):
@@ -261,12 +272,15 @@ def pallas_decode_attention(q, k_pool, v_pool, layer, page_table, lengths, *,
     return _combine(o, l, m, out_rows or B, G, q.dtype, interpret)
 
 
-def _mgpu_decode_attention(q, k_pool, v_pool, layer, page_table, lengths, *, out_rows: Optional[int] = None,
-                           interpret: bool = False, **params):
+@_kernel_jit
+def _mgpu_decode_attention(q, k_pool, v_pool, layer, page_table, lengths, *, k_splits: int, stages: int = 4,
+                           ctas_per_sm: int = 1, num_sms: Optional[int] = None, out_rows: Optional[int] = None,
+                           interpret: bool = False):
     """The Mosaic GPU kernel's partials (mgpu_decode), merged: [out_rows, H, D] in q.dtype."""
     G = q.shape[1] // k_pool.shape[3]
     o, l, m = mgpu_decode.mgpu_decode_partials(q, k_pool, v_pool, layer, page_table, lengths, interpret=interpret,
-                                               **params)
+                                               k_splits=k_splits, stages=stages, ctas_per_sm=ctas_per_sm,
+                                               num_sms=num_sms)
     return _combine(o, l, m, out_rows or q.shape[0], G, q.dtype, interpret, shared_tile=True)
 
 
@@ -335,6 +349,7 @@ def _prefill_kernel(q_ref, k_ref, v_ref, table_ref, start_ref, len_ref, pos_ref,
     o_ref[...] = (o / jnp.where(l > 0, l, 1.0)[:, None]).astype(o_ref.dtype)
 
 
+@_kernel_jit
 def pallas_prefill_attention(q, k_pool, v_pool, layer, block_tables, block_start, block_len, block_pos, *,
                              query_block: int, pages_per_compute_block: int = 4, num_warps: int = 4,
                              num_stages: int = 2, prefetch: int = 1, interpret: bool = False):

@@ -13,10 +13,11 @@ step N's tokens afterwards, without a round trip through the host in between.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import os
-from typing import List, NamedTuple, Optional, Sequence
+from typing import Callable, List, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -200,14 +201,49 @@ def compile_ahead(cfg: ModelConfig, mesh, num_pages: int, page_size: int, max_ba
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     prev = jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=replicated)
     abstract = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype)
-    for shape in shapes:
-        step, sample = jax.tree.map(abstract, padding_inputs(shape, num_pages))
-        forward = forward_step.lower(params, {"k": pool, "v": pool}, prev, step,
-                                     **forward_kwargs(cfg, mesh, shape, **settings)).compile()
-        logits = jax.ShapeDtypeStruct((shape.seqs, cfg.vocab_size), jnp.float32, sharding=forward.output_shardings[0])
-        for mode in modes:
-            sample_step.lower(logits, sample, mode=mode, rows=rows).compile()
+
+    def lower(shape):
+        step = jax.tree.map(abstract, padding_inputs(shape, num_pages)[0])
+        return forward_step.lower(params, {"k": pool, "v": pool}, prev, step, **forward_kwargs(cfg, mesh, shape, **settings))
+    compile_in_parallel(cfg, shapes, [modes] * len(shapes), lower, num_pages, rows)
     return len(shapes)
+
+
+# XLA compiles outside the GIL, so step shapes compile side by side: a cold start of the 8B
+# model's 132 shapes took about 290 s one at a time on an H200 host (docs/benchmarks.md).
+COMPILE_THREADS = min(8, os.cpu_count() or 1)
+
+
+def _sampling_modes(shapes: Sequence[StepShape]) -> List[tuple]:
+    """The sampling modes to compile after each shape: every mode at a row count's first shape
+    (the sampler depends only on the rows), greedy after that."""
+    seen, out = set(), []
+    for shape in shapes:
+        out.append(sampling.MODES if shape.seqs not in seen else ("greedy",))
+        seen.add(shape.seqs)
+    return out
+
+
+def compile_in_parallel(cfg: ModelConfig, shapes: Sequence[StepShape], modes_of: Sequence[Sequence[str]],
+                        lower: Callable, num_pages: int, rows: int, bar=None) -> None:
+    """Compiles `forward_step` at every shape (`lower(shape)` traces it, here, one at a time:
+    tracing holds the GIL) and `sample_step` in each shape's modes, the XLA compiles on
+    `COMPILE_THREADS` threads. JAX keeps the executables for the steps' calls."""
+    def compile_shape(shape, lowered, modes):
+        forward = lowered.compile()
+        logits = jax.ShapeDtypeStruct((shape.seqs, cfg.vocab_size), jnp.float32, sharding=forward.output_shardings[0])
+        sample = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), padding_inputs(shape, num_pages)[1])
+        return [sample_step.lower(logits, sample, mode=mode, rows=rows) for mode in modes]
+
+    with concurrent.futures.ThreadPoolExecutor(max(1, COMPILE_THREADS)) as pool:
+        pending = []
+        for shape, modes in zip(shapes, modes_of):
+            pending.append(pool.submit(compile_shape, shape, lower(shape), modes))
+            if bar is not None:
+                pending[-1].add_done_callback(lambda _: bar.update())
+        samplers = [pool.submit(lowered.compile) for f in pending for lowered in f.result()]
+        for f in samplers:
+            f.result()
 
 
 class ModelRunner:
@@ -283,28 +319,25 @@ class ModelRunner:
         """
         before = TRACE_COUNT["forward"]
         shapes = step_shapes(self.max_batch, token_budget, self.max_pages_per_seq)
+        bar = None
         if progress:
             from tqdm import tqdm
-            shapes = tqdm(shapes, desc="compiling step shapes", unit="shape")
-        seen_rows = set()
-        for shape in shapes:
-            # at each row count, every sampling mode once; greedy after that
-            modes = sampling.MODES if shape.seqs not in seen_rows else ("greedy",)
-            if self.mirror is not None:
+            bar = tqdm(total=len(shapes), desc="compiling step shapes", unit="shape")
+        modes_of = _sampling_modes(shapes)
+        if self.mirror is not None:
+            for shape, modes in zip(shapes, modes_of):
                 for mode in modes:  # inputs of their own: a launched step may still read them
                     step, sample = padding_inputs(shape, self.num_pages)
                     sample.temperature[0] = 1.0 if mode != "greedy" else 0.0
                     sample.top_k[0] = 2 if mode == "filter" else 0
                     self.launch(shape, step, sample, mode)
-            else:
-                step, sample = padding_inputs(shape, self.num_pages)
-                forward = forward_step.lower(self.params, self.cache, self.prev_tokens, step,
-                                             **self.step_kwargs(shape)).compile()
-                logits = jax.ShapeDtypeStruct((shape.seqs, self.cfg.vocab_size), jnp.float32,
-                                              sharding=forward.output_shardings[0])
-                for mode in modes:
-                    sample_step.lower(logits, sample, mode=mode, rows=self.rows).compile()
-            seen_rows.add(shape.seqs)
+                bar is not None and bar.update()
+        else:
+            def lower(shape):
+                step, _ = padding_inputs(shape, self.num_pages)
+                return forward_step.lower(self.params, self.cache, self.prev_tokens, step, **self.step_kwargs(shape))
+            compile_in_parallel(self.cfg, shapes, modes_of, lower, self.num_pages, self.rows, bar)
+        bar is not None and bar.close()
         jax.block_until_ready(self.cache)
         return TRACE_COUNT["forward"] - before
 
