@@ -18,8 +18,8 @@ def default_config() -> config_dict.ConfigDict:
     # Paged KV cache and per-step limits of the iteration-level engine.
     # attention_impl: auto (mgpu on GPU, tpu on TPU, else reference) | reference | pallas (the
     # Triton kernels) | mgpu (pallas, but decode by the Mosaic GPU kernel on Hopper) | tpu.
-    # unroll_layers: decode steps run the layers unrolled, auto (on GPU) | on | off: faster steps,
-    # slower compiles (model_runner.UNROLL_LAYERS_GPU). async_scheduling: the host schedules step
+    # unroll_layers: decode steps run the layers unrolled, auto (model_runner.UNROLL_LAYERS_GPU:
+    # off) | on | off. async_scheduling: the host schedules step
     # N+1 while step N runs. compile_cache_dir: JAX's persistent compilation cache ("" = off).
     # prefix_cache: requests share the KV pages of common prompt prefixes. prefix_host_tier (needs
     # host_pages): pages evicted from the device are kept in host memory too and come back on a hit.

@@ -9,7 +9,7 @@ set -o pipefail
 out=$1; shift
 B="python3 launch/bench_throughput.py --config=configs/llama3_8b.py --config.model.max_seq_len=4096 \
   --config.engine.max_batch=128 --config.engine.num_pages=20000 --config.engine.token_budget=2048 \
-  --config.engine.max_chunk=512 --config.engine.unroll_layers=off --config.engine.compile_cache_dir=${JCC:-/tmp/jcc} $EXTRA"
+  --config.engine.max_chunk=512 --config.engine.compile_cache_dir=${JCC:-/tmp/jcc} $EXTRA"
 B1="python3 launch/bench_throughput.py --config=configs/llama3_8b.py --config.model.max_seq_len=1024 \
   --config.engine.max_batch=1 --config.engine.num_pages=2000 --config.engine.token_budget=512 \
   --config.engine.max_chunk=512 --config.engine.compile_cache_dir=${JCC:-/tmp/jcc}1 $EXTRA"

@@ -86,7 +86,7 @@ def test_mesh_2x4_logits_equal_single_device(smollm2, device_params):
 
 
 def test_unrolled_layers_give_the_scanned_logits(smollm2, device_params):
-    # the GPU runs the layers as a Python loop (model_runner.UNROLL_LAYERS_GPU), CPU as a scan
+    # engine.unroll_layers=on runs the layers as a Python loop instead of a scan
     cfg, _, tok = smollm2
     ids = tok.encode(PROMPTS[2])
     scanned = jax_logits(cfg, device_params, ids)

@@ -45,7 +45,7 @@ class EngineConfig:
     max_chunk: int = 256      # longest prefill chunk
     host_pages: int = 0       # host (pinned) memory, in pages, for swapped-out KV; 0 = none
     attention_impl: str = "auto"  # auto | reference | pallas | mgpu | tpu (attention_kernels.resolve_impl)
-    unroll_layers: str = "auto"   # decode steps' layer loop unrolled: auto (on GPU) | on | off
+    unroll_layers: str = "auto"   # decode steps' layer loop unrolled: auto (UNROLL_LAYERS_GPU on GPU) | on | off
     policy: str = "fcfs"
     async_scheduling: bool = True  # schedule and dispatch step N+1 while step N runs
     compile_cache_dir: str = ""    # JAX's persistent compilation cache: a restart compiles nothing

@@ -37,11 +37,11 @@ TRACE_COUNT = {"forward": 0, "sample": 0}  # incremented only when jax traces (c
 # at import. Decode streams every weight once per step, so cuBLAS rather than XLA's Triton GEMMs
 # for the skinny matrix products (docs/benchmarks.md).
 GPU_XLA_FLAGS = ("--xla_gpu_enable_triton_gemm=false",)
-# On GPU, decode-only steps run the layers as an unrolled Python loop rather than a `lax.scan`:
-# the scan's while loop cost about 7 us a layer (control gaps, counter, index kernels), but an
-# unrolled step compiles about 8x longer. Steps with prefill chunks, bound by compute, keep the
-# scan. EngineConfig.unroll_layers="off" trades the other way.
-UNROLL_LAYERS_GPU = True
+# Whether decode-only steps on GPU run the layers as an unrolled Python loop rather than a
+# `lax.scan`. With the Mosaic GPU decode kernel the unrolled step is no faster at batch 1 and
+# 4-10% slower at batch 64 on the H200 (docs/benchmarks.md), so steps keep the scan unless
+# EngineConfig.unroll_layers="on".
+UNROLL_LAYERS_GPU = False
 UNROLL_CHOICES = ("auto", "on", "off")  # EngineConfig.unroll_layers: auto = UNROLL_LAYERS_GPU on GPU
 # On one GPU, decode steps pad the layer products' rows where the table measured for this GPU
 # kind says cuBLAS runs the padded shape faster (jaxserve.model.gemm_rows). Meshes of several
