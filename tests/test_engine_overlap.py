@@ -85,3 +85,19 @@ def test_a_stop_seen_late_drops_the_extra_token_and_frees_its_pages(tiny):
     assert final.token_ids == streamed == want and final.finish_reason == "stop"
     assert engine.stats["dropped_tokens"] >= 1  # the step after the stop had computed one more
     assert engine.allocator.num_used == 0
+
+
+@pytest.mark.parametrize("max_tokens", [5, 50])
+def test_a_request_that_reaches_the_context_gets_every_token_that_fits(tiny, max_tokens):
+    # with the loop overlapped, the next step's token was counted as committed and the request
+    # ended one token short of its context window
+    runs = []
+    for overlapped in (False, True):
+        engine = make_engine(tiny, num_pages=8, page_size=16, max_batch=2, async_scheduling=overlapped)
+        prompt = list(range(3, 3 + engine.max_context - 5))
+        final, streamed = serve(engine, [("a", prompt, SamplingParams(max_tokens=max_tokens, ignore_eos=True,
+                                                                     temperature=0.0))])["a"]
+        assert len(final.token_ids) == 5 and final.finish_reason == "length", overlapped
+        assert streamed == final.token_ids
+        runs.append(final.token_ids)
+    assert runs[0] == runs[1]

@@ -531,7 +531,8 @@ class Engine:
         if cut is not None:
             r.text = cut
             return self._finish(r, "stop", now)
-        if len(r.output_ids) >= p.max_tokens or r.num_tokens >= self.max_context:
+        # committed tokens only: a token the next step is computing still fits the context
+        if len(r.output_ids) >= p.max_tokens or len(r.prompt_ids) + len(r.output_ids) >= self.max_context:
             return self._finish(r, "length", now)
 
     def _finish(self, r: Request, reason: str, now: Optional[float] = None, journal: bool = True) -> None:
