@@ -11,7 +11,10 @@ import dataclasses
 import importlib.util
 import itertools
 import os
+import time
 from typing import List, Optional, Sequence, Union
+
+import tqdm
 
 from jaxserve.checkpoint.load import load
 from jaxserve.config import validate
@@ -87,10 +90,11 @@ class LLM:
 
     def generate(self, prompts: Sequence[Union[str, Sequence[int]]],
                  params: Optional[Union[SamplingParams, Sequence[SamplingParams]]] = None, *,
-                 sampling_params: Optional[Union[SamplingParams, Sequence[SamplingParams]]] = None
-                 ) -> List[RequestOutput]:
+                 sampling_params: Optional[Union[SamplingParams, Sequence[SamplingParams]]] = None,
+                 use_tqdm: bool = True) -> List[RequestOutput]:
         """Runs every prompt to completion; outputs come back in prompt order. `sampling_params`
-        is vLLM's name for `params`."""
+        is vLLM's name for `params`. use_tqdm: a progress bar on stderr, as vLLM's, of finished
+        prompts with the input and output tokens/s so far."""
         if params is not None and sampling_params is not None:
             raise ValueError("sampling_params: given twice (as params too)")
         params = sampling_params if params is None else params
@@ -104,10 +108,19 @@ class LLM:
         for rid, prompt, p in zip(ids, prompts, params):
             self.engine.add_request(rid, prompt, p)
         final = {}
-        while self.engine.has_unfinished():
-            for out in self.engine.step():
-                if out.finished:
-                    final[out.request_id] = out
+        with tqdm.tqdm(total=len(ids), desc="Processed prompts", unit="prompt", disable=not use_tqdm,
+                       dynamic_ncols=True) as bar:
+            start, tokens_in, tokens_out = time.perf_counter(), 0, 0
+            while self.engine.has_unfinished():
+                for out in self.engine.step():
+                    if out.finished:
+                        final[out.request_id] = out
+                        tokens_in += len(out.prompt_token_ids)
+                        tokens_out += len(out.token_ids)
+                        elapsed = max(time.perf_counter() - start, 1e-9)
+                        bar.set_postfix_str(f"input: {tokens_in / elapsed:.1f} toks/s, "
+                                            f"output: {tokens_out / elapsed:.1f} toks/s", refresh=False)
+                        bar.update(1)
         return [dataclasses.replace(final[rid], prompt=prompt if isinstance(prompt, str) else None)
                 for rid, prompt in zip(ids, prompts)]
 

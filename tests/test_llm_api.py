@@ -29,6 +29,19 @@ def test_a_config_file_with_overrides_gives_the_config_apis_answers_in_vllms_sha
         llm.generate(prompts, greedy, sampling_params=greedy)
 
 
+def test_generate_shows_vllms_progress_bar_unless_told_not_to(tiny_config, capsys):
+    llm = jaxserve.LLM(tiny_config)
+    params = jaxserve.SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    capsys.readouterr()
+    outs = llm.generate(["One, two,", "a b c d"], params)
+    bar = capsys.readouterr().err
+    assert "Processed prompts" in bar and "2/2" in bar
+    tokens_out = float(bar.rsplit("output: ", 1)[1].split(" toks/s")[0])
+    assert tokens_out > 0 and sum(len(o.token_ids) for o in outs) == 8
+    llm.generate(["One, two,"], params, use_tqdm=False)
+    assert capsys.readouterr().err == ""
+
+
 def test_bad_models_and_overrides_name_the_field_before_anything_loads(tiny_config):
     with pytest.raises(ValueError, match="model: no config file at"):
         jaxserve.LLM(model=os.path.join(REPO, "configs", "nope.py"))
