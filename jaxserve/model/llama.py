@@ -161,18 +161,22 @@ def forward(params, tokens, positions, cache, cfg: ModelConfig, attend: AttendFn
     angles = rope_angles(positions, rope_frequencies(cfg))
 
     def body(carry, xs):
-        x, cache = carry
-        lp, layer = xs
+        # the layer index rides in the carry and both norm weights in one slice: each per-layer
+        # slice of a small array is a copy kernel of its own on GPU (docs/benchmarks.md)
+        x, cache, layer = carry
+        lp, norms = xs
+        lp = dict(lp, attn_norm=norms[0], mlp_norm=norms[1])
         x, cache = _layer(x, lp, cache, layer, positions, angles, cfg, attend, gemm_rows)
-        return (x, cache), None
+        return (x, cache, layer + 1), None
 
     if unroll_layers:
         for i in range(cfg.num_layers):
             lp = jax.tree.map(lambda a: a[i], params["layers"])
             x, cache = _layer(x, lp, cache, i, positions, angles, cfg, attend, gemm_rows)
     else:
-        layers = (params["layers"], jnp.arange(cfg.num_layers))
-        (x, cache), _ = jax.lax.scan(body, (x, cache), layers)
+        big = {k: v for k, v in params["layers"].items() if k not in ("attn_norm", "mlp_norm")}
+        norms = jnp.stack([params["layers"]["attn_norm"], params["layers"]["mlp_norm"]], axis=1)
+        (x, cache, _), _ = jax.lax.scan(body, (x, cache, jnp.int32(0)), (big, norms))
     if logit_index is not None and logit_index.ndim == 2:
         x = jnp.take_along_axis(x, logit_index[:, :, None], axis=1)
     elif logit_index is not None:
