@@ -200,10 +200,9 @@ def compile_ahead(cfg: ModelConfig, mesh, num_pages: int, page_size: int, max_ba
     rows = bucket(max_batch)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     prev = jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=replicated)
-    abstract = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype)
 
     def lower(shape):
-        step = jax.tree.map(abstract, padding_inputs(shape, num_pages)[0])
+        step = jax.tree.map(_abstract, padding_inputs(shape, num_pages)[0])
         return forward_step.lower(params, {"k": pool, "v": pool}, prev, step, **forward_kwargs(cfg, mesh, shape, **settings))
     compile_in_parallel(cfg, shapes, [modes] * len(shapes), lower, num_pages, rows)
     return len(shapes)
@@ -212,6 +211,10 @@ def compile_ahead(cfg: ModelConfig, mesh, num_pages: int, page_size: int, max_ba
 # XLA compiles outside the GIL, so step shapes compile side by side: a cold start of the 8B
 # model's 132 shapes took about 290 s one at a time on an H200 host (docs/benchmarks.md).
 COMPILE_THREADS = min(8, os.cpu_count() or 1)
+
+
+def _abstract(a) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(a.shape, a.dtype)
 
 
 def _sampling_modes(shapes: Sequence[StepShape]) -> List[tuple]:
@@ -232,7 +235,7 @@ def compile_in_parallel(cfg: ModelConfig, shapes: Sequence[StepShape], modes_of:
     def compile_shape(shape, lowered, modes):
         forward = lowered.compile()
         logits = jax.ShapeDtypeStruct((shape.seqs, cfg.vocab_size), jnp.float32, sharding=forward.output_shardings[0])
-        sample = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), padding_inputs(shape, num_pages)[1])
+        sample = jax.tree.map(_abstract, padding_inputs(shape, num_pages)[1])
         return [sample_step.lower(logits, sample, mode=mode, rows=rows) for mode in modes]
 
     with concurrent.futures.ThreadPoolExecutor(max(1, COMPILE_THREADS)) as pool:
