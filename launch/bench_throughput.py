@@ -314,18 +314,38 @@ def device_busy(trace_dir: str) -> Optional[dict]:
         return None
     top = {name: ns / 1e9 for name, ns in by_kernel.most_common(40)}
     span = max(b for _, b in spans) - min(a for a, _ in spans)
-    return {"busy_s": union_length(spans) / 1e9, "span_s": span / 1e9, "kernels": len(spans), "top_kernels_s": top,
-            "top_kernel_calls": {name: calls[name] for name in top}}
+    busy, gaps = union_and_gaps(spans)
+    return {"busy_s": busy / 1e9, "span_s": span / 1e9, "kernels": len(spans), "idle_gaps": gap_histogram(gaps),
+            "top_kernels_s": top, "top_kernel_calls": {name: calls[name] for name in top}}
 
 
-def union_length(spans: Sequence[tuple]) -> int:
-    """Total length covered by (start, end) intervals: a device's streams overlap each other."""
-    busy, end = 0, None
+def union_and_gaps(spans: Sequence[tuple]) -> tuple:
+    """Total length covered by (start, end) intervals (a device's streams overlap each other), and
+    the lengths of the idle gaps between them."""
+    busy, end, gaps = 0, None, []
     for a, b in sorted(spans):
+        if end is not None and a > end:
+            gaps.append(a - end)
         if end is None or b > end:
             busy += b - (a if end is None else max(a, end))
             end = b
-    return busy
+    return busy, gaps
+
+
+GAP_EDGES_US = (2, 5, 20, 100, 1000)
+
+
+def gap_histogram(gaps_ns: Sequence[int]) -> dict:
+    """Idle time between kernels by gap length ("<2us", ..., ">=1000us"): (count, seconds). Gaps
+    of a few microseconds are launch latency between kernels; long ones, a device waiting on the host."""
+    edges = (0,) + GAP_EDGES_US
+    names = [f"{lo}-{hi}us" for lo, hi in zip(edges, edges[1:])] + [f">={edges[-1]}us"]
+    hist = {n: [0, 0.0] for n in names}
+    for g in gaps_ns:
+        i = sum(g >= e * 1000 for e in GAP_EDGES_US)
+        hist[names[i]][0] += 1
+        hist[names[i]][1] += g / 1e9
+    return {n: (c, round(t, 4)) for n, (c, t) in hist.items()}
 
 
 def run_requests(engine, prefix: str, prompts: List[List[int]], outputs: Sequence[int]) -> dict:
@@ -541,6 +561,7 @@ def bench(config, timer: CompileTimer) -> dict:
         row("profiled rerun: device busy", f"{profiled['busy_s']:.3f} s of {profiled['wall_s']:.3f} s wall "
             f"({100 * profiled['busy_s'] / profiled['wall_s']:.1f}%); per model step {profiled['busy_s'] / n * 1e3:.2f} "
             f"ms busy, {profiled['wall_s'] / n * 1e3:.2f} ms wall; {profiled['kernels'] / n:.0f} kernels")
+        row("profiled rerun: idle gaps", ", ".join(f"{k} {c} ({t:.3f} s)" for k, (c, t) in profiled["idle_gaps"].items()))
         for name, sec in profiled["top_kernels_s"].items():
             row(f"  {sec / n * 1e3:7.3f} ms/step", f"{profiled['top_kernel_calls'][name] / n:5.1f}/step {name[:60]}")
     print("=" * 72, flush=True)

@@ -30,7 +30,9 @@ def test_bench_throughput_reports_throughput_and_floor(tmp_path):
 
 def test_device_busy_time_is_the_union_of_overlapping_kernels():
     sys.path.insert(0, os.path.join(REPO, "launch"))
-    from bench_throughput import union_length
-    assert union_length([(20, 30), (0, 10), (5, 15), (12, 13)]) == 25
-    assert union_length([(0, 10), (2, 3)]) == 10
-    assert union_length([]) == 0
+    from bench_throughput import gap_histogram, union_and_gaps
+    assert union_and_gaps([(20, 30), (0, 10), (5, 15), (12, 13)]) == (25, [5])
+    assert union_and_gaps([(0, 10), (2, 3)]) == (10, [])
+    assert union_and_gaps([]) == (0, [])
+    hist = gap_histogram([1_000, 3_000, 4_000, 2_000_000])
+    assert hist["0-2us"] == (1, 0.0) and hist["2-5us"][0] == 2 and hist[">=1000us"] == (1, 0.002)

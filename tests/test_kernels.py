@@ -120,6 +120,43 @@ def test_interpreted_mosaic_gpu_kernel_equals_reference(ks, stages, ctas):
     assert not np.asarray(got, np.float32)[2:].any()  # the length-0 row and the 2 GEMM padding rows
 
 
+@pytest.mark.parametrize("kernel", ["triton", "mgpu"])
+def test_decode_kernels_write_the_newest_keys_in_place_and_attend_to_them(kernel):
+    # a decode step's fused KV write: each row's newest key and value go into the pool from the
+    # merge kernel, and attention sees them without reading them back; rows of length 0 write nothing
+    rng = np.random.default_rng(7)
+    B, S, D, P = 4, 16, 64, 4
+    dtype = jnp.bfloat16 if kernel == "mgpu" else jnp.float32  # the Mosaic GPU kernel is bf16 only
+    q, k_pool, v_pool, table, lengths = random_case(rng, L=2, num_pages=40, S=S, K=2, G=4, D=D, B=B, P=P, dtype=dtype)
+    table = jnp.asarray(np.stack([rng.permutation(39)[:P] for _ in range(B)]), jnp.int32)  # page 39: scratch
+    N, layer = 8, jnp.int32(1)  # 4 GEMM padding rows
+    k_new, v_new = (jnp.asarray(rng.standard_normal((N, 2, D)), dtype) for _ in range(2))
+    pos = np.maximum(np.asarray(lengths) - 1, 0)
+    live = np.asarray(lengths) > 0
+    kv_page = np.full(N, 39, np.int32)
+    kv_offset = np.zeros(N, np.int32)
+    kv_page[:B] = np.where(live, np.asarray(table)[np.arange(B), pos // S], 39)
+    kv_offset[:B] = np.where(live, pos % S, 0)
+    scaled = (q.astype(jnp.float32) * D ** -0.5).astype(dtype)
+    new_kv = (jnp.stack([k_new, v_new], axis=2), jnp.asarray(kv_page), jnp.asarray(kv_offset))
+    if kernel == "mgpu":
+        run = functools.partial(ak._mgpu_decode_attention, k_splits=2, stages=2, num_sms=2, out_rows=N,
+                                interpret=True)
+    else:
+        run = functools.partial(ak.pallas_decode_attention, pages_per_compute_block=2, k_splits=2, out_rows=N,
+                                interpret=True)
+    got, k_got, v_got = jax.jit(run)(scaled, k_pool, v_pool, layer, table, lengths, new_kv)
+    write = lambda pool, new: pool.at[layer, kv_page[:B][live], kv_offset[:B][live]].set(new[:B][live])
+    k_want, v_want = write(k_pool, k_new), write(v_pool, v_new)
+    np.testing.assert_array_equal(np.asarray(k_got, np.float32), np.asarray(k_want, np.float32))
+    np.testing.assert_array_equal(np.asarray(v_got, np.float32), np.asarray(v_want, np.float32))
+    want = reference_decode(q, k_want, v_want, layer, table, lengths)
+    assert got.shape == (N, 8, D)
+    for b in (0, 1, 3):  # each row by itself: the newest token's share of a row is large in the short ones
+        assert rel_err(got[b], want[b]) < (5e-3 if kernel == "mgpu" else 1e-5), b  # mgpu: bf16 probabilities
+    assert not np.asarray(got, np.float32)[2:3].any() and not np.asarray(got, np.float32)[B:].any()
+
+
 @pytest.mark.parametrize("batch", [1, 2, 8, 16, 64, 128, 256])
 @pytest.mark.parametrize("pages", [1, 2, 4, 8, 64, 128, 512])
 def test_mosaic_gpu_parameters_always_divide_the_bucketed_page_table(batch, pages):
@@ -189,6 +226,14 @@ def test_kernel_on_a_model_sharded_mesh_equals_one_device():
     got = run(q, k_s, v_s, jnp.int32(1), table, lengths, mesh=mesh)
     want = run(q, k_pool, v_pool, jnp.int32(1), table, lengths)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
+    # with the newest keys written by the kernels: each device writes its own heads' slots
+    kv = jnp.asarray(rng.standard_normal((4, 2, 2, 16)), jnp.float32)
+    new_kv = (kv, jnp.asarray([3, 5, 7, 15], jnp.int32), jnp.asarray([0, 1, 2, 3], jnp.int32))
+    got = run(q, k_s, v_s, jnp.int32(1), table, lengths, new_kv, mesh=mesh)
+    want = run(q, k_pool, v_pool, jnp.int32(1), table, lengths, new_kv)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-6, atol=1e-6)
+    assert np.asarray(got[1])[1, 5, 1].tolist() == np.asarray(kv)[1, :, 0].tolist()
 
 
 # -- model runner ---------------------------------------------------------------------------------
@@ -362,6 +407,39 @@ def test_gpu_decode_kernels_match_reference_in_bf16(name):
 
 @pytest.mark.gpu
 @gpu
+@pytest.mark.parametrize("kernel", ["triton", "mgpu"])
+def test_gpu_fused_kv_write_reaches_pages_past_2_to_the_31_elements(kernel):
+    # a decode step's KV write from the merge kernel, into the last pages of an 8.6 GB pool
+    # (the offline benchmark's is 21 GB): its offsets overflow int32
+    L, NP, S, K, D, B, P = 2, 131073, 16, 8, 128, 2, 4
+    rng = np.random.default_rng(11)
+    table = jnp.asarray([[NP - 9, NP - 8, NP - 7, NP - 6], [NP - 5, NP - 4, NP - 3, NP - 2]], jnp.int32)
+    layer, lengths = jnp.int32(1), jnp.asarray([50, 64], jnp.int32)
+    fill = lambda: jnp.zeros((L, NP, S, K, D), jnp.bfloat16).at[layer, table].set(
+        jnp.asarray(rng.standard_normal((B, P, S, K, D)), jnp.bfloat16))
+    k_pool, v_pool = fill(), fill()
+    q = jnp.asarray(rng.standard_normal((B, 32, D)) * 128 ** -0.5, jnp.bfloat16)
+    k_new, v_new = (jnp.asarray(rng.standard_normal((8, K, D)), jnp.bfloat16) for _ in range(2))
+    pos = np.asarray(lengths) - 1
+    kv_page = jnp.asarray(np.r_[np.asarray(table)[np.arange(B), pos // S], [NP - 1] * 6], jnp.int32)
+    kv_offset = jnp.asarray(np.r_[pos % S, [0] * 6], jnp.int32)
+    run = jax.jit(functools.partial(ak.decode_attention, out_rows=8, kernel_impl=kernel))
+    got, k_got, v_got = run(q, k_pool, v_pool, layer, table, lengths, (jnp.stack([k_new, v_new], 2), kv_page, kv_offset))
+    for b in range(B):
+        np.testing.assert_array_equal(np.asarray(k_got[1, kv_page[b], kv_offset[b]], np.float32),
+                                      np.asarray(k_new[b], np.float32))
+        np.testing.assert_array_equal(np.asarray(v_got[1, kv_page[b], kv_offset[b]], np.float32),
+                                      np.asarray(v_new[b], np.float32))
+    k_want = k_pool.at[1, kv_page[:B], kv_offset[:B]].set(k_new[:B])
+    v_want = v_pool.at[1, kv_page[:B], kv_offset[:B]].set(v_new[:B])
+    want = reference_decode(q * 128 ** 0.5, k_want, v_want, layer, table, lengths)
+    assert rel_err(got[:B], want) < 1e-2
+    assert not np.asarray(got, np.float32)[B:].any()
+    assert not np.asarray(k_got[1, NP - 1], np.float32).any()  # the padding rows wrote nothing
+
+
+@pytest.mark.gpu
+@gpu
 def test_gpu_mixed_step_kernels_match_reference_step():
     cfg = ModelConfig(vocab_size=512, embed_dim=256, num_layers=2, num_heads=8, num_kv_heads=2,
                       head_dim=64, mlp_dim=512, max_seq_len=512, dtype="bfloat16")
@@ -378,9 +456,17 @@ def test_gpu_mixed_step_kernels_match_reference_step():
     for impl in ("reference", "pallas", "mgpu"):
         runner = model_runner.ModelRunner(cfg, params, mesh, 64, 16, 8, attention_impl=impl,
                                           cache=jax.tree.map(jnp.copy, pool))
-        out[impl] = runner.run(chunks)
-    np.testing.assert_allclose(out["pallas"][1], out["reference"][1], atol=5e-2)
-    np.testing.assert_allclose(out["mgpu"][1], out["reference"][1], atol=5e-2)
+        mixed = runner.run(chunks)
+        # then a decode-only step, where the kernels write the new keys themselves
+        decodes = [model_runner.Chunk([int(t)], c.start + len(c.tokens), list(c.pages) + [perm[22 + i]], 0.0, 0, 1.0,
+                                      0, 1) for i, (t, c) in enumerate(zip(mixed[0], chunks))]
+        out[impl] = mixed, runner.run(decodes), jax.tree.map(np.asarray, runner.cache)
+    for impl in ("pallas", "mgpu"):
+        for step in (0, 1):
+            np.testing.assert_allclose(out[impl][step][1], out["reference"][step][1], atol=5e-2)
+        for name in ("k", "v"):  # all but the scratch page
+            np.testing.assert_allclose(np.asarray(out[impl][2][name][:, :-1], np.float32),
+                                       np.asarray(out["reference"][2][name][:, :-1], np.float32), atol=5e-2)
 
 
 @pytest.mark.gpu

@@ -121,11 +121,12 @@ def _online_softmax(q, load, num_blocks, visible, prefetch: int):
 
 
 def _decode_kernel(q_ref, k_ref, v_ref, table_ref, len_ref, layer_ref, o_ref, l_ref, m_ref, *, num_pages: int,
-                   pages_per_compute_block: int, prefetch: int, group: int):
+                   pages_per_compute_block: int, prefetch: int, group: int, exclude_newest: bool):
     """One (sequence, kv head, split): the kv head's query rows (the group, padded to Triton's 16)
     over the split's pages, an online softmax over blocks of pages (`_online_softmax`); o is left
     unnormalized for the combine, and only the group's rows of it are stored (the padding rows'
-    would be most of the partials' traffic)."""
+    would be most of the partials' traffic). exclude_newest: one key fewer than the row's length
+    (the combine merges the newest)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
 
@@ -134,7 +135,8 @@ def _decode_kernel(q_ref, k_ref, v_ref, table_ref, len_ref, layer_ref, o_ref, l_
     block_k = ppcb * page_size
     per_split = table_ref.shape[0]
     first = pl.program_id(2) * per_split
-    length, offset = len_ref[0], layer_ref[0] * num_pages  # the layer's pages of the flattened pool
+    length = jnp.maximum(len_ref[0] - 1, 0) if exclude_newest else len_ref[0]
+    offset = layer_ref[0] * num_pages  # the layer's pages of the flattened pool
     end = jnp.minimum(pl.cdiv(length, page_size), first + per_split)
     num_blocks = jnp.maximum(pl.cdiv(end - first, ppcb), 0)
     load = _page_block_loader(k_ref, v_ref, table_ref, offset, ppcb, per_split // ppcb)
@@ -150,30 +152,61 @@ def _decode_kernel(q_ref, k_ref, v_ref, table_ref, len_ref, layer_ref, o_ref, l_
     plgpu.store(m_ref, m, mask=real)
 
 
-def _combine_kernel(o_ref, l_ref, m_ref, out_ref, *, batch: int):
+def _combine_kernel(o_ref, l_ref, m_ref, *refs, batch: int, num_pages: int, fresh: bool):
     """One (row, kv head): merges the k_splits partial softmax results (o unnormalized).
 
     Rows past `batch` are the step's GEMM padding (model_runner.GEMM_ROWS_GPU): they get zeros,
     so the padded output needs no pad op after the kernel. Rows of length 0 have l == 0 and o == 0
     in every split: zeros too, not NaN.
+
+    With `fresh` the partials leave out each row's newest token: its key and value come in
+    (with the row's scaled q), join the merge as one more split, and are stored into the pool
+    in place (the refs after the output), so that a decode step needs no scatter of them.
     """
     from jax.experimental import pallas as pl
 
+    if fresh:
+        q_ref, k_ref, v_ref, len_ref, page_ref, slot_ref, layer_ref, _, _, out_ref, k_pool, v_pool = refs
+    else:
+        (out_ref,) = refs
+    real = pl.program_id(0) < batch
     m = m_ref[...]                                     # [k_splits, G]
     m_max = jnp.max(m, axis=0)
+    if fresh:  # the newest key as stored (pool dtype), as the partials' keys were
+        live = real & (len_ref[0] > 0)
+        k = k_ref[...].astype(k_pool.dtype)
+        v = v_ref[...].astype(v_pool.dtype)
+        s_new = jnp.sum(q_ref[...].astype(jnp.float32) * k.astype(jnp.float32)[None, :], axis=1)  # [G]
+        m_max = jnp.maximum(m_max, jnp.where(live, s_new, _MASK))
     w = jnp.exp(m - m_max[None, :])
     l_sum = jnp.sum(l_ref[...] * w, axis=0)
     o_sum = jnp.sum(o_ref[...] * w[:, :, None], axis=0)  # [G, D]
+    if fresh:
+        w_new = jnp.where(live, jnp.exp(s_new - m_max), 0.0)
+        l_sum = l_sum + w_new
+        o_sum = o_sum + w_new[:, None] * v.astype(jnp.float32)[None, :]
+
+        @pl.when(live)
+        def _():
+            row, slot = layer_ref[0] * num_pages + page_ref[0], slot_ref[0]
+            k_pool[row, slot, :] = k
+            v_pool[row, slot, :] = v
     out = o_sum / jnp.where(l_sum > 0, l_sum, 1.0)[:, None]
-    real = pl.program_id(0) < batch
     out_ref[...] = jnp.where(real, out, 0.0).astype(out_ref.dtype)
 
 
-def _combine(o, l, m, out_rows: int, num_heads: int, dtype, interpret: bool, shared_tile: bool = False):
+def _combine(o, l, m, out_rows: int, num_heads: int, dtype, interpret: bool, shared_tile: bool = False,
+             fresh: Optional[tuple] = None):
     """[k_splits, B, K, block_h(, D)] partials -> [out_rows, K*num_heads, D] in one small kernel
     (as XLA ops, the merge and the row padding took three kernels a layer). Each kv head's group
     is the first rows of its block, or with `shared_tile` (the Mosaic GPU kernel's 8-row tiles of
-    consecutive query heads) rows (h * num_heads) % block_h onwards."""
+    consecutive query heads) rows (h * num_heads) % block_h onwards.
+
+    fresh: (q [B,H,D] scaled, kv [>=out_rows, K, 2, D] (keys, values), lengths [B] (the newest
+    token included), kv_page and kv_offset [>=out_rows], layer, k_pool, v_pool): the rows' newest
+    tokens, left out of the partials, are merged in and written to the pool, which is updated in
+    place; then returns (out, k_pool, v_pool).
+    """
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as pltriton
 
@@ -182,23 +215,52 @@ def _combine(o, l, m, out_rows: int, num_heads: int, dtype, interpret: bool, sha
     last = B - 1
     per_tile = block_h // g if shared_tile else 1  # groups a block holds
     part = lambda b, h: (0, jnp.minimum(b, last), h, h % per_tile)
-    out = pl.pallas_call(
-        functools.partial(_combine_kernel, batch=B),
+    in_specs = [pl.BlockSpec((ks, None, None, g, D), lambda b, h: part(b, h) + (0,)),
+                pl.BlockSpec((ks, None, None, g), part),
+                pl.BlockSpec((ks, None, None, g), part)]
+    out_specs = [pl.BlockSpec((None, None, g, D), lambda b, h: (b, h, 0, 0))]
+    out_shape = [jax.ShapeDtypeStruct((out_rows, K, g, D), dtype)]
+    args, aliases, num_pages = (o, l, m), {}, 0
+    if fresh is not None:
+        q, kv, lengths, kv_page, kv_offset, layer, k_pool, v_pool = fresh
+        L, num_pages, S = k_pool.shape[:3]
+        qg = q.reshape(B, K, num_heads, D)
+        if g != num_heads:
+            qg = jnp.pad(qg, ((0, 0), (0, 0), (0, g - num_heads), (0, 0)))
+        # keys and values are one operand: one kernel before this one makes both
+        row = lambda i: pl.BlockSpec((None, None, None, D), lambda b, h: (b, h, i, 0))
+        seq = pl.BlockSpec((1,), lambda b, h: (jnp.minimum(b, last),))
+        token = pl.BlockSpec((1,), lambda b, h: (b,))
+        pool_spec = pl.BlockSpec((L * num_pages, S, None, D), lambda b, h: (0, 0, h, 0))
+        in_specs += [pl.BlockSpec((None, None, g, D), lambda b, h: (jnp.minimum(b, last), h, 0, 0)), row(0), row(1),
+                     seq, token, token, pl.BlockSpec((1,), lambda b, h: (0,)), pool_spec, pool_spec]
+        out_specs += [pool_spec, pool_spec]
+        out_shape += [jax.ShapeDtypeStruct((L * num_pages, S, K, D), k_pool.dtype)] * 2
+        n = len(in_specs)
+        aliases = {n - 2: 1, n - 1: 2}
+        args += (qg, kv, kv, lengths.astype(jnp.int32), kv_page.astype(jnp.int32), kv_offset.astype(jnp.int32),
+                 jnp.reshape(layer, (1,)).astype(jnp.int32),
+                 k_pool.reshape(L * num_pages, S, K, D), v_pool.reshape(L * num_pages, S, K, D))
+    outs = pl.pallas_call(
+        functools.partial(_combine_kernel, batch=B, num_pages=num_pages, fresh=fresh is not None),
         grid=(out_rows, K),
-        in_specs=[pl.BlockSpec((ks, None, None, g, D), lambda b, h: part(b, h) + (0,)),
-                  pl.BlockSpec((ks, None, None, g), part),
-                  pl.BlockSpec((ks, None, None, g), part)],
-        out_specs=pl.BlockSpec((None, None, g, D), lambda b, h: (b, h, 0, 0)),
-        out_shape=jax.ShapeDtypeStruct((out_rows, K, g, D), dtype),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        input_output_aliases=aliases,
         # pinned to Triton: without compiler params JAX 0.10 sends a pallas_call to Mosaic GPU,
         # which refuses these small blocks
         compiler_params=pltriton.CompilerParams(num_warps=4),
         interpret=interpret,
-        name="jaxserve_paged_decode_combine",
-    )(o, l, m)
+        name="jaxserve_paged_decode_combine" + ("_write" if fresh is not None else ""),
+    )(*args)
+    out = outs[0]
     if g != num_heads:
         out = out[:, :, :num_heads]
-    return out.reshape(out_rows, K * num_heads, D)
+    out = out.reshape(out_rows, K * num_heads, D)
+    if fresh is None:
+        return out
+    return out, outs[1].reshape(k_pool.shape), outs[2].reshape(v_pool.shape)
 
 
 # The kernels are jitted with their parameters static so that an unrolled step (a call per layer)
@@ -211,14 +273,15 @@ def _kernel_jit(fn):
 
 
 @_kernel_jit
-def pallas_decode_attention(q, k_pool, v_pool, layer, page_table, lengths, *,
+def pallas_decode_attention(q, k_pool, v_pool, layer, page_table, lengths, new_kv=None, *,
                             pages_per_compute_block: int, k_splits: int, out_rows: Optional[int] = None,
                             num_warps: int = 4, num_stages: int = 2, prefetch: int = 1, interpret: bool = False):
     """Attention of one query token per sequence over its pages, for one layer.
 
     q [B,H,D] (already scaled by 1/sqrt(D): the kernel does not scale); k_pool, v_pool
     [L, num_pages, page_size, K, D]; layer: scalar index; page_table [B,P] int32 (P divisible by
-    k_splits); lengths [B] int32 (tokens to attend, 0 = padding row). Returns [B,H,D] in q.dtype.
+    k_splits); lengths [B] int32 (tokens to attend, 0 = padding row). Returns [B,H,D] in q.dtype,
+    or with new_kv (see `decode_attention`) (out, k_pool, v_pool).
     """
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
@@ -243,7 +306,7 @@ def pallas_decode_attention(q, k_pool, v_pool, layer, page_table, lengths, *,
     tables = page_table.astype(jnp.int32).reshape(B, k_splits, per_split)
 
     kernel = functools.partial(_decode_kernel, num_pages=NP, pages_per_compute_block=ppcb, prefetch=prefetch,
-                               group=G)
+                               group=G, exclude_newest=new_kv is not None)
     # Grid (batch, kv head, split): the kernel reads its split index as program_id(2).
     pool_spec = pl.BlockSpec((L * NP, S, None, D), lambda b, h, s: (0, 0, h, 0))
     o, l, m = pl.pallas_call(
@@ -269,25 +332,36 @@ def pallas_decode_attention(q, k_pool, v_pool, layer, page_table, lengths, *,
         interpret=interpret,
         name=f"jaxserve_paged_decode_ppcb{ppcb}_ks{k_splits}_w{num_warps}",
     )(qg, k_flat, v_flat, tables, lengths.astype(jnp.int32), jnp.reshape(layer, (1,)).astype(jnp.int32))
-    return _combine(o, l, m, out_rows or B, G, q.dtype, interpret)
+    return _combine(o, l, m, out_rows or B, G, q.dtype, interpret,
+                    fresh=_fresh(q, lengths, new_kv, layer, k_pool, v_pool))
 
 
 @_kernel_jit
-def _mgpu_decode_attention(q, k_pool, v_pool, layer, page_table, lengths, *, k_splits: int, stages: int = 4,
+def _mgpu_decode_attention(q, k_pool, v_pool, layer, page_table, lengths, new_kv=None, *, k_splits: int,
+                           stages: int = 4,
                            ctas_per_sm: int = 1, num_sms: Optional[int] = None, out_rows: Optional[int] = None,
                            interpret: bool = False):
-    """The Mosaic GPU kernel's partials (mgpu_decode), merged: [out_rows, H, D] in q.dtype."""
+    """The Mosaic GPU kernel's partials (mgpu_decode), merged: [out_rows, H, D] in q.dtype (with
+    new_kv, as `pallas_decode_attention`)."""
     G = q.shape[1] // k_pool.shape[3]
     o, l, m = mgpu_decode.mgpu_decode_partials(q, k_pool, v_pool, layer, page_table, lengths, interpret=interpret,
                                                k_splits=k_splits, stages=stages, ctas_per_sm=ctas_per_sm,
-                                               num_sms=num_sms)
-    return _combine(o, l, m, out_rows or q.shape[0], G, q.dtype, interpret, shared_tile=True)
+                                               num_sms=num_sms, exclude_newest=new_kv is not None)
+    return _combine(o, l, m, out_rows or q.shape[0], G, q.dtype, interpret, shared_tile=True,
+                    fresh=_fresh(q, lengths, new_kv, layer, k_pool, v_pool))
+
+
+def _fresh(q, lengths, new_kv, layer, k_pool, v_pool):
+    if new_kv is None:
+        return None
+    kv, kv_page, kv_offset = new_kv
+    return (q, kv, lengths, kv_page, kv_offset, layer, k_pool, v_pool)
 
 
 DECODE_KERNELS = ("triton", "mgpu")
 
 
-def decode_attention(q, k_pool, v_pool, layer, page_table, lengths, *, mesh: Optional[Mesh] = None,
+def decode_attention(q, k_pool, v_pool, layer, page_table, lengths, new_kv=None, *, mesh: Optional[Mesh] = None,
                      out_rows: Optional[int] = None, pages_per_compute_block: Optional[int] = None,
                      k_splits: Optional[int] = None, kernel_impl: str = "triton"):
     """A decode kernel with shape-picked parameters, per model shard: 'triton'
@@ -299,6 +373,11 @@ def decode_attention(q, k_pool, v_pool, layer, page_table, lengths, *, mesh: Opt
     On a mesh whose `model` axis shards the kv heads, each device runs the kernel on its own
     heads (shard_map): a pallas_call has no partitioning rule, and XLA would otherwise gather
     the whole pool onto every device.
+
+    new_kv: (kv [>=out_rows, K, 2, D], kv_page, kv_offset [>=out_rows]), row b's newest key and
+    value (kv[b, :, 0] and kv[b, :, 1]) and where they go: the kernels attend to them without reading them back, and write
+    them into the pool in place (a decode step's KV write, fused); lengths count them. Returns
+    (out, k_pool, v_pool) then.
     """
     L, NP, S, K, D = k_pool.shape
     B, num_p = page_table.shape
@@ -317,12 +396,15 @@ def decode_attention(q, k_pool, v_pool, layer, page_table, lengths, *, mesh: Opt
         ppcb, ks, warps = decode_params(B, num_p, K, S)
         kernel = functools.partial(pallas_decode_attention, pages_per_compute_block=pages_per_compute_block or ppcb,
                                    k_splits=k_splits or ks, num_warps=warps, **common)
+    args = (q, k_pool, v_pool, layer, page_table, lengths) + ((new_kv,) if new_kv is not None else ())
     if shards == 1:
-        return kernel(q, k_pool, v_pool, layer, page_table, lengths)
+        return kernel(*args)
     heads = P(None, "model", None)
     pool = P(None, None, None, "model", None)
-    return jax.shard_map(kernel, mesh=mesh, in_specs=(heads, pool, pool, P(), P(), P()),
-                         out_specs=heads, check_vma=False)(q, k_pool, v_pool, layer, page_table, lengths)
+    in_specs = (heads, pool, pool, P(), P(), P()) + (((P(None, "model", None, None), P(), P()),)
+                                                      if new_kv is not None else ())
+    return jax.shard_map(kernel, mesh=mesh, in_specs=in_specs, check_vma=False,
+                         out_specs=heads if new_kv is None else (heads, pool, pool))(*args)
 
 
 def _prefill_kernel(q_ref, k_ref, v_ref, table_ref, start_ref, len_ref, pos_ref, layer_ref, o_ref, *,

@@ -59,12 +59,14 @@ def mgpu_params(batch: int, pages_per_seq: int, num_kv_heads: int, page_size: in
 
 
 def mgpu_decode_partials(q, k_pool, v_pool, layer, page_table, lengths, *, k_splits: int, stages: int = 4,
-                         ctas_per_sm: int = 1, num_sms: Optional[int] = None, interpret: bool = False):
+                         ctas_per_sm: int = 1, num_sms: Optional[int] = None, exclude_newest: bool = False,
+                         interpret: bool = False):
     """Partial attention of one query token per sequence over one split of its pages, one layer.
 
     Shapes as `attention_kernels.pallas_decode_attention` (q already scaled). Returns
     (o [k_splits, B, K, 8, D] unnormalised in q.dtype, l and m [k_splits, B, K, 8] float32): kv
-    head h's group is rows (h * G) % 8 .. + G of its tile.
+    head h's group is rows (h * G) % 8 .. + G of its tile. exclude_newest: each row reads one key
+    fewer than its length (the combine merges the newest).
     """
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
@@ -107,7 +109,7 @@ def mgpu_decode_partials(q, k_pool, v_pool, layer, page_table, lengths, *, k_spl
                 r = lax.div(w, K)
                 s = lax.rem(r, k_splits)
                 b = lax.div(r, k_splits)
-                length = len_ref[b]
+                length = jnp.maximum(len_ref[b] - 1, 0) if exclude_newest else len_ref[b]
                 first = s * per_split
                 npages = jnp.minimum(jnp.maximum(lax.div(length + (S - 1), S) - first, 0), per_split)
                 return b, h, s, length, first, npages, lax.div(npages + (BP - 1), BP)

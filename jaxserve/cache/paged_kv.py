@@ -111,20 +111,29 @@ def paged_attend(q, k, v, cache, layer, positions, *, layout: StepLayout, impl: 
         return pool.at[layer, L.kv_page, L.kv_offset].set(new.astype(pool.dtype), mode="promise_in_bounds",
                                                           unique_indices=True)
 
-    cache = {"k": write(cache["k"], k), "v": write(cache["v"], v)}
+    S = L.page_table.shape[0]
+    NB = L.block_seq.shape[0]
+    # In a decode-step (no prefill blocks) the GPU kernels write the new keys and values
+    # themselves (attention_kernels.decode_attention's new_kv): two fewer kernels a layer.
+    fused_write = impl in attention_kernels.PALLAS_IMPLS and not NB
+    if not fused_write:
+        cache = {"k": write(cache["k"], k), "v": write(cache["v"], v)}
     scaled = (q.astype(jnp.float32) * D ** -0.5).astype(q.dtype)
     if impl == "tpu":  # decodes and prefill chunks in one kernel call
         out = tpu_attention.attend(scaled, cache["k"], cache["v"], layer, L)
         return out[None], cache
-    S = L.page_table.shape[0]
-    NB = L.block_seq.shape[0]
     # A decode-only step's rows are its sequences (and GEMM padding, zeros); in a mixed step only
     # the first S rows can be decodes, and the merge below places them.
     dec_rows = N if not NB else S
     if impl in attention_kernels.PALLAS_IMPLS:
         out = attention_kernels.decode_attention(scaled[:S], cache["k"], cache["v"], layer, L.page_table,
-                                                 L.decode_lens, mesh=mesh, out_rows=dec_rows,
+                                                 L.decode_lens,
+                                                 (jnp.stack([k, v], axis=2), L.kv_page, L.kv_offset) if fused_write else None,
+                                                 mesh=mesh, out_rows=dec_rows,
                                                  kernel_impl="mgpu" if impl == "mgpu" else "triton")
+        if fused_write:
+            out, k_pool, v_pool = out
+            cache = {"k": k_pool, "v": v_pool}
     else:
         dec = _reference_decode(scaled[:S], cache["k"], cache["v"], layer, L.page_table, L.decode_lens)
         out = jnp.pad(dec, ((0, dec_rows - S), (0, 0), (0, 0)))
