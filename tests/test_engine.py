@@ -209,7 +209,15 @@ def test_precompile_covers_every_shape_a_run_reaches_and_leaves_the_cache_intact
     requests[1] = (*requests[1][:2], SamplingParams(max_tokens=10, temperature=0.0))
     requests[2] = (*requests[2][:2], SamplingParams(max_tokens=10, temperature=0.8, top_p=0.9, seed=2))
     engine = make_engine(small, token_budget=32, max_chunk=32, max_batch=2, num_pages=16)
+    launched, launch = [], engine.runner.launch
+    engine.runner.launch = lambda shape, step, sample, mode: launched.append((shape, mode)) or launch(shape, step,
+                                                                                                     sample, mode)
     compiled = engine.precompile()
+    # each shape also ran once (first runs do one-time work), in each sampling mode it was compiled in
+    shapes = model_runner.step_shapes(2, 32, engine.runner.max_pages_per_seq)
+    assert len(set(launched)) == len(launched) == sum(map(len, model_runner._sampling_modes(shapes)))
+    assert {s for s, _ in launched} == set(shapes)
+    engine.runner.launch = launch
     assert compiled > 0 and engine.precompile() == 0  # the second call finds everything compiled
     before = dict(model_runner.TRACE_COUNT)
     from jax._src import monitoring
@@ -221,7 +229,7 @@ def test_precompile_covers_every_shape_a_run_reaches_and_leaves_the_cache_intact
     finally:
         monitoring.unregister_event_duration_listener(listener)
     assert model_runner.TRACE_COUNT == before  # nothing new traced: shapes nor sampling modes
-    assert backend_compiles == []  # nor compiled by XLA (precompile lowers and compiles, runs nothing)
+    assert backend_compiles == []  # nor compiled by XLA
     plain = run_all(make_engine(small, token_budget=32, max_chunk=32, max_batch=2, num_pages=16), requests)
     for rid, _, _ in requests:  # the padding-only warm-up calls wrote nothing into the pool
         assert out[rid].token_ids == plain[rid].token_ids

@@ -314,10 +314,12 @@ class ModelRunner:
     def precompile(self, token_budget: int, progress: bool = False) -> int:
         """Compiles every step shape serving can reach, so that no request ever waits on XLA.
 
-        Each shape is lowered and compiled, not run: JAX keeps the executables for the steps'
-        calls, and with a warm persistent cache (`enable_compile_cache`) a restart only loads
-        them. With several processes each shape runs once instead, with padding rows only (which
-        write nothing but the scratch page), so that the followers compile it too.
+        Each shape is lowered and compiled (side by side; with several processes, by running it,
+        so that the followers compile it too): JAX keeps the executables for the steps' calls,
+        and with a warm persistent cache (`enable_compile_cache`) a restart only loads them.
+        Then each runs once in each of its sampling modes, with padding rows only (which write
+        nothing but the scratch page): an executable's first run does one-time work (on a GPU,
+        loading its kernels and making cuBLAS's plans) that would otherwise land on a request.
         Returns the number of forward shapes compiled now (0 when all were compiled already).
         """
         before = TRACE_COUNT["forward"]
@@ -327,19 +329,19 @@ class ModelRunner:
             from tqdm import tqdm
             bar = tqdm(total=len(shapes), desc="compiling step shapes", unit="shape")
         modes_of = _sampling_modes(shapes)
-        if self.mirror is not None:
-            for shape, modes in zip(shapes, modes_of):
-                for mode in modes:  # inputs of their own: a launched step may still read them
-                    step, sample = padding_inputs(shape, self.num_pages)
-                    sample.temperature[0] = 1.0 if mode != "greedy" else 0.0
-                    sample.top_k[0] = 2 if mode == "filter" else 0
-                    self.launch(shape, step, sample, mode)
-                bar is not None and bar.update()
-        else:
+        if self.mirror is None:
             def lower(shape):
                 step, _ = padding_inputs(shape, self.num_pages)
                 return forward_step.lower(self.params, self.cache, self.prev_tokens, step, **self.step_kwargs(shape))
             compile_in_parallel(self.cfg, shapes, modes_of, lower, self.num_pages, self.rows, bar)
+        for shape, modes in zip(shapes, modes_of):
+            for mode in modes:  # inputs of their own: a launched step may still read them
+                step, sample = padding_inputs(shape, self.num_pages)
+                sample.temperature[0] = 1.0 if mode != "greedy" else 0.0
+                sample.top_k[0] = 2 if mode == "filter" else 0
+                self.launch(shape, step, sample, mode)
+            if bar is not None and self.mirror is not None:
+                bar.update()
         bar is not None and bar.close()
         jax.block_until_ready(self.cache)
         return TRACE_COUNT["forward"] - before
