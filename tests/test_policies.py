@@ -166,6 +166,18 @@ def test_with_all_waiting_prefill_inside_one_budget_the_step_may_be_shorter():
         PriorityPolicy(cost_model=COST, idle_prefill_slowdown=1.0)
 
 
+def test_a_short_step_that_saves_the_decodes_less_than_a_step_is_not_taken():
+    decode = view("d", prompt=16, computed=16, generated=1, pages=2, location="device", priority=0)
+    below = view("p", prompt=3000, priority=1)  # all the waiting prefill fits the budget: the idle rule
+    # by COST (per-token cost dominates) a 16-token step keeps half the prefill rate and saves
+    # the decode far more than the step itself takes: the chunk is cut
+    assert PriorityPolicy(cost_model=COST).schedule([decode, below], cache(free=400)).run == [("d", 1), ("p", 15)]
+    # a step's fixed cost dominates (a small model on a CPU): cutting the chunk would save the
+    # decode 2% of a step and cost the chunk a whole step, so it fills the budget
+    fixed = CostModel(coef=np.array([1e-2, 1e-7, 0, 1e-2, 1e-7, 0, 0]), page_size=16, max_batch=8, max_chunk=4096)
+    assert PriorityPolicy(cost_model=fixed).schedule([decode, below], cache(free=400)).run == [("d", 1), ("p", 3000)]
+
+
 def test_a_long_job_on_host_comes_back_though_its_upload_exceeds_the_link_budget():
     # the link moves 2 pages during this step's compute; the job needs 40 back: it goes alone,
     # uploaded this step to run from the next, rather than wait for a step with nothing to run

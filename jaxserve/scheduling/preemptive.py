@@ -142,23 +142,31 @@ class PreemptivePolicy:
     def short_step(self, decodes: Sequence[RequestView], chosen: Sequence[RequestView], cache: CacheState,
                    slowdown: float) -> int:
         """The fewest tokens (a power of two) a step with these decodes may hold while its prefill
-        throughput stays within `slowdown` of a full token budget's, by the cost model.
+        throughput stays within `slowdown` of a full token budget's, by the cost model; the full
+        budget where the short step does not pay.
 
         Shorter steps finish the decodes sooner; under load, prefill throughput is the capacity,
-        and a step much shorter than the budget spends more of its time on fixed costs."""
+        and a step much shorter than the budget spends more of its time on fixed costs. A short
+        step pays when the time it saves the step's decodes, together, exceeds a step of its
+        own: the chunk it cuts may finish a step later. Where a step's fixed cost dominates (a
+        small model) cutting the chunk saves the decodes little and costs the chunk a step."""
         d = len(decodes)
         dec_pages = max((r.num_pages + 1 for r in decodes), default=1)
         pre_pages = max(pages_for(r.num_tokens, cache.page_size) for r in chosen)
 
+        def seconds(tokens: int) -> float:  # a step of `tokens`: these decodes and one chunk
+            return self.cost_model.step_time([(1, dec_pages)] * d + [(tokens - d, pre_pages)])
+
         def rate(tokens: int) -> float:  # prefill tokens per second in a step of `tokens`
-            chunks = [(1, dec_pages)] * d + [(tokens - d, pre_pages)]
-            return (tokens - d) / max(self.cost_model.step_time(chunks), 1e-12)
+            return (tokens - d) / max(seconds(tokens), 1e-12)
 
         full = rate(cache.token_budget)
         tokens = 1 << max(0, d).bit_length()  # the first power of two with room for a chunk
         while tokens < cache.token_budget and rate(tokens) < (1 - slowdown) * full:
             tokens *= 2
-        return min(tokens, cache.token_budget)
+        if tokens >= cache.token_budget or d * (seconds(cache.token_budget) - seconds(tokens)) <= seconds(tokens):
+            return cache.token_budget
+        return tokens
 
     def _admit(self, ordered: Sequence[RequestView], cache: CacheState, link: Optional[int], forced: bool):
         """Batch membership by rank, under the slots, pages and link budget:
