@@ -26,13 +26,15 @@ def default_config() -> config_dict.ConfigDict:
     c.engine = dict(page_size=16, num_pages=512, max_batch=32, token_budget=256, max_chunk=256,
                     host_pages=0, attention_impl="auto", unroll_layers="auto", async_scheduling=True,
                     compile_cache_dir="", prefix_cache=True, prefix_host_tier=False)
-    # fcfs | mlfq | priority. mlfq and priority preempt at token granularity and keep preempted
+    # fcfs | mlfq | priority | gittins. The others preempt at token granularity and keep preempted
     # jobs' KV, swapping it to host memory (engine.host_pages) to keep `watermark_pages` free.
     # max_prefill_slowdown / idle_prefill_slowdown: how much prefill throughput a step may give up
     # to finish better-ranked decodes sooner, with a backlog / with all waiting prefill in one budget.
     c.scheduler = dict(policy="fcfs", watermark_pages=0, prefetch=True, max_prefill_slowdown=0.1,
                        idle_prefill_slowdown=0.5,
-                       mlfq=dict(num_levels=6, base_quantum_s=0.01, quantum_growth=2.0, starvation_s=3.0),
+                       # mlfq's base quantum: base_quantum_s, or (0) base_quantum_steps one-row decode steps
+                       mlfq=dict(num_levels=6, base_quantum_s=0.0, base_quantum_steps=3.0, quantum_growth=2.0,
+                                 starvation_s=3.0),
                        gittins=dict(prior_max=2048, prior_weight=4.0))
     return c
 

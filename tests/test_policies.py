@@ -120,6 +120,18 @@ def test_fcfs_runs_to_completion_and_waits_to_admit():
     assert plan.run == [("first", 1), ("second", 200)]
 
 
+def test_default_quanta_are_decode_steps_of_the_cost_model_as_refitted():
+    import dataclasses
+    p = MLFQPolicy(cost_model=dataclasses.replace(COST, coef=COST.coef.copy()))
+    step = COST.step_time([(1, 1)])
+    assert p.quanta == pytest.approx([3 * step * 2 ** i for i in range(6)])
+    p.cost_model.coef *= 10  # a refit on a slower machine: the queues stretch with it
+    assert p.quanta[0] == pytest.approx(30 * step)
+    assert MLFQPolicy(base_quantum_s=0.5, cost_model=COST).quanta[0] == 0.5  # an explicit base wins
+    with pytest.raises(ValueError, match="scheduler.mlfq"):
+        MLFQPolicy(base_quantum_steps=0, cost_model=COST)
+
+
 def test_make_policy_names_the_field():
     assert isinstance(make_policy("mlfq"), MLFQPolicy)
     with pytest.raises(ValueError, match="scheduler.policy"):
