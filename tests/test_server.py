@@ -334,6 +334,16 @@ def test_metrics_in_prometheus_format(server, client):
     assert ("jaxserve_requests", frozenset({("state", "waiting")})) in m
     assert m[("jaxserve_kv_pages_total", frozenset())] == 512
     assert m[("jaxserve_requests_finished_total", frozenset({("reason", "length")}))] >= 1
+    # the series vLLM's dashboards read, under vLLM's names, labelled with the served model
+    from jaxserve.server.metrics import VLLM_NAMES
+    model = ("model_name", MODEL)
+    labelled = {name for name, labels in m if model in labels}
+    for name in VLLM_NAMES:
+        assert {name, name + "_total", name + "_count"} & labelled, name
+    assert m[("vllm:generation_tokens_total", frozenset({model}))] == m[("jaxserve_generation_tokens_total", frozenset())]
+    assert m[("vllm:prompt_tokens_total", frozenset({model}))] == m[("jaxserve_prompt_tokens_total", frozenset())]
+    assert 0 <= m[("vllm:kv_cache_usage_perc", frozenset({model}))] <= 1
+    assert m[("vllm:request_success_total", frozenset({model, ("finished_reason", "length")}))] >= 1
 
 
 # -- overload and engine failure (in-process server) ------------------------------------------

@@ -103,6 +103,7 @@ class Engine:
                       "swap_outs": 0, "swap_ins": 0, "swap_ins_unforeseen": 0, "swap_stall_s": 0.0,
                       "reparallelizations": 0, "finished": 0, "aborted": 0, "host_s": 0.0, "device_wait_s": 0.0,
                       "idle_dispatches": 0, "dropped_tokens": 0, "failed": 0, "prefix_hit_tokens": 0, "prefix_queried_tokens": 0,
+                      "prompt_tokens_computed": 0,
                       "prefix_deferred": 0, "prefix_host_hit_tokens": 0, "prefix_spilled_pages": 0,
                       "prefix_restored_pages": 0, "swap_shared_pages_kept": 0}
         self.kv = KVManager(config.num_pages, config.page_size, config.host_pages, mesh, self.runner, self.stats,
@@ -366,6 +367,7 @@ class Engine:
             self.kv.grow(r, r.num_computed + n)
             r.status = Status.RUNNING
             scheduled.append((r, n))
+            self.stats["prompt_tokens_computed"] += max(0, min(r.num_computed + n, len(r.prompt_ids)) - r.num_computed)
         if not scheduled:
             return None
         self.num_steps += 1

@@ -58,7 +58,7 @@ class OpenAIServer:
         self.model_name, self.default_max_tokens = model_name, default_max_tokens
         self.tokenizer = engine.tokenizer
         self.max_context = engine.max_context
-        self.metrics = ServerMetrics()
+        self.metrics = ServerMetrics(model_name)
         self.engine_loop = EngineLoop(engine, self.metrics, max_waiting)
         self.created = int(time.time())
 

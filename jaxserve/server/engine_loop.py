@@ -16,6 +16,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from jaxserve.engine.outputs import RequestOutput, finished_output, keep_newest
 from jaxserve.sampling_params import SamplingParams
+from jaxserve.server.stats_log import DEFAULT_INTERVAL_S, StatsLog
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +70,9 @@ class RequestStream:
 
 
 class EngineLoop:
-    def __init__(self, engine, metrics=None, max_waiting: int = 1024):
+    def __init__(self, engine, metrics=None, max_waiting: int = 1024, stats_log_s: float = DEFAULT_INTERVAL_S):
         self.engine, self.metrics, self.max_waiting = engine, metrics, max_waiting
+        self.stats_log = StatsLog(stats_log_s)
         self._clock = engine.clock
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: Dict[str, RequestStream] = {}   # event-loop side only
@@ -253,6 +255,9 @@ class EngineLoop:
                     self._step()
                 if self.metrics is not None:
                     self.metrics.observe_engine(self.engine)
+                line = self.stats_log.line(self.engine, self._clock())
+                if line:
+                    log.info("engine: %s", line)
         except BaseException:
             log.exception("the engine thread died")
         finally:
@@ -270,6 +275,7 @@ class EngineLoop:
             return
         self._failures = 0
         self._post([(o.request_id, o) for o in outputs])
+        self.stats_log.count(outputs)
         if self.metrics is not None:
             self.metrics.observe_outputs(outputs)
 

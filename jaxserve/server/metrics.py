@@ -3,6 +3,10 @@
 The engine thread records a snapshot of the engine's state after every step (and after
 adds/aborts) and observes latencies as outputs come back; scrapes read only the snapshot, so
 they never touch the engine from another thread.
+
+Beside jaxserve's own series, the ones a vLLM dashboard reads carry vLLM's names and its
+`model_name` label (`vllm:num_requests_running`, `vllm:kv_cache_usage_perc`,
+`vllm:time_to_first_token_seconds`, ...: `VLLM_NAMES`).
 """
 from __future__ import annotations
 
@@ -38,9 +42,17 @@ def _value(obj, name: str):
     return v() if callable(v) else v
 
 
+# vLLM's series (its v1 engine's names) that jaxserve has a counterpart of
+VLLM_NAMES = ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
+              "vllm:prompt_tokens", "vllm:generation_tokens", "vllm:num_preemptions", "vllm:request_success",
+              "vllm:prefix_cache_queries", "vllm:prefix_cache_hits", "vllm:time_to_first_token_seconds",
+              "vllm:e2e_request_latency_seconds")
+
+
 class ServerMetrics:
-    def __init__(self):
+    def __init__(self, model_name: str = "jaxserve"):
         self.registry = CollectorRegistry()
+        self.model_name = model_name
         self._snapshot: Optional[dict] = None
         r = self.registry
         self.ttft = Histogram("jaxserve_time_to_first_token_seconds", "Arrival to first output token.",
@@ -56,6 +68,17 @@ class ServerMetrics:
                                 ["reason"], registry=r)
         self.prompt_tokens = Counter("jaxserve_prompt_tokens", "Prompt tokens of finished requests.", registry=r)
         self.generation_tokens = Counter("jaxserve_generation_tokens", "Tokens generated.", registry=r)
+        model = ["model_name"]
+        self.vllm_ttft = Histogram("vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.",
+                                   model, buckets=_TTFT_BUCKETS, registry=r).labels(model_name)
+        self.vllm_e2e = Histogram("vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.",
+                                  model, buckets=_JCT_BUCKETS, registry=r).labels(model_name)
+        self.vllm_prompt_tokens = Counter("vllm:prompt_tokens", "Number of prefill tokens processed.", model,
+                                          registry=r).labels(model_name)
+        self.vllm_generation_tokens = Counter("vllm:generation_tokens", "Number of generation tokens processed.",
+                                              model, registry=r).labels(model_name)
+        self.vllm_success = Counter("vllm:request_success", "Count of successfully processed requests.",
+                                    model + ["finished_reason"], registry=r)
         r.register(_SnapshotCollector(self))
 
     def render(self) -> bytes:
@@ -80,15 +103,20 @@ class ServerMetrics:
     def observe_outputs(self, outputs: Sequence[RequestOutput]) -> None:
         for o in outputs:
             self.generation_tokens.inc(len(o.new_token_ids))
+            self.vllm_generation_tokens.inc(len(o.new_token_ids))
             if o.new_token_ids and len(o.token_ids) == len(o.new_token_ids) and o.ttft is not None:
                 self.ttft.observe(o.ttft)
+                self.vllm_ttft.observe(o.ttft)
             if not o.finished:
                 continue
             self.finished.labels(o.finish_reason or "unknown").inc()
             self.prompt_tokens.inc(len(o.prompt_token_ids))
+            self.vllm_prompt_tokens.inc(len(o.prompt_token_ids))
             if o.finish_reason == "abort":
                 continue
+            self.vllm_success.labels(self.model_name, o.finish_reason or "unknown").inc()
             self.jct.observe(o.jct)
+            self.vllm_e2e.observe(o.jct)
             if len(o.token_ids) > 1:
                 self.tpot.observe((o.finish_time - o.first_token_time) / (len(o.token_ids) - 1))
 
@@ -129,3 +157,26 @@ class _SnapshotCollector:
         for key, (name, doc) in _ENGINE_COUNTERS.items():
             yield CounterMetricFamily(name, doc, value=stats.get(key, 0))
         yield CounterMetricFamily("jaxserve_engine_steps", "Engine iterations run.", value=s["steps"])
+        yield from self._vllm(s)
+
+    def _vllm(self, s: dict):
+        """The snapshot's series under vLLM's names."""
+        model = [self.metrics.model_name]
+
+        def family(kind, name, doc, value):
+            f = kind(name, doc, labels=["model_name"])
+            f.add_metric(model, value)
+            return f
+        yield family(GaugeMetricFamily, "vllm:num_requests_running", "Number of requests in model execution batches.",
+                     s["requests"].get("running", 0))
+        yield family(GaugeMetricFamily, "vllm:num_requests_waiting", "Number of requests waiting to be processed.",
+                     s["requests"].get("waiting", 0) + s["requests"].get("swapped", 0))
+        yield family(GaugeMetricFamily, "vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.",
+                     s["device_pages"] / max(1, s["device_pages_total"]))
+        stats = s["stats"]
+        yield family(CounterMetricFamily, "vllm:num_preemptions", "Cumulative number of preemption from the engine.",
+                     stats.get("preemptions", 0))
+        yield family(CounterMetricFamily, "vllm:prefix_cache_queries",
+                     "Prefix cache queries, in terms of number of queried tokens.", stats.get("prefix_queried_tokens", 0))
+        yield family(CounterMetricFamily, "vllm:prefix_cache_hits",
+                     "Prefix cache hits, in terms of number of cached tokens.", stats.get("prefix_hit_tokens", 0))
