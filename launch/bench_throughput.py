@@ -336,7 +336,7 @@ GAP_EDGES_US = (2, 5, 20, 100, 1000)
 
 
 def gap_histogram(gaps_ns: Sequence[int]) -> dict:
-    """Idle time between kernels by gap length ("<2us", ..., ">=1000us"): (count, seconds). Gaps
+    """Idle time between kernels by gap length ("0-2us", ..., ">=1000us"): (count, seconds). Gaps
     of a few microseconds are launch latency between kernels; long ones, a device waiting on the host."""
     edges = (0,) + GAP_EDGES_US
     names = [f"{lo}-{hi}us" for lo, hi in zip(edges, edges[1:])] + [f">={edges[-1]}us"]

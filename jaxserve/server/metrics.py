@@ -36,6 +36,14 @@ _ENGINE_COUNTERS = {
 }
 
 
+def request_states(engine) -> dict:
+    """Unfinished requests in the engine by state: {"waiting": n, "running": n, "swapped": n}."""
+    states = {"waiting": 0, "running": 0, "swapped": 0}
+    for r in engine.requests.values():
+        states[r.status.value] = states.get(r.status.value, 0) + 1
+    return states
+
+
 def _value(obj, name: str):
     """An optional engine attribute, as a method or a plain value (None when absent)."""
     v = getattr(obj, name, None)
@@ -86,12 +94,8 @@ class ServerMetrics:
 
     # -- called on the engine thread ----------------------------------------------------------
     def observe_engine(self, engine) -> None:
-        states = {"waiting": 0, "running": 0, "swapped": 0}
-        for r in engine.requests.values():
-            state = r.status.value
-            states[state] = states.get(state, 0) + 1
         self._snapshot = {
-            "requests": states,
+            "requests": request_states(engine),
             "queue_lengths": _value(engine.policy, "queue_lengths"),
             "device_pages": engine.allocator.num_used,
             "device_pages_total": engine.allocator.num_pages,

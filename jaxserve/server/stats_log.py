@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 from jaxserve.engine.outputs import RequestOutput
+from jaxserve.server.metrics import request_states
 
 DEFAULT_INTERVAL_S = 5.0
 
@@ -30,9 +31,7 @@ class StatsLog:
         self._last = (now, prompt, self._generated)
         if prompt == prompt0 and self._generated == generated0:
             return None  # idle since the last line
-        states = {"running": 0, "waiting": 0, "swapped": 0}
-        for r in engine.requests.values():
-            states[r.status.value] = states.get(r.status.value, 0) + 1
+        states = request_states(engine)
         dt = now - t0
         used, total = engine.allocator.num_used, engine.allocator.num_pages
         stats = engine.stats
