@@ -120,14 +120,16 @@ def test_interpreted_mosaic_gpu_kernel_equals_reference(ks, stages, ctas):
     assert not np.asarray(got, np.float32)[2:].any()  # the length-0 row and the 2 GEMM padding rows
 
 
-@pytest.mark.parametrize("kernel", ["triton", "mgpu"])
-def test_decode_kernels_write_the_newest_keys_in_place_and_attend_to_them(kernel):
+@pytest.mark.parametrize("kernel, G", [("triton", 4), ("triton", 3), ("mgpu", 4), ("mgpu", 8)])
+def test_decode_kernels_write_the_newest_keys_in_place_and_attend_to_them(kernel, G):
     # a decode step's fused KV write: each row's newest key and value go into the pool from the
-    # merge kernel, and attention sees them without reading them back; rows of length 0 write nothing
+    # merge kernel, and attention sees them without reading them back; rows of length 0 write nothing.
+    # q, k and v reach the kernels packed in rows of 8 (G = 3, 4) or 16 (G = 8: the Mosaic GPU
+    # kernel's q tile is then all query rows, the key and value in the next tile)
     rng = np.random.default_rng(7)
     B, S, D, P = 4, 16, 64, 4
     dtype = jnp.bfloat16 if kernel == "mgpu" else jnp.float32  # the Mosaic GPU kernel is bf16 only
-    q, k_pool, v_pool, table, lengths = random_case(rng, L=2, num_pages=40, S=S, K=2, G=4, D=D, B=B, P=P, dtype=dtype)
+    q, k_pool, v_pool, table, lengths = random_case(rng, L=2, num_pages=40, S=S, K=2, G=G, D=D, B=B, P=P, dtype=dtype)
     table = jnp.asarray(np.stack([rng.permutation(39)[:P] for _ in range(B)]), jnp.int32)  # page 39: scratch
     N, layer = 8, jnp.int32(1)  # 4 GEMM padding rows
     k_new, v_new = (jnp.asarray(rng.standard_normal((N, 2, D)), dtype) for _ in range(2))
@@ -151,7 +153,7 @@ def test_decode_kernels_write_the_newest_keys_in_place_and_attend_to_them(kernel
     np.testing.assert_array_equal(np.asarray(k_got, np.float32), np.asarray(k_want, np.float32))
     np.testing.assert_array_equal(np.asarray(v_got, np.float32), np.asarray(v_want, np.float32))
     want = reference_decode(q, k_want, v_want, layer, table, lengths)
-    assert got.shape == (N, 8, D)
+    assert got.shape == (N, 2 * G, D)
     for b in (0, 1, 3):  # each row by itself: the newest token's share of a row is large in the short ones
         assert rel_err(got[b], want[b]) < (5e-3 if kernel == "mgpu" else 1e-5), b  # mgpu: bf16 probabilities
     assert not np.asarray(got, np.float32)[2:3].any() and not np.asarray(got, np.float32)[B:].any()

@@ -202,10 +202,10 @@ def _combine(o, l, m, out_rows: int, num_heads: int, dtype, interpret: bool, sha
     is the first rows of its block, or with `shared_tile` (the Mosaic GPU kernel's 8-row tiles of
     consecutive query heads) rows (h * num_heads) % block_h onwards.
 
-    fresh: (q [B,H,D] scaled, kv [>=out_rows, K, 2, D] (keys, values), lengths [B] (the newest
-    token included), kv_page and kv_offset [>=out_rows], layer, k_pool, v_pool): the rows' newest
-    tokens, left out of the partials, are merged in and written to the pool, which is updated in
-    place; then returns (out, k_pool, v_pool).
+    fresh: (packed [B, K, T, D] (`pack_newest`: scaled q, newest key and value), lengths [B]
+    (the newest token included), kv_page and kv_offset [>=out_rows], layer, k_pool, v_pool): the
+    rows' newest tokens, left out of the partials, are merged in and written to the pool, which
+    is updated in place; then returns (out, k_pool, v_pool).
     """
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as pltriton
@@ -222,23 +222,22 @@ def _combine(o, l, m, out_rows: int, num_heads: int, dtype, interpret: bool, sha
     out_shape = [jax.ShapeDtypeStruct((out_rows, K, g, D), dtype)]
     args, aliases, num_pages = (o, l, m), {}, 0
     if fresh is not None:
-        q, kv, lengths, kv_page, kv_offset, layer, k_pool, v_pool = fresh
+        packed, lengths, kv_page, kv_offset, layer, k_pool, v_pool = fresh
         L, num_pages, S = k_pool.shape[:3]
-        qg = q.reshape(B, K, num_heads, D)
-        if g != num_heads:
-            qg = jnp.pad(qg, ((0, 0), (0, 0), (0, g - num_heads), (0, 0)))
-        # keys and values are one operand: one kernel before this one makes both
-        row = lambda i: pl.BlockSpec((None, None, None, D), lambda b, h: (b, h, i, 0))
+        # q, k and v are rows of one operand, which one fusion before the kernels makes (g <= T:
+        # rows past the group's are read and dropped)
+        row = lambda i: pl.BlockSpec((None, None, None, D), lambda b, h: (jnp.minimum(b, last), h, i, 0))
         seq = pl.BlockSpec((1,), lambda b, h: (jnp.minimum(b, last),))
         token = pl.BlockSpec((1,), lambda b, h: (b,))
         pool_spec = pl.BlockSpec((L * num_pages, S, None, D), lambda b, h: (0, 0, h, 0))
-        in_specs += [pl.BlockSpec((None, None, g, D), lambda b, h: (jnp.minimum(b, last), h, 0, 0)), row(0), row(1),
+        in_specs += [pl.BlockSpec((None, None, g, D), lambda b, h: (jnp.minimum(b, last), h, 0, 0)),
+                     row(num_heads), row(num_heads + 1),
                      seq, token, token, pl.BlockSpec((1,), lambda b, h: (0,)), pool_spec, pool_spec]
         out_specs += [pool_spec, pool_spec]
         out_shape += [jax.ShapeDtypeStruct((L * num_pages, S, K, D), k_pool.dtype)] * 2
         n = len(in_specs)
         aliases = {n - 2: 1, n - 1: 2}
-        args += (qg, kv, kv, lengths.astype(jnp.int32), kv_page.astype(jnp.int32), kv_offset.astype(jnp.int32),
+        args += (packed, packed, packed, lengths.astype(jnp.int32), kv_page.astype(jnp.int32), kv_offset.astype(jnp.int32),
                  jnp.reshape(layer, (1,)).astype(jnp.int32),
                  k_pool.reshape(L * num_pages, S, K, D), v_pool.reshape(L * num_pages, S, K, D))
     outs = pl.pallas_call(
@@ -333,7 +332,7 @@ def pallas_decode_attention(q, k_pool, v_pool, layer, page_table, lengths, new_k
         name=f"jaxserve_paged_decode_ppcb{ppcb}_ks{k_splits}_w{num_warps}",
     )(qg, k_flat, v_flat, tables, lengths.astype(jnp.int32), jnp.reshape(layer, (1,)).astype(jnp.int32))
     return _combine(o, l, m, out_rows or B, G, q.dtype, interpret,
-                    fresh=_fresh(q, lengths, new_kv, layer, k_pool, v_pool))
+                    fresh=_fresh(q, lengths, new_kv, layer, k_pool, v_pool, G))
 
 
 @_kernel_jit
@@ -344,18 +343,34 @@ def _mgpu_decode_attention(q, k_pool, v_pool, layer, page_table, lengths, new_kv
     """The Mosaic GPU kernel's partials (mgpu_decode), merged: [out_rows, H, D] in q.dtype (with
     new_kv, as `pallas_decode_attention`)."""
     G = q.shape[1] // k_pool.shape[3]
-    o, l, m = mgpu_decode.mgpu_decode_partials(q, k_pool, v_pool, layer, page_table, lengths, interpret=interpret,
-                                               k_splits=k_splits, stages=stages, ctas_per_sm=ctas_per_sm,
-                                               num_sms=num_sms, exclude_newest=new_kv is not None)
-    return _combine(o, l, m, out_rows or q.shape[0], G, q.dtype, interpret, shared_tile=True,
-                    fresh=_fresh(q, lengths, new_kv, layer, k_pool, v_pool))
+    fresh = _fresh(q, lengths, new_kv, layer, k_pool, v_pool, G)
+    # with the newest tokens the kernel reads q from the packed rows the merge reads them from
+    o, l, m = mgpu_decode.mgpu_decode_partials(q if fresh is None else fresh[0], k_pool, v_pool, layer, page_table,
+                                               lengths, interpret=interpret, k_splits=k_splits, stages=stages,
+                                               ctas_per_sm=ctas_per_sm, num_sms=num_sms,
+                                               exclude_newest=fresh is not None)
+    return _combine(o, l, m, out_rows or q.shape[0], G, q.dtype, interpret, shared_tile=fresh is None, fresh=fresh)
 
 
-def _fresh(q, lengths, new_kv, layer, k_pool, v_pool):
+def pack_newest(q, kv, group: int):
+    """[B, K, T, D] of q [B, H, D] (scaled) and kv [>=B, K, 2, D]: kv head h's `group` query
+    rows, then its newest key and value, then zeros to T, the next multiple of the Mosaic GPU
+    kernel's 8-row tile. One fusion makes it from the layer's qkv product, RoPE included, so a
+    decode step's q and new KV take one kernel, not two (and no slice of q's rows)."""
+    B, H, D = q.shape
+    K = H // group
+    T = -(-(group + 2) // mgpu_decode.TILE_ROWS) * mgpu_decode.TILE_ROWS
+    parts = [q.reshape(B, K, group, D), kv[:B].astype(q.dtype)]
+    if T > group + 2:
+        parts.append(jnp.zeros((B, K, T - group - 2, D), q.dtype))
+    return jnp.concatenate(parts, axis=2)
+
+
+def _fresh(q, lengths, new_kv, layer, k_pool, v_pool, group: int):
     if new_kv is None:
         return None
     kv, kv_page, kv_offset = new_kv
-    return (q, kv, lengths, kv_page, kv_offset, layer, k_pool, v_pool)
+    return (pack_newest(q, kv, group), lengths, kv_page, kv_offset, layer, k_pool, v_pool)
 
 
 DECODE_KERNELS = ("triton", "mgpu")

@@ -63,17 +63,22 @@ def mgpu_decode_partials(q, k_pool, v_pool, layer, page_table, lengths, *, k_spl
                          interpret: bool = False):
     """Partial attention of one query token per sequence over one split of its pages, one layer.
 
-    Shapes as `attention_kernels.pallas_decode_attention` (q already scaled). Returns
-    (o [k_splits, B, K, 8, D] unnormalised in q.dtype, l and m [k_splits, B, K, 8] float32): kv
-    head h's group is rows (h * G) % 8 .. + G of its tile. exclude_newest: each row reads one key
-    fewer than its length (the combine merges the newest).
+    Shapes as `attention_kernels.pallas_decode_attention` (q already scaled), or q packed [B, K,
+    T, D] (T a multiple of 8, `attention_kernels.pack_newest`): kv head h's query rows first in
+    its own T rows. Returns (o [k_splits, B, K, 8, D] unnormalised in q.dtype, l and m
+    [k_splits, B, K, 8] float32): kv head h's group is rows (h * G) % 8 .. + G of its tile, or
+    rows 0 .. G of it when packed. exclude_newest: each row reads one key fewer than its length
+    (the combine merges the newest).
     """
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     L, NP, S, K, D = k_pool.shape
-    B, H, _ = q.shape
-    G = H // K
+    packed = q.ndim == 4
+    B = q.shape[0]
+    # the first of the 8 q rows an item loads, in units of a row: packed, kv head h's own rows
+    first_row = ((lambda b, h: (b * K + h) * q.shape[2]) if packed
+                 else (lambda b, h: lax.div((b * K + h) * (q.shape[1] // K), TILE_ROWS) * TILE_ROWS))
     P = page_table.shape[1]
     if P % k_splits:
         raise ValueError(f"{P} pages per sequence are not divisible by k_splits={k_splits}")
@@ -84,7 +89,7 @@ def mgpu_decode_partials(q, k_pool, v_pool, layer, page_table, lengths, *, k_spl
     n_items = B * K * k_splits
     num_sms = num_sms or getattr(jax.devices()[0], "core_count", None) or 132
     C = min(n_items, num_sms * ctas_per_sm)
-    q2 = q.reshape(B * H, D)
+    q2 = q.reshape(-1, D)
     k_flat = k_pool.reshape(L * NP * S, K, D)  # merges leading dims: no copy
     v_flat = v_pool.reshape(L * NP * S, K, D)
     tables = page_table.astype(jnp.int32).reshape(B, k_splits, per_split)
@@ -124,7 +129,7 @@ def mgpu_decode_partials(q, k_pool, v_pool, layer, page_table, lengths, *, k_spl
                     def _():
                         plgpu.barrier_wait(q_free.at[qs])
 
-                    plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(lax.div((b * K + h) * G, TILE_ROWS) * TILE_ROWS, TILE_ROWS)],
+                    plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(first_row(b, h), TILE_ROWS)],
                                             q_smem.at[qs, pl.ds(0, TILE_ROWS)], q_bar.at[qs])
                     last = jnp.maximum(npages - 1, 0)
 
