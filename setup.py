@@ -7,6 +7,7 @@ setup(
     description="Iteration-level, preemptive, preemption-tolerant LLM serving in JAX",
     packages=find_packages(include=["jaxserve", "jaxserve.*"]),
     package_data={"jaxserve.model": ["gemm_tables/*.json"]},  # measured GEMM row paddings per GPU kind
+    entry_points={"console_scripts": ["jaxserve=jaxserve.cli:main"]},
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.10",

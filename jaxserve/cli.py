@@ -69,3 +69,41 @@ def run(main) -> None:
             sys.stderr.write(f"error: {_one_line(e)}\n")
             sys.exit(2)
     app.run(wrapped, flags_parser=_parse_flags)
+
+
+COMMANDS = {"generate": "a streamed answer to one prompt", "serve": "an OpenAI-compatible HTTP server",
+            "convert": "a GGUF file or Hugging Face directory as a jaxserve checkpoint"}
+
+
+def usage() -> str:
+    from jaxserve import configs
+    lines = ["usage: jaxserve COMMAND MODEL [--flags] [--config.SECTION.FIELD=VALUE ...]", "", "commands:"]
+    lines += [f"  {name:10s}{what}" for name, what in COMMANDS.items()]
+    lines += ["", "MODEL: a packaged config (" + ", ".join(configs.names()) + "), a config file (.py), a GGUF",
+              "file, or a Hugging Face or jaxserve checkpoint directory (default: " + configs.DEFAULT + ").",
+              "`jaxserve COMMAND --helpfull` lists every flag and config field."]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    """The `jaxserve` console script (and `python -m jaxserve`): `jaxserve COMMAND [MODEL] [flags]`."""
+    import importlib
+    from jaxserve import configs
+
+    argv = list(sys.argv if argv is None else argv)
+    if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
+        print(usage())
+        sys.exit(0 if len(argv) >= 2 else 2)
+    command, rest = argv[1], argv[2:]
+    if command not in COMMANDS:
+        sys.stderr.write(f"error: no command {command!r} (one of {', '.join(COMMANDS)}); see jaxserve --help\n")
+        sys.exit(2)
+    if rest and not rest[0].startswith("-"):  # MODEL, as the config file that loads it
+        try:
+            rest = [f"--config={configs.config_spec(rest[0])}"] + rest[1:]
+        except ValueError as e:
+            sys.stderr.write(f"error: {e}\n")
+            sys.exit(2)
+    # before the command's flags are defined: absl names the defining module after argv[0]
+    sys.argv = [f"jaxserve {command}"] + rest
+    run(importlib.import_module(f"jaxserve.commands.{command}").main)

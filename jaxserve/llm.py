@@ -2,6 +2,7 @@
 
     llm = jaxserve.LLM(config)                      # an ml_collections config (see configs/)
     llm = jaxserve.LLM(model="configs/tiny.py", engine=dict(max_batch=8))  # a config file, sections overridden
+    llm = jaxserve.LLM(model="smollm2_135m")        # a packaged config; or a GGUF file, a checkpoint folder
     outs = llm.generate(["Hello"], sampling_params=jaxserve.SamplingParams(max_tokens=32, temperature=0))
     outs[0].outputs[0].text                         # vLLM's shape; outs[0].text is the same text
 """
@@ -48,8 +49,15 @@ def policy_from_config(scheduler, cost_model: CostModel):
                        idle_prefill_slowdown=scheduler.idle_prefill_slowdown, **own)
 
 
-def config_from_file(path: str):
-    """The config a config file's `get_config()` returns (e.g. configs/tiny.py)."""
+def config_from_file(model: str):
+    """The config MODEL names (as `jaxserve COMMAND MODEL`: a config file's `get_config()`, a
+    packaged config's such as `tiny`, or the default one over a GGUF file or checkpoint directory)."""
+    from jaxserve import configs
+
+    spec = configs.config_spec(model)
+    path, arg = spec, None
+    if spec.startswith(configs.FOLDER) and ":" in spec:  # the packaged checkpoint.py:PATH
+        path, arg = spec.split(":", 1)
     if not os.path.isfile(path):
         raise ValueError(f"model: no config file at {path!r}")
     spec = importlib.util.spec_from_file_location(f"jaxserve_config_{abs(hash(path))}", path)
@@ -57,7 +65,7 @@ def config_from_file(path: str):
     spec.loader.exec_module(module)
     if not hasattr(module, "get_config"):
         raise ValueError(f"model: {path!r} has no get_config()")
-    return module.get_config()
+    return module.get_config() if arg is None else module.get_config(arg)
 
 
 def override(config, overrides: dict):
@@ -79,8 +87,9 @@ def override(config, overrides: dict):
 
 class LLM:
     def __init__(self, config=None, *, model: Optional[str] = None, **overrides):
-        """`LLM(config)` with an ml_collections config, or `LLM(model=PATH, **sections)` with a
-        config file and section overrides (`engine=dict(max_batch=8)`)."""
+        """`LLM(config)` with an ml_collections config, or `LLM(model=MODEL, **sections)` with a
+        config file, a packaged config (`"tiny"`), a GGUF file or a checkpoint directory, and
+        section overrides (`engine=dict(max_batch=8)`)."""
         if (config is None) == (model is None):
             raise ValueError("model: give a config or model=PATH to a config file, not both or neither")
         config = config_from_file(model) if model is not None else config

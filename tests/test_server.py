@@ -38,13 +38,13 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """launch/serve.py on the tiny model, as a user starts it."""
+    """`jaxserve serve tiny` (the console script), as a user starts it."""
     port = free_port()
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env.update(PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "launch/serve.py", "--config=configs/tiny.py", f"--port={port}",
+        proc = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "jaxserve"), "serve", "tiny", f"--port={port}",
                                  "--max_body_bytes=65536", "--config.engine.max_batch=64"],
                                 cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
