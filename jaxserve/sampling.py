@@ -46,10 +46,17 @@ def mode_for(temperature, top_k, top_p) -> str:
     return "sample"
 
 
-def sample(logits, temperature, top_k, top_p, keys, mode: str):
+def ban(logits, banned):
+    """logits [B,V] with each row's `banned` token ids [B,M] (-1 = none) at -inf."""
+    ids = jnp.where(banned >= 0, banned, logits.shape[-1])  # out of range: dropped
+    return logits.at[jnp.arange(logits.shape[0])[:, None], ids].set(-jnp.inf, mode="drop")
+
+
+def sample(logits, temperature, top_k, top_p, keys, mode: str, banned=None):
     """Samples one token per row of logits [B,V] (float32).
 
-    temperature [B] (0 = greedy), top_k [B] (0 = off), top_p [B] in (0, 1], keys [B].
+    temperature [B] (0 = greedy), top_k [B] (0 = off), top_p [B] in (0, 1], keys [B]; banned
+    [B,M]: token ids a row may not draw (-1 = none; `SamplingParams.min_tokens`).
     Returns (tokens [B] int32, logprobs [B] of the chosen tokens under the unmodified distribution).
     mode (static, from `mode_for` on the host): 'greedy' runs nothing but an argmax, 'sample'
     draws without the vocabulary sort that only 'filter' (top-k/top-p) needs. The host picks it
@@ -58,11 +65,12 @@ def sample(logits, temperature, top_k, top_p, keys, mode: str):
     """
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}: expected one of {MODES}")
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    allowed = logits if banned is None else ban(logits, banned)
+    greedy = jnp.argmax(allowed, axis=-1).astype(jnp.int32)
     if mode == "greedy":
         tokens = greedy
     else:
-        scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
+        scaled = allowed / jnp.maximum(temperature, 1e-6)[:, None]
         if mode == "filter":
             scaled = _filter_top_k_top_p(scaled, top_k, top_p)
         drawn = jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)

@@ -16,6 +16,7 @@ class SamplingParams:
     stop_token_ids: Sequence[int] = ()
     ignore_eos: bool = False
     logprobs: bool = False         # return the log-probability of each chosen token
+    min_tokens: int = 0            # tokens before end-of-sequence or a stop (token or string) may end it
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -41,5 +42,8 @@ class SamplingParams:
             bad("seed", "must be an integer in [0, 2**32)")
         if not all(isinstance(s, str) and s for s in self.stop):
             bad("stop", "must be non-empty strings")
+        if not isinstance(self.min_tokens, int) or isinstance(self.min_tokens, bool) or not (
+                0 <= self.min_tokens <= self.max_tokens):
+            bad("min_tokens", f"must be an integer in [0, max_tokens={self.max_tokens}]")
         if not all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids):
             bad("stop_token_ids", "must be non-negative integers")

@@ -54,3 +54,31 @@ def test_bad_models_and_overrides_name_the_field_before_anything_loads(tiny_conf
     with pytest.raises(ValueError, match="engine: must be a dict"):
         override(tiny_config, {"engine": 3})
     assert tiny_config.engine.max_batch != 3 and override(tiny_config, {"engine": {"max_batch": 3}}).engine.max_batch == 3
+
+
+def test_min_tokens_holds_off_stop_tokens_and_stop_strings(tiny_config):
+    llm = jaxserve.LLM(tiny_config)
+    prompt = ["One, two, three,"]
+    greedy = dict(max_tokens=12, temperature=0.0)
+    free = llm.generate(prompt, jaxserve.SamplingParams(**greedy), use_tqdm=False)[0].outputs[0]
+    stop_id = free.token_ids[1]
+    first = free.token_ids.index(stop_id)
+    stopped = llm.generate(prompt, jaxserve.SamplingParams(**greedy, stop_token_ids=[stop_id]), use_tqdm=False)[0]
+    assert stopped.outputs[0].finish_reason == "stop" and len(stopped.token_ids) == first + 1
+    for params in (jaxserve.SamplingParams(**greedy, stop_token_ids=[stop_id], min_tokens=6),
+                   jaxserve.SamplingParams(max_tokens=12, temperature=1.0, seed=5, stop_token_ids=[stop_id],
+                                           min_tokens=6)):
+        held = llm.generate(prompt, params, use_tqdm=False)[0].outputs[0]
+        assert len(held.token_ids) >= 6 and stop_id not in held.token_ids[:6], held.token_ids
+        if params.temperature == 0:  # the same tokens up to the one it may not draw yet
+            assert held.token_ids[:first] == free.token_ids[:first]
+    # a stop string in the first min_tokens - 1 tokens' text does not end the output either
+    stop = llm.tokenizer.decode(free.token_ids[1:2])
+    cut = llm.generate(prompt, jaxserve.SamplingParams(**greedy, stop=[stop]), use_tqdm=False)[0].outputs[0]
+    held = llm.generate(prompt, jaxserve.SamplingParams(**greedy, stop=[stop], min_tokens=8), use_tqdm=False)[0]
+    assert len(held.token_ids) >= 8 and len(cut.token_ids) < 8
+    assert held.outputs[0].text.startswith(llm.tokenizer.decode(held.token_ids[:7]))
+    with pytest.raises(ValueError, match=r"min_tokens=13: must be an integer in \[0, max_tokens=12\]"):
+        jaxserve.SamplingParams(max_tokens=12, min_tokens=13)
+    with pytest.raises(ValueError, match="min_tokens=2: needs at most 8 stop and end-of-sequence token ids"):
+        llm.generate(prompt, jaxserve.SamplingParams(min_tokens=2, stop_token_ids=list(range(10, 20))))

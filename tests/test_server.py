@@ -161,6 +161,16 @@ def test_stop_string_is_cut_from_streamed_text_too(client):
     assert streamed == whole.choices[0].text == free[:free.index(stop)]
 
 
+def test_min_tokens_keeps_a_stop_string_from_ending_the_answer_early(client):
+    kw = dict(model=MODEL, prompt="Once upon a time", max_tokens=8, temperature=0)
+    free = client.completions.create(**kw, extra_body={"ignore_eos": True}).choices[0].text
+    stop = free.strip()[:2]
+    early = client.completions.create(**kw, stop=[stop])
+    held = client.completions.create(**kw, stop=[stop], extra_body={"min_tokens": 8})
+    assert early.choices[0].finish_reason == "stop" and early.usage.completion_tokens < 8
+    assert held.usage.completion_tokens == 8 and len(held.choices[0].text) > len(early.choices[0].text)
+
+
 def test_200_concurrent_streams_all_finish_with_their_token_counts(server):
     async def main():
         async with openai.AsyncOpenAI(base_url=server + "/v1", api_key="unused", max_retries=0) as aclient:
@@ -240,6 +250,8 @@ USER = [{"role": "user", "content": "hi"}]
     (C, {"prompt": "hi", "top_k": 2 ** 40}, 400, "top_k"),
     (C, {"prompt": "hi", "seed": 2 ** 32}, 400, "seed"),
     (C, {"prompt": "hi", "n": 2}, 400, "n"),
+    (C, {"prompt": "hi", "max_tokens": 4, "min_tokens": 5}, 400, "min_tokens"),
+    (CHAT, {"messages": USER, "min_tokens": -1}, 400, "min_tokens"),
     (C, {"prompt": "hi", "logprobs": 5}, 400, "logprobs"),
     (C, {"prompt": "hi", "stop": [""]}, 400, "stop"),
     (C, {"prompt": "hi", "stream_options": {"include_usage": "yes"}}, 400, "stream_options"),

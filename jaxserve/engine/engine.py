@@ -23,7 +23,8 @@ import numpy as np
 from jaxserve.cache import paged_kv
 from jaxserve.engine.journal import TokenJournal
 from jaxserve.engine.kv_manager import KVManager
-from jaxserve.engine.model_runner import UNROLL_CHOICES, Chunk, Dispatched, ModelRunner, enable_compile_cache
+from jaxserve.engine.model_runner import (BANNED_TOKENS, UNROLL_CHOICES, Chunk, Dispatched, ModelRunner,
+                                         enable_compile_cache)
 from jaxserve.engine.outputs import RequestOutput, cut_at_stop
 from jaxserve.engine.request import Request, Status
 from jaxserve.model.config import ModelConfig
@@ -164,6 +165,9 @@ class Engine:
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params: expected SamplingParams, got {type(params).__name__}")
         params._check()  # a dataclass can be changed after it was built
+        if params.min_tokens and len(self._min_tokens_banned(params)) > BANNED_TOKENS:
+            raise ValueError(f"min_tokens={params.min_tokens}: needs at most {BANNED_TOKENS} stop and end-of-sequence "
+                             f"token ids, got {len(self._min_tokens_banned(params))}")
         for field, ids in (("prompt", prompt), ("output_ids", output_ids)):
             if not isinstance(ids, (list, tuple)) or not all(
                     isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in ids):
@@ -238,6 +242,8 @@ class Engine:
                 r.logprobs = []
             decoder = IncrementalDecoder(self.tokenizer) if self.tokenizer is not None else None
             if decoder is not None:
+                if r.params.min_tokens > 1:  # the text no stop string may end in (see _commit)
+                    r.stop_after = len(IncrementalDecoder(self.tokenizer).push(r.output_ids[:r.params.min_tokens - 1]))
                 r.text = decoder.push(list(r.output_ids))
             self.import_request(r, None, decoder)
             last = r.output_ids[-1] if r.output_ids else None
@@ -502,8 +508,14 @@ class Engine:
         tokens, prev_row = r.token_ids(r.num_computed, r.num_computed + n), -1
         if len(tokens) < n:  # the last token was sampled by the step in flight: it stays on the device
             tokens, prev_row = tokens + [0], r.pending_row
+        banned = self._min_tokens_banned(p) if r.num_generated < p.min_tokens else ()
         return Chunk(tokens, r.num_computed, r.pages, p.temperature, p.top_k, p.top_p, r.seed, r.num_generated,
-                     prev_row)
+                     prev_row, banned)
+
+    def _min_tokens_banned(self, p: SamplingParams) -> tuple:
+        """What a request may not sample before its min_tokens: its stop tokens, and
+        end-of-sequence unless it ignores it."""
+        return tuple(sorted(set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_token_ids)))
 
     def _preempt(self, r: Request, counted: bool = True) -> None:
         """Drops r's cache; it keeps its committed tokens and recomputes their KV when readmitted.
@@ -527,12 +539,15 @@ class Engine:
         if decoder is not None:
             r.text += decoder.push([token])
         p = r.params
-        if (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
-            return self._finish(r, "stop", now)
-        cut = cut_at_stop(r.text, p.stop)
-        if cut is not None:
-            r.text = cut
-            return self._finish(r, "stop", now)
+        if len(r.output_ids) < p.min_tokens:  # as vLLM: no stop ends an output shorter than min_tokens
+            r.stop_after = len(r.text)
+        else:
+            if (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
+                return self._finish(r, "stop", now)
+            cut = cut_at_stop(r.text, p.stop, r.stop_after)
+            if cut is not None:
+                r.text = cut
+                return self._finish(r, "stop", now)
         # committed tokens only: a token the next step is computing still fits the context
         if len(r.output_ids) >= p.max_tokens or len(r.prompt_ids) + len(r.output_ids) >= self.max_context:
             return self._finish(r, "length", now)

@@ -70,6 +70,11 @@ class StepInputs(NamedTuple):
     layout: StepLayout
 
 
+# Token ids a step can keep one row from sampling (end-of-sequence and stop tokens, before a
+# request's min_tokens): a fixed width, so the sampling step has one shape per row count.
+BANNED_TOKENS = 8
+
+
 class SampleInputs(NamedTuple):
     """Per-sequence sampling settings [S] of one `sample_step`."""
     temperature: np.ndarray
@@ -77,6 +82,7 @@ class SampleInputs(NamedTuple):
     top_p: np.ndarray
     seeds: np.ndarray
     steps: np.ndarray        # index of the token being drawn (the request's generated count)
+    banned: np.ndarray       # [S, BANNED_TOKENS] token ids a row may not draw (-1 = none)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "attention_impl", "mesh", "unroll_layers", "gemm_rows"),
@@ -105,7 +111,7 @@ def sample_step(logits, s: SampleInputs, mode: str, rows: int):
     """-> (tokens [rows] int32, the S sampled ones first; logprobs [S])."""
     TRACE_COUNT["sample"] += 1
     keys = sampling.request_keys(s.seeds, s.steps)
-    tokens, logprobs = sampling.sample(logits, s.temperature, s.top_k, s.top_p, keys, mode=mode)
+    tokens, logprobs = sampling.sample(logits, s.temperature, s.top_k, s.top_p, keys, mode=mode, banned=s.banned)
     return jnp.pad(tokens, (0, rows - tokens.shape[0])), logprobs
 
 
@@ -119,7 +125,8 @@ def padding_inputs(shape: StepShape, scratch_page: int) -> tuple:
                         block_pos=i32(NB))
     step = StepInputs(tokens=i32(N), prev_rows=i32(N, -1), positions=i32(N, -1), logit_index=i32(S), layout=layout)
     sample = SampleInputs(temperature=np.zeros(S, np.float32), top_k=i32(S), top_p=np.ones(S, np.float32),
-                          seeds=np.zeros(S, np.uint32), steps=i32(S))
+                          seeds=np.zeros(S, np.uint32), steps=i32(S),
+                          banned=np.full((S, BANNED_TOKENS), -1, np.int32))
     return step, sample
 
 
@@ -135,6 +142,7 @@ class Chunk:
     seed: int
     step: int  # index of the token to sample (the request's number of generated tokens)
     prev_row: int = -1  # >= 0: the last token is the previous step's sampled token of this row
+    banned: Sequence[int] = ()  # token ids the step may not sample for it (at most BANNED_TOKENS)
 
 
 class Dispatched(NamedTuple):
@@ -435,6 +443,9 @@ def pack(chunks: Sequence[Chunk], page_size: int, max_batch: int, max_pages: int
     sample.top_p[:n] = [c.top_p for c in ordered]
     sample.seeds[:n] = [c.seed for c in ordered]
     sample.steps[:n] = [c.step for c in ordered]
+    for row, c in enumerate(ordered):
+        if c.banned:
+            sample.banned[row, :len(c.banned)] = c.banned
     return shape, step, sample, rows
 
 

@@ -46,10 +46,11 @@ class RequestOutput:
         return None if self.finish_time is None else self.finish_time - self.arrival_time
 
 
-def cut_at_stop(text: str, stops) -> Optional[str]:
-    """text up to the first of the stop strings found in it, or None when none is."""
+def cut_at_stop(text: str, stops, after: int = 0) -> Optional[str]:
+    """text up to the first of the stop strings found in it that ends past its first `after`
+    characters (the text of a request's first min_tokens - 1 tokens), or None when none is."""
     for stop in stops:
-        at = text.find(stop)
+        at = text.find(stop, max(0, after - len(stop) + 1))
         if at >= 0:
             return text[:at]
     return None

@@ -38,6 +38,7 @@ class Request:
     finish_time: Optional[float] = None
     finish_reason: Optional[str] = None
     text: str = ""
+    stop_after: int = 0  # characters of text no stop string may end within (SamplingParams.min_tokens)
     num_preemptions: int = 0
     prompt_text: Optional[str] = None
     num_pending: int = 0                   # sampled on the device, not read yet

@@ -51,6 +51,8 @@ class SamplingFields(_Request):
     stop_token_ids: Optional[List[TokenId]] = Field(None, description="Extension: token ids that end "
                                                     "the output.")
     ignore_eos: bool = Field(False, description="Extension: keep generating past end-of-sequence.")
+    min_tokens: int = Field(0, ge=0, le=INT32_MAX, description="Extension (as vLLM's): tokens to generate "
+                            "before end-of-sequence, a stop token or a stop string may end the output.")
     n: Literal[1] = Field(1, description="Only one choice per request is supported.")
     stream: bool = Field(False, description="Stream the answer as server-sent events.")
     stream_options: Optional[StreamOptions] = None
@@ -63,7 +65,7 @@ class SamplingFields(_Request):
     def sampling_kwargs(self) -> dict:
         stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
         kw = dict(stop=stop, stop_token_ids=self.stop_token_ids or (), ignore_eos=self.ignore_eos,
-                  seed=self.seed, top_k=self.top_k or 0)
+                  seed=self.seed, top_k=self.top_k or 0, min_tokens=self.min_tokens)
         if self.temperature is not None:
             kw["temperature"] = self.temperature
         if self.top_p is not None:
