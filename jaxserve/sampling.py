@@ -47,9 +47,14 @@ def mode_for(temperature, top_k, top_p) -> str:
 
 
 def ban(logits, banned):
-    """logits [B,V] with each row's `banned` token ids [B,M] (-1 = none) at -inf."""
-    ids = jnp.where(banned >= 0, banned, logits.shape[-1])  # out of range: dropped
-    return logits.at[jnp.arange(logits.shape[0])[:, None], ids].set(-jnp.inf, mode="drop")
+    """logits [B,V] with each row's `banned` token ids [B,M] (-1 = none) at -inf. A mask, not
+    a scatter: it fuses into the argmax that reads the logits, where a scatter into them (an
+    input of the step, not donated) would copy all [B,V] of them first."""
+    vocab = jnp.arange(logits.shape[-1], dtype=jnp.int32)[None, :]
+    hit = vocab == banned[:, :1]
+    for j in range(1, banned.shape[1]):  # elementwise ors (no reduction): one fusion with the argmax
+        hit = hit | (vocab == banned[:, j:j + 1])
+    return jnp.where(hit, -jnp.inf, logits)
 
 
 def sample(logits, temperature, top_k, top_p, keys, mode: str, banned=None):
