@@ -114,10 +114,16 @@ class LLM:
         if len(params) != len(prompts):
             raise ValueError(f"params: {len(params)} given for {len(prompts)} prompts")
         ids = [f"llm-{next(self._ids)}" for _ in prompts]
-        for rid, prompt, p in zip(ids, prompts, params):
-            self.engine.add_request(rid, prompt, p)
+        # n completions are n requests (the prompt's pages shared by the prefix cache), each of a
+        # seed of its own: the i-th of a seeded request's draws from seed + i
+        subs = {rid: [(f"{rid}#{i}" if p.n > 1 else rid, dataclasses.replace(
+                    p, n=1, seed=None if p.seed is None else (p.seed + i) % 2 ** 32)) for i in range(p.n)]
+                for rid, p in zip(ids, params)}
+        for rid, prompt in zip(ids, prompts):
+            for sub, p in subs[rid]:
+                self.engine.add_request(sub, prompt, p)
         final = {}
-        with tqdm.tqdm(total=len(ids), desc="Processed prompts", unit="prompt", disable=not use_tqdm,
+        with tqdm.tqdm(total=sum(len(s) for s in subs.values()), desc="Processed prompts", unit="prompt", disable=not use_tqdm,
                        dynamic_ncols=True) as bar:
             start, tokens_in, tokens_out = time.perf_counter(), 0, 0
             while self.engine.has_unfinished():
@@ -130,8 +136,16 @@ class LLM:
                         bar.set_postfix_str(f"input: {tokens_in / elapsed:.1f} toks/s, "
                                             f"output: {tokens_out / elapsed:.1f} toks/s", refresh=False)
                         bar.update(1)
-        return [dataclasses.replace(final[rid], prompt=prompt if isinstance(prompt, str) else None)
+        return [self._merged(rid, [final[sub] for sub, _ in subs[rid]], prompt if isinstance(prompt, str) else None)
                 for rid, prompt in zip(ids, prompts)]
+
+    @staticmethod
+    def _merged(request_id: str, outs: List[RequestOutput], prompt: Optional[str]) -> RequestOutput:
+        """One RequestOutput of a prompt's completions (the first's fields, all n in .outputs)."""
+        if len(outs) == 1:
+            return dataclasses.replace(outs[0], prompt=prompt)
+        completions = [dataclasses.replace(o.outputs[0], index=i) for i, o in enumerate(outs)]
+        return dataclasses.replace(outs[0], request_id=request_id, prompt=prompt, completions=completions)
 
     def chat(self, messages: Sequence[dict], params: Optional[SamplingParams] = None) -> RequestOutput:
         prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)

@@ -17,6 +17,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: bool = False         # return the log-probability of each chosen token
     min_tokens: int = 0            # tokens before end-of-sequence or a stop (token or string) may end it
+    n: int = 1                     # completions of the prompt (LLM.generate; the engine runs one a request)
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -42,6 +43,8 @@ class SamplingParams:
             bad("seed", "must be an integer in [0, 2**32)")
         if not all(isinstance(s, str) and s for s in self.stop):
             bad("stop", "must be non-empty strings")
+        if not isinstance(self.n, int) or isinstance(self.n, bool) or self.n < 1:
+            bad("n", "must be an integer >= 1")
         if not isinstance(self.min_tokens, int) or isinstance(self.min_tokens, bool) or not (
                 0 <= self.min_tokens <= self.max_tokens):
             bad("min_tokens", f"must be an integer in [0, max_tokens={self.max_tokens}]")

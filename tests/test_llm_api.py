@@ -1,5 +1,6 @@
 """The vLLM-shaped face of `LLM`: a config file with section overrides, `sampling_params=`, and
 outputs read as `o.prompt` and `o.outputs[0].text / .token_ids / .finish_reason / .logprobs`."""
+import dataclasses
 import os
 
 import pytest
@@ -82,3 +83,26 @@ def test_min_tokens_holds_off_stop_tokens_and_stop_strings(tiny_config):
         jaxserve.SamplingParams(max_tokens=12, min_tokens=13)
     with pytest.raises(ValueError, match="min_tokens=2: needs at most 8 stop and end-of-sequence token ids"):
         llm.generate(prompt, jaxserve.SamplingParams(min_tokens=2, stop_token_ids=list(range(10, 20))))
+
+
+def test_n_completions_per_prompt_each_from_a_seed_of_its_own(tiny_config):
+    llm = jaxserve.LLM(tiny_config)
+    prompts = ["One, two,", "a b c"]
+    drawn = jaxserve.SamplingParams(max_tokens=6, temperature=1.0, seed=7, n=3, ignore_eos=True)
+    outs = llm.generate(prompts, drawn, use_tqdm=False)
+    again = llm.generate(prompts, drawn, use_tqdm=False)
+    for out, rerun, prompt in zip(outs, again, prompts):
+        assert out.prompt == prompt and [c.index for c in out.outputs] == [0, 1, 2]
+        ids = [tuple(c.token_ids) for c in out.outputs]
+        assert all(len(i) == 6 for i in ids) and len(set(ids)) == 3, ids  # three different draws
+        assert ids == [tuple(c.token_ids) for c in rerun.outputs]  # reproducible
+        # the i-th completion is the one a single request of seed 7 + i draws
+        for i in (0, 2):
+            one = llm.generate([prompt], dataclasses.replace(drawn, n=1, seed=7 + i), use_tqdm=False)[0]
+            assert tuple(one.token_ids) == ids[i]
+    greedy = llm.generate(prompts[:1], jaxserve.SamplingParams(max_tokens=6, temperature=0.0, n=2), use_tqdm=False)[0]
+    assert greedy.outputs[0].token_ids == greedy.outputs[1].token_ids == greedy.token_ids
+    with pytest.raises(ValueError, match="n=0: must be an integer >= 1"):
+        jaxserve.SamplingParams(n=0)
+    with pytest.raises(ValueError, match="n=2: the engine runs one completion a request"):
+        llm.engine.add_request("x", [1, 2], jaxserve.SamplingParams(n=2))

@@ -165,6 +165,8 @@ class Engine:
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params: expected SamplingParams, got {type(params).__name__}")
         params._check()  # a dataclass can be changed after it was built
+        if params.n != 1:
+            raise ValueError(f"n={params.n}: the engine runs one completion a request (LLM.generate runs n)")
         if params.min_tokens and len(self._min_tokens_banned(params)) > BANNED_TOKENS:
             raise ValueError(f"min_tokens={params.min_tokens}: needs at most {BANNED_TOKENS} stop and end-of-sequence "
                              f"token ids, got {len(self._min_tokens_banned(params))}")

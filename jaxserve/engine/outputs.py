@@ -31,10 +31,14 @@ class RequestOutput:
     finish_time: Optional[float]
     num_preemptions: int = 0
     prompt: Optional[str] = None   # the prompt's text, where the caller gave text (LLM.generate)
+    completions: Optional[List[CompletionOutput]] = None  # SamplingParams.n > 1 (LLM.generate): all n
 
     @property
     def outputs(self) -> List[CompletionOutput]:
-        """vLLM's shape of the same answer: one completion (jaxserve runs one per request)."""
+        """vLLM's shape of the same answer: its completions (one, unless LLM.generate ran n; the
+        fields above are the first's)."""
+        if self.completions is not None:
+            return list(self.completions)
         return [CompletionOutput(0, self.text, self.token_ids, self.finish_reason, self.logprobs)]
 
     @property
