@@ -3,6 +3,7 @@ checkpoint directory, and one-line errors for what is none of them."""
 import importlib.metadata
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 
@@ -39,6 +40,8 @@ def test_the_readme_examples_gguf_files_and_converted_checkpoints_are_models(tmp
     proc = jaxserve("generate", GGUF, question, "--config.sampling.max_tokens=12", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "Paris" in proc.stdout
+    # loading shows progress: every tensor of the 30 layers (9 each), the embedding and the final norm
+    assert re.search(r"Loading SmolLM2-135M-Instruct\.Q4_1\.gguf: 100%.* 272/272 ", proc.stderr), proc.stderr[-2000:]
     # README.md: convert, then serve from the folder (its format read from what is there)
     out = str(tmp_path / "smollm2")
     proc = jaxserve("convert", "smollm2_135m", f"--output={out}", cwd=tmp_path)

@@ -6,9 +6,11 @@ onto jaxserve's layout ([embed, heads, head_dim], in x out).
 """
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 import numpy as np
+import tqdm
 
 from jaxserve.model.config import ModelConfig
 from jaxserve.model.params import check_params, fuse_projections
@@ -49,25 +51,30 @@ def _convert_layer_tensor(name: str, w: np.ndarray, cfg: ModelConfig) -> np.ndar
 
 def params_from_hf_tensors(get: Callable[[str], np.ndarray], names: set, cfg: ModelConfig,
                            source: str) -> dict:
-    """Builds the parameter tree from HF-named tensors; `get(name)` returns one as float32 numpy."""
+    """Builds the parameter tree from HF-named tensors; `get(name)` returns one as float32 numpy.
+    A progress bar on stderr counts the tensors read (dequantizing a GGUF file takes a while)."""
+    suffixes = [(s, ours) for s, ours in _LAYER_TENSORS.items() if cfg.qkv_bias or not ours.startswith("b")]
+    total = len(suffixes) * cfg.num_layers + 2 + (not cfg.tie_embeddings)
+    bar = tqdm.tqdm(total=total, desc=f"Loading {os.path.basename(source.rstrip('/'))}", unit="tensor",
+                    dynamic_ncols=True)
+
     def need(name):
         if name not in names:
             raise ValueError(f"{source}: tensor {name!r} is missing")
-        return np.asarray(get(name), dtype=np.float32)
+        tensor = np.asarray(get(name), dtype=np.float32)
+        bar.update(1)
+        return tensor
 
-    per_layer = {}
-    for suffix, ours in _LAYER_TENSORS.items():
-        if ours.startswith("b") and not cfg.qkv_bias:
-            continue
-        per_layer[ours] = np.stack([
-            _convert_layer_tensor(ours, need(f"model.layers.{i}.{suffix}"), cfg)
-            for i in range(cfg.num_layers)])
-    params = {
-        "embed": need("model.embed_tokens.weight"),
-        "layers": fuse_projections(per_layer, cfg),
-        "final_norm": need("model.norm.weight"),
-    }
-    if not cfg.tie_embeddings:
-        params["lm_head"] = need("lm_head.weight").T
+    with bar:
+        per_layer = {ours: np.stack([_convert_layer_tensor(ours, need(f"model.layers.{i}.{suffix}"), cfg)
+                                     for i in range(cfg.num_layers)])
+                     for suffix, ours in suffixes}
+        params = {
+            "embed": need("model.embed_tokens.weight"),
+            "layers": fuse_projections(per_layer, cfg),
+            "final_norm": need("model.norm.weight"),
+        }
+        if not cfg.tie_embeddings:
+            params["lm_head"] = need("lm_head.weight").T
     check_params(params, cfg, source)
     return params
