@@ -9,7 +9,7 @@ import tempfile
 from absl import app, flags, logging
 from ml_collections.config_flags.config_flags import ConfigFileFlagParser
 
-from jaxserve import paths
+from jaxserve import configs, paths
 
 
 def fetch_remote_config_files(argv, flag_values=flags.FLAGS, folder: str = "") -> list:
@@ -19,17 +19,19 @@ def fetch_remote_config_files(argv, flag_values=flags.FLAGS, folder: str = "") -
     cached, so an edited config in the bucket is what the next run reads."""
     out = []
     for arg in argv:
-        m = re.match(r"--(\w+)=((?:gs|s3|file)://[^:]+)(:.*)?$", arg)
+        m = re.match(r"--(\w+)=(.*)$", arg)
         if m and m.group(1) in flag_values and isinstance(flag_values[m.group(1)].parser, ConfigFileFlagParser):
-            try:
-                text = paths.as_path(m.group(2)).read_text()
-            except FileNotFoundError:
-                raise FileNotFoundError(f"--{m.group(1)}: no config file at {m.group(2)}") from None
-            folder = folder or tempfile.mkdtemp(prefix="jaxserve-config-")
-            local = os.path.join(folder, f"{m.group(1)}_{os.path.basename(m.group(2))}")
-            with open(local, "w") as f:
-                f.write(text)
-            arg = f"--{m.group(1)}={local}{m.group(3) or ''}"
+            url, config_arg = configs.split_spec(m.group(2))
+            if re.match(r"(gs|s3|file)://", url):
+                try:
+                    text = paths.as_path(url).read_text()
+                except FileNotFoundError:
+                    raise FileNotFoundError(f"--{m.group(1)}: no config file at {url}") from None
+                folder = folder or tempfile.mkdtemp(prefix="jaxserve-config-")
+                local = os.path.join(folder, f"{m.group(1)}_{os.path.basename(url)}")
+                with open(local, "w") as f:
+                    f.write(text)
+                arg = f"--{m.group(1)}={local}" + ("" if config_arg is None else f":{config_arg}")
         out.append(arg)
     return out
 
@@ -76,7 +78,6 @@ COMMANDS = {"generate": "a streamed answer to one prompt", "serve": "an OpenAI-c
 
 
 def usage() -> str:
-    from jaxserve import configs
     lines = ["usage: jaxserve COMMAND MODEL [--flags] [--config.SECTION.FIELD=VALUE ...]", "", "commands:"]
     lines += [f"  {name:10s}{what}" for name, what in COMMANDS.items()]
     lines += ["", "MODEL: a packaged config (" + ", ".join(configs.names()) + "), a config file (.py), a GGUF",
@@ -88,7 +89,6 @@ def usage() -> str:
 def main(argv=None) -> None:
     """The `jaxserve` console script (and `python -m jaxserve`): `jaxserve COMMAND [MODEL] [flags]`."""
     import importlib
-    from jaxserve import configs
 
     argv = list(sys.argv if argv is None else argv)
     if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):

@@ -54,10 +54,7 @@ def config_from_file(model: str):
     packaged config's such as `tiny`, or the default one over a GGUF file or checkpoint directory)."""
     from jaxserve import configs
 
-    spec = configs.config_spec(model)
-    path, arg = spec, None
-    if spec.startswith(configs.FOLDER) and ":" in spec:  # the packaged checkpoint.py:PATH
-        path, arg = spec.split(":", 1)
+    path, arg = configs.split_spec(configs.config_spec(model))
     if not os.path.isfile(path):
         raise ValueError(f"model: no config file at {path!r}")
     spec = importlib.util.spec_from_file_location(f"jaxserve_config_{abs(hash(path))}", path)

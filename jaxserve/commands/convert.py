@@ -18,7 +18,7 @@ from jaxserve import configs
 from jaxserve.config import validate
 
 _CONFIG = config_flags.DEFINE_config_file("config", configs.config_spec(configs.DEFAULT),
-                                          "Source model config. (`jaxserve convert MODEL` sets it from MODEL).")
+                                          "Source model config (`jaxserve convert MODEL` sets it from MODEL).")
 _OUTPUT = flags.DEFINE_string("output", None, "Directory to write the checkpoint to.", required=True)
 
 

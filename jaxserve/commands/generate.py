@@ -16,7 +16,7 @@ from ml_collections import config_flags
 from jaxserve import configs
 
 _CONFIG = config_flags.DEFINE_config_file("config", configs.config_spec(configs.DEFAULT),
-                                          "Model/serving config file. (`jaxserve generate MODEL` sets it from MODEL).")
+                                          "Model/serving config file (`jaxserve generate MODEL` sets it from MODEL).")
 _PROMPT = flags.DEFINE_string("prompt", "What is the capital of France?", "The prompt.")
 _CHAT = flags.DEFINE_bool("chat", True, "Wrap the prompt in the model's chat template.")
 

@@ -20,7 +20,7 @@ from jaxserve import configs
 from jaxserve.server.app import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_TOKENS, DEFAULT_MAX_WAITING
 
 _CONFIG = config_flags.DEFINE_config_file("config", configs.config_spec(configs.DEFAULT),
-                                          "Model/serving config file. (`jaxserve serve MODEL` sets it from MODEL).")
+                                          "Model/serving config file (`jaxserve serve MODEL` sets it from MODEL).")
 _HOST = flags.DEFINE_string("host", "127.0.0.1", "Address to listen on (0.0.0.0 for every interface).")
 _PORT = flags.DEFINE_integer("port", 8000, "Port to listen on.")
 _MODEL_NAME = flags.DEFINE_string("served_model_name", "", "Model id clients send; default: the config "

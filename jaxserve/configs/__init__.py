@@ -9,7 +9,8 @@
 from __future__ import annotations
 
 import os
-from typing import List
+import re
+from typing import List, Optional, Tuple
 
 FOLDER = os.path.dirname(os.path.abspath(__file__))
 DEFAULT = "smollm2_135m"
@@ -38,9 +39,18 @@ def config_spec(model: str) -> str:
                      f"packaged config (one of {', '.join(names())})")
 
 
+def split_spec(spec: str) -> Tuple[str, Optional[str]]:
+    """(config file, its `get_config` argument or None) of a `--config=` value, split at its
+    first colon as ml_collections splits it (a URL's own `://` is not one)."""
+    scheme = re.match(r"[a-z][a-z0-9+.-]*://", spec)
+    start = scheme.end() if scheme else 0
+    colon = spec.find(":", start)
+    return (spec, None) if colon < 0 else (spec[:colon], spec[colon + 1:])
+
+
 def served_name(spec: str) -> str:
     """The model id a server of this `--config=` value answers to: the config's or checkpoint's name."""
-    path, _, arg = spec.partition(":") if not spec.startswith(("gs://", "file://", "s3://")) else (spec, "", "")
+    path, arg = split_spec(spec)
     if os.path.abspath(path) == os.path.join(FOLDER, "checkpoint.py") and arg:
         path = arg.rstrip("/")
     return os.path.splitext(os.path.basename(path))[0]

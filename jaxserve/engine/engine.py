@@ -167,9 +167,10 @@ class Engine:
         params._check()  # a dataclass can be changed after it was built
         if params.n != 1:
             raise ValueError(f"n={params.n}: the engine runs one completion a request (LLM.generate runs n)")
-        if params.min_tokens and len(self._min_tokens_banned(params)) > BANNED_TOKENS:
+        banned = len(self._min_tokens_banned(params)) if params.min_tokens else 0
+        if banned > BANNED_TOKENS:
             raise ValueError(f"min_tokens={params.min_tokens}: needs at most {BANNED_TOKENS} stop and end-of-sequence "
-                             f"token ids, got {len(self._min_tokens_banned(params))}")
+                             f"token ids, got {banned}")
         for field, ids in (("prompt", prompt), ("output_ids", output_ids)):
             if not isinstance(ids, (list, tuple)) or not all(
                     isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in ids):
