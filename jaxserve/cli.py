@@ -82,8 +82,28 @@ def usage() -> str:
     lines += [f"  {name:10s}{what}" for name, what in COMMANDS.items()]
     lines += ["", "MODEL: a packaged config (" + ", ".join(configs.names()) + "), a config file (.py), a GGUF",
               "file, or a Hugging Face or jaxserve checkpoint directory (default: " + configs.DEFAULT + ").",
-              "`jaxserve COMMAND --helpfull` lists every flag and config field."]
+              "`jaxserve COMMAND [MODEL] --help` lists its flags and every config field with MODEL's values."]
     return "\n".join(lines)
+
+
+HELP_FLAGS = ("-h", "--help", "--helpshort", "--helpfull")
+
+
+def command_help(command: str, argv) -> str:
+    """`jaxserve COMMAND [MODEL] --help`: the command's usage and flags, then every config field
+    with the value it has for MODEL (after any --config.* overrides in argv) and what it is.
+    --helpfull lists the flags of every module, absl's own too."""
+    import importlib
+
+    from jaxserve.config import describe
+
+    module = importlib.import_module(f"jaxserve.commands.{command}")
+    _parse_flags([sys.argv[0]] + [a for a in argv if a not in HELP_FLAGS])
+    flag_help = (flags.FLAGS.get_help() if "--helpfull" in argv
+                 else flags.FLAGS.module_help(module.__name__))
+    return "\n".join([f"usage: jaxserve {command} [MODEL] [--flags] [--config.SECTION.FIELD=VALUE ...]", "",
+                      (module.__doc__ or "").strip(), "", "flags:", flag_help, "",
+                      "config fields (this MODEL's values):", describe(flags.FLAGS["config"].value)])
 
 
 def main(argv=None) -> None:
@@ -106,4 +126,7 @@ def main(argv=None) -> None:
             sys.exit(2)
     # before the command's flags are defined: absl names the defining module after argv[0]
     sys.argv = [f"jaxserve {command}"] + rest
+    if any(a in HELP_FLAGS for a in rest):
+        print(command_help(command, rest))
+        sys.exit(0)
     run(importlib.import_module(f"jaxserve.commands.{command}").main)

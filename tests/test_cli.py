@@ -90,3 +90,29 @@ def test_models_resolve_as_the_commands_and_llm_read_them(tmp_path):
     assert configs.served_name(configs.config_spec(GGUF)) == "SmolLM2-135M-Instruct.Q4_1"
     assert configs.served_name(configs.config_spec(str(hf) + "/")) == "hf"
     assert configs.served_name("configs/x.py") == "x"
+
+
+def test_every_config_field_has_a_description():
+    from jaxserve.config import FIELD_HELP, default_config, leaves
+    from jaxserve.model.config import ModelConfig
+    import dataclasses
+    fields = [name for name, _ in leaves(default_config())] + [f"model.{f.name}" for f in dataclasses.fields(ModelConfig)]
+    assert [f for f in fields if not FIELD_HELP.get(f)] == []
+    assert sorted(set(FIELD_HELP) - set(fields)) == []  # nor a description of a field that is gone
+
+
+def test_command_help_lists_its_flags_and_every_config_field_with_models_values(tmp_path):
+    from jaxserve.config import FIELD_HELP, leaves
+    proc = jaxserve("serve", "tiny", "--config.engine.num_pages=77", "--help", cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout
+    assert "--port: Port to listen on." in out and "--[no]precompile" in out
+    for name, _ in leaves(config_from_file(configs.config_spec("tiny"))):
+        assert re.search(rf"^  --config\.{re.escape(name)}=.*\n      {re.escape(FIELD_HELP[name])}$", out, re.M), name
+    for shown in ("engine.num_pages=77", "engine.prefix_cache=true", "engine.prefix_host_tier=false",
+                  'checkpoint.path=""', "checkpoint.format=random", "model.eos_token_ids=2", "model.rms_eps=1e-05"):
+        assert f"  --config.{shown}\n" in out, shown
+    # a misspelled override is still the one-line error, not help
+    proc = jaxserve("generate", "tiny", "--config.engine.num_pagez=1", "--help", cwd=tmp_path, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        "error: config field 'engine.num_pagez' does not exist (did you mean 'num_pages'?)")

@@ -2,8 +2,7 @@
 
     jaxserve serve smollm2_135m --port=8000
     python launch/serve.py --config=configs/smollm2_135m.py --port=8000   # the same, from a checkout
-    curl localhost:8000/v1/completions -H 'Content-Type: application/json' \
-        -d '{"prompt": "The capital of France is", "max_tokens": 8, "temperature": 0}'
+    curl localhost:8000/v1/completions -H 'Content-Type: application/json' -d '{"prompt": "The capital of France is", "max_tokens": 8, "temperature": 0}'
 
 Config overrides as in generate.py: --config.scheduler.policy=mlfq --config.engine.num_pages=1024 ...
 Endpoints: /v1/completions, /v1/chat/completions, /v1/models, /health, /metrics, /openapi.json.
