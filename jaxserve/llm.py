@@ -22,7 +22,7 @@ from jaxserve.config import validate
 from jaxserve.engine.engine import Engine, EngineConfig, engine_cost_model
 from jaxserve.engine.outputs import RequestOutput
 from jaxserve.parallel.sharding import make_mesh
-from jaxserve.sampling_params import SamplingParams
+from jaxserve.sampling_params import SamplingParams, fan_out
 from jaxserve.scheduling import make_policy
 from jaxserve.scheduling.cost_model import CostModel
 
@@ -111,11 +111,7 @@ class LLM:
         if len(params) != len(prompts):
             raise ValueError(f"params: {len(params)} given for {len(prompts)} prompts")
         ids = [f"llm-{next(self._ids)}" for _ in prompts]
-        # n completions are n requests (the prompt's pages shared by the prefix cache), each of a
-        # seed of its own: the i-th of a seeded request's draws from seed + i
-        subs = {rid: [(f"{rid}#{i}" if p.n > 1 else rid, dataclasses.replace(
-                    p, n=1, seed=None if p.seed is None else (p.seed + i) % 2 ** 32)) for i in range(p.n)]
-                for rid, p in zip(ids, params)}
+        subs = {rid: fan_out(rid, p) for rid, p in zip(ids, params)}
         for rid, prompt in zip(ids, prompts):
             for sub, p in subs[rid]:
                 self.engine.add_request(sub, prompt, p)

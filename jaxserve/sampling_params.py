@@ -50,3 +50,14 @@ class SamplingParams:
             bad("min_tokens", f"must be an integer in [0, max_tokens={self.max_tokens}]")
         if not all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids):
             bad("stop_token_ids", "must be non-negative integers")
+
+
+def fan_out(request_id: str, params: SamplingParams) -> list:
+    """[(request id, params)] of the engine requests that make a request's `n` completions: the
+    request itself when n = 1, else `ID#i` for i < n, each of n = 1 and, when seeded, of seed +
+    i (so completions differ, and each is reproducible). Their prompt pages are shared through
+    the prefix cache."""
+    if params.n == 1:
+        return [(request_id, params)]
+    return [(f"{request_id}#{i}", dataclasses.replace(params, n=1, seed=None if params.seed is None
+                                                      else (params.seed + i) % 2 ** 32)) for i in range(params.n)]

@@ -150,6 +150,31 @@ def test_token_id_prompt_logprobs_and_seeded_sampling(client):
     assert len(chat.choices[0].logprobs.content) == 4
 
 
+def test_n_choices_are_the_seeded_requests_of_seed_plus_i_streamed_or_not(client):
+    # reference: one request per choice, choice i of a seeded request drawing from seed + i
+    kw = dict(model=MODEL, prompt="Once upon a time", max_tokens=8, temperature=1.0,
+              extra_body={"top_k": 50, "ignore_eos": True})
+    alone = [client.completions.create(**kw, seed=11 + i).choices[0].text for i in range(3)]
+    assert len(set(alone)) == 3
+    whole = client.completions.create(**kw, seed=11, n=3)
+    assert [c.index for c in whole.choices] == [0, 1, 2] and [c.text for c in whole.choices] == alone
+    one = client.completions.create(**kw, seed=11).usage
+    assert whole.usage.completion_tokens == 24 and whole.usage.prompt_tokens == one.prompt_tokens  # counted once
+    chunks = list(client.completions.create(**kw, seed=11, n=3, stream=True, stream_options={"include_usage": True}))
+    texts = ["".join(c.choices[0].text for c in chunks if c.choices and c.choices[0].index == i) for i in range(3)]
+    assert texts == alone and chunks[-1].usage.completion_tokens == 24
+    assert sorted(c.choices[0].index for c in chunks if c.choices and c.choices[0].finish_reason) == [0, 1, 2]
+    chat = dict(model=MODEL, messages=[{"role": "user", "content": "Tell me a story"}], max_tokens=6,
+                temperature=1.0, seed=5, extra_body={"ignore_eos": True})
+    alone = [client.chat.completions.create(**dict(chat, seed=5 + i)).choices[0].message.content for i in range(2)]
+    both = client.chat.completions.create(**chat, n=2)
+    assert [c.message.content for c in both.choices] == alone and both.usage.completion_tokens == 12
+    chunks = list(client.chat.completions.create(**chat, n=2, stream=True))
+    assert sorted(c.choices[0].index for c in chunks if c.choices[0].delta.role == "assistant") == [0, 1]
+    assert ["".join(c.choices[0].delta.content or "" for c in chunks if c.choices[0].index == i)
+            for i in range(2)] == alone
+
+
 def test_stop_string_is_cut_from_streamed_text_too(client):
     kw = dict(model=MODEL, prompt="Once upon a time", max_tokens=24, temperature=0, extra_body={"ignore_eos": True})
     free = client.completions.create(**kw).choices[0].text
@@ -249,7 +274,8 @@ USER = [{"role": "user", "content": "hi"}]
     (C, {"prompt": "hi", "top_p": 1.5}, 400, "top_p"),
     (C, {"prompt": "hi", "top_k": 2 ** 40}, 400, "top_k"),
     (C, {"prompt": "hi", "seed": 2 ** 32}, 400, "seed"),
-    (C, {"prompt": "hi", "n": 2}, 400, "n"),
+    (C, {"prompt": "hi", "n": 0}, 400, "n"),
+    (CHAT, {"messages": USER, "n": 129}, 400, "n"),
     (C, {"prompt": "hi", "max_tokens": 4, "min_tokens": 5}, 400, "min_tokens"),
     (CHAT, {"messages": USER, "min_tokens": -1}, 400, "min_tokens"),
     (C, {"prompt": "hi", "logprobs": 5}, 400, "logprobs"),

@@ -22,7 +22,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 
 from jaxserve.engine.outputs import RequestOutput, finished_record, output_from_finished_record
-from jaxserve.sampling_params import SamplingParams
+from jaxserve.sampling_params import SamplingParams, fan_out
 from jaxserve.server import errors, protocol as p, responses
 from jaxserve.server.auth import PEER_ROUTE, Credentials
 from jaxserve.server.engine_loop import EngineFailure, EngineLoop, EngineUnavailable, Overloaded
@@ -157,15 +157,23 @@ class OpenAIServer:
     async def _serve(self, request: Request, body: p.SamplingFields, prefix: str, prompt_ids, params,
                      whole, events):
         request_id = f"{prefix}-{uuid.uuid4().hex}"
-        stream = await self._add(request_id, prompt_ids, params, body.priority)
+        subs = fan_out(request_id, params)  # one engine request per choice
+        ids, streams = [rid for rid, _ in subs], []
+        try:
+            for rid, sub in subs:
+                streams.append(await self._add(rid, prompt_ids, sub, body.priority))
+        except APIError:
+            for rid in ids[:len(streams)]:
+                self.engine_loop.abort(rid)
+            raise
         reply = responses.Reply(request_id, self.model_name, self.tokenizer, params.stop, params.logprobs,
                                 body.include_usage)
         if body.stream:
-            return StreamingResponse(self._aborting_when_closed(request_id, events(reply, stream)),
+            return StreamingResponse(self._aborting_when_closed(ids, events(reply, streams)),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        out = await self._final(request_id, stream, request)
-        return Response(status_code=_CLIENT_CLOSED) if out is None else whole(reply, out)
+        outs = await self._final(ids, streams, request)
+        return Response(status_code=_CLIENT_CLOSED) if outs is None else whole(reply, outs)
 
     async def _add(self, request_id, prompt_ids, params, priority):
         try:
@@ -181,21 +189,23 @@ class OpenAIServer:
         except EngineFailure as e:
             raise APIError(500, str(e), code="engine_failure") from None
 
-    async def _aborting_when_closed(self, request_id: str, events):
+    async def _aborting_when_closed(self, request_ids: List[str], events):
         # Starlette cancels the body iterator when the client disconnects; the finally aborts.
         try:
             async for event in events:
                 yield event
         finally:
-            self.engine_loop.abort(request_id)   # before any await: a cancelled task may not get further
+            for request_id in request_ids:  # before any await: a cancelled task may not get further
+                self.engine_loop.abort(request_id)
             await events.aclose()
 
-    async def _final(self, request_id: str, stream, request: Request):
-        """The last output, or None if the client went away first (the request is then aborted)."""
+    async def _final(self, request_ids: List[str], streams, request: Request):
+        """The last output of each stream, or None if the client went away first (the requests
+        are then aborted)."""
         async def disconnected():
             while (await request.receive())["type"] != "http.disconnect":
                 pass
-        final = asyncio.ensure_future(stream.final())
+        final = asyncio.ensure_future(asyncio.gather(*(s.final() for s in streams)))
         gone = asyncio.ensure_future(disconnected())
         try:
             await asyncio.wait({final, gone}, return_when=asyncio.FIRST_COMPLETED)
@@ -210,7 +220,8 @@ class OpenAIServer:
         finally:
             gone.cancel()
             final.cancel()
-            self.engine_loop.abort(request_id)
+            for request_id in request_ids:
+                self.engine_loop.abort(request_id)
 
     async def reconnect(self, request_id: str, from_token: int = Query(
             0, ge=0, description="Tokens the client already has: the stream starts after their text.")):
@@ -225,7 +236,7 @@ class OpenAIServer:
             raise APIError(409, str(e), "request_id", "already_attached") from None
         reply = responses.Reply(request_id, self.model_name, self.tokenizer, stream.stop, stream.logprobs)
         events = responses.chat_events if request_id.startswith("chatcmpl-") else responses.completion_events
-        return StreamingResponse(self._aborting_when_closed(request_id, events(reply, stream, from_token)),
+        return StreamingResponse(self._aborting_when_closed([request_id], events(reply, [stream], from_token)),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 

@@ -14,6 +14,7 @@ from typing import Annotated, Dict, List, Literal, Optional, Union
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 INT32_MAX = 2 ** 31 - 1
+MAX_N = 128  # completions one request may ask for (OpenAI's limit)
 
 
 def _utf8(s: str) -> str:
@@ -53,7 +54,8 @@ class SamplingFields(_Request):
     ignore_eos: bool = Field(False, description="Extension: keep generating past end-of-sequence.")
     min_tokens: int = Field(0, ge=0, le=INT32_MAX, description="Extension (as vLLM's): tokens to generate "
                             "before end-of-sequence, a stop token or a stop string may end the output.")
-    n: Literal[1] = Field(1, description="Only one choice per request is supported.")
+    n: int = Field(1, ge=1, le=MAX_N, description="Completions of the prompt, answered as choices 0..n-1 (each "
+                   "counts as a request waiting to start; seeded, the i-th draws from seed + i).")
     stream: bool = Field(False, description="Stream the answer as server-sent events.")
     stream_options: Optional[StreamOptions] = None
     presence_penalty: Optional[float] = Field(None, ge=0, le=0, description="Not supported: only 0.")
@@ -65,7 +67,7 @@ class SamplingFields(_Request):
     def sampling_kwargs(self) -> dict:
         stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
         kw = dict(stop=stop, stop_token_ids=self.stop_token_ids or (), ignore_eos=self.ignore_eos,
-                  seed=self.seed, top_k=self.top_k or 0, min_tokens=self.min_tokens)
+                  seed=self.seed, top_k=self.top_k or 0, min_tokens=self.min_tokens, n=self.n)
         if self.temperature is not None:
             kw["temperature"] = self.temperature
         if self.top_p is not None:

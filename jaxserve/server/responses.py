@@ -1,6 +1,7 @@
 """Engine outputs as OpenAI objects: whole responses, or server-sent events of text deltas."""
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from typing import AsyncIterator, List, Optional, Sequence
 
@@ -25,8 +26,9 @@ class Reply:
     include_usage: bool = False
 
 
-def usage(out: RequestOutput) -> p.Usage:
-    n_prompt, n_out = len(out.prompt_token_ids), len(out.token_ids)
+def usage(outs: Sequence[RequestOutput]) -> p.Usage:
+    """Counts of a request's choices: its prompt once, every choice's tokens."""
+    n_prompt, n_out = len(outs[0].prompt_token_ids), sum(len(o.token_ids) for o in outs)
     return p.Usage(prompt_tokens=n_prompt, completion_tokens=n_out, total_tokens=n_prompt + n_out)
 
 
@@ -58,16 +60,18 @@ def _chat_logprobs(reply: Reply, ids, logprobs) -> Optional[p.ChatLogprobs]:
                                    for t, lp in zip(_token_texts(reply.tokenizer, ids), logprobs)])
 
 
-def completion(reply: Reply, out: RequestOutput) -> p.CompletionResponse:
-    choice = p.CompletionChoice(text=out.text, finish_reason=_finish_reason(out),
-                                logprobs=_completion_logprobs(reply, out.token_ids, out.logprobs or [], 0))
-    return p.CompletionResponse(id=reply.request_id, model=reply.model, choices=[choice], usage=usage(out))
+def completion(reply: Reply, outs: Sequence[RequestOutput]) -> p.CompletionResponse:
+    choices = [p.CompletionChoice(index=i, text=out.text, finish_reason=_finish_reason(out),
+                                  logprobs=_completion_logprobs(reply, out.token_ids, out.logprobs or [], 0))
+               for i, out in enumerate(outs)]
+    return p.CompletionResponse(id=reply.request_id, model=reply.model, choices=choices, usage=usage(outs))
 
 
-def chat(reply: Reply, out: RequestOutput) -> p.ChatCompletionResponse:
-    choice = p.ChatChoice(message=p.AssistantMessage(content=out.text), finish_reason=_finish_reason(out),
-                          logprobs=_chat_logprobs(reply, out.token_ids, out.logprobs or []))
-    return p.ChatCompletionResponse(id=reply.request_id, model=reply.model, choices=[choice], usage=usage(out))
+def chat(reply: Reply, outs: Sequence[RequestOutput]) -> p.ChatCompletionResponse:
+    choices = [p.ChatChoice(index=i, message=p.AssistantMessage(content=out.text), finish_reason=_finish_reason(out),
+                            logprobs=_chat_logprobs(reply, out.token_ids, out.logprobs or []))
+               for i, out in enumerate(outs)]
+    return p.ChatCompletionResponse(id=reply.request_id, model=reply.model, choices=choices, usage=usage(outs))
 
 
 class _TextDeltas:
@@ -113,49 +117,90 @@ def _skip(deltas: _TextDeltas, reply: Reply, out: RequestOutput, skip_tokens: in
     return dataclasses.replace(out, new_token_ids=list(out.token_ids[skip_tokens:]))
 
 
-async def completion_events(reply: Reply, stream: RequestStream, skip_tokens: int = 0) -> AsyncIterator[bytes]:
-    deltas, offset, first = _TextDeltas(reply.stop), 0, True
+async def _merged(streams: Sequence[RequestStream]) -> AsyncIterator[tuple]:
+    """(choice index, output) of every stream's outputs, as they come; an error of any ends it."""
+    if len(streams) == 1:
+        async for out in streams[0]:
+            yield 0, out
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i, stream):
+        try:
+            async for out in stream:
+                queue.put_nowait((i, out))
+        except (EngineFailure, EngineUnavailable) as e:
+            queue.put_nowait((i, e))
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
     try:
-        async for out in stream:
-            if first:
-                out = _skip(deltas, reply, out, skip_tokens)
-                if out is None:
-                    continue
-                offset, first = deltas.sent, False
-            text = deltas.next(out)
-            if not (text or out.finished or (reply.logprobs and out.new_token_ids)):
-                continue
-            logprobs = _completion_logprobs(reply, out.new_token_ids, _new_logprobs(out), offset)
-            offset = deltas.sent
-            choice = p.CompletionChoice(text=text, finish_reason=_finish_reason(out), logprobs=logprobs)
-            yield _event(p.CompletionResponse(id=reply.request_id, model=reply.model, choices=[choice]))
+        ended = 0
+        while ended < len(streams):
+            i, item = await queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            ended += item.finished
+            yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+class _Choice:
+    """What a stream has sent of one choice so far."""
+
+    def __init__(self, reply: Reply, skip_tokens: int):
+        self.deltas, self.skip_tokens, self.last = _TextDeltas(reply.stop), skip_tokens, None
+
+    def next(self, reply: Reply, out: RequestOutput) -> Optional[tuple]:
+        """(output, text delta, text offset before it) to send for `out`, or None for nothing."""
+        if self.last is None:
+            out = _skip(self.deltas, reply, out, self.skip_tokens)
+            if out is None:
+                return None
+        self.last, offset = out, self.deltas.sent
+        text = self.deltas.next(out)
+        if not (text or out.finished or (reply.logprobs and out.new_token_ids)):
+            return None
+        return out, text, offset
+
+
+async def _choice_events(reply: Reply, streams: Sequence[RequestStream], skip_tokens: int, event, usage_event,
+                         first=()) -> AsyncIterator[bytes]:
+    """The server-sent events of a request's choices: event(i, out, text, offset) for what each
+    output adds, then usage_event(last outputs) when asked for, then [DONE]."""
+    choices = [_Choice(reply, skip_tokens) for _ in streams]
+    try:
+        for e in first:
+            yield e
+        async for i, out in _merged(streams):
+            sent = choices[i].next(reply, out)
+            if sent is not None:
+                yield event(i, *sent)
         if reply.include_usage:
-            yield _event(p.CompletionResponse(id=reply.request_id, model=reply.model, choices=[], usage=usage(out)))
+            yield usage_event([c.last for c in choices])
     except (EngineFailure, EngineUnavailable) as e:
         yield _error_event(e)
     yield DONE
 
 
-async def chat_events(reply: Reply, stream: RequestStream, skip_tokens: int = 0) -> AsyncIterator[bytes]:
-    deltas, first = _TextDeltas(reply.stop), True
+def completion_events(reply: Reply, streams: Sequence[RequestStream], skip_tokens: int = 0) -> AsyncIterator[bytes]:
+    def event(i, out, text, offset):
+        logprobs = _completion_logprobs(reply, out.new_token_ids, _new_logprobs(out), offset)
+        choice = p.CompletionChoice(index=i, text=text, finish_reason=_finish_reason(out), logprobs=logprobs)
+        return _event(p.CompletionResponse(id=reply.request_id, model=reply.model, choices=[choice]))
 
+    def usage_event(outs):
+        return _event(p.CompletionResponse(id=reply.request_id, model=reply.model, choices=[], usage=usage(outs)))
+    return _choice_events(reply, streams, skip_tokens, event, usage_event)
+
+
+def chat_events(reply: Reply, streams: Sequence[RequestStream], skip_tokens: int = 0) -> AsyncIterator[bytes]:
     def chunk(choices, **kw) -> bytes:
         return _event(p.ChatCompletionChunk(id=reply.request_id, model=reply.model, choices=choices, **kw))
-    try:
-        yield chunk([p.ChatChunkChoice(delta=p.Delta(role="assistant", content=""))])
-        async for out in stream:
-            if first:
-                out = _skip(deltas, reply, out, skip_tokens)
-                if out is None:
-                    continue
-                first = False
-            text = deltas.next(out)
-            if not (text or out.finished or (reply.logprobs and out.new_token_ids)):
-                continue
-            yield chunk([p.ChatChunkChoice(delta=p.Delta(content=text), finish_reason=_finish_reason(out),
-                                           logprobs=_chat_logprobs(reply, out.new_token_ids, _new_logprobs(out)))])
-        if reply.include_usage:
-            yield chunk([], usage=usage(out))
-    except (EngineFailure, EngineUnavailable) as e:
-        yield _error_event(e)
-    yield DONE
+
+    def event(i, out, text, offset):
+        return chunk([p.ChatChunkChoice(index=i, delta=p.Delta(content=text), finish_reason=_finish_reason(out),
+                                        logprobs=_chat_logprobs(reply, out.new_token_ids, _new_logprobs(out)))])
+    roles = [chunk([p.ChatChunkChoice(index=i, delta=p.Delta(role="assistant", content=""))])
+             for i in range(len(streams))]
+    return _choice_events(reply, streams, skip_tokens, event, lambda outs: chunk([], usage=usage(outs)), roles)
