@@ -301,13 +301,14 @@ def device_busy(trace_dir: str) -> Optional[dict]:
     files = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True), key=os.path.getmtime)
     if not files:
         return None
-    spans, by_kernel, calls = [], collections.Counter(), collections.Counter()
+    spans, by_kernel, calls, names = [], collections.Counter(), collections.Counter(), []
     for plane in jax.profiler.ProfileData.from_file(files[-1]).planes:
         if plane.name.startswith("/device:") and "CPU" not in plane.name:
             for line in plane.lines:
                 if "Stream" in line.name:
                     for ev in line.events:
                         spans.append((ev.start_ns, ev.end_ns))
+                        names.append((ev.start_ns, ev.end_ns, ev.name))
                         by_kernel[ev.name] += ev.duration_ns
                         calls[ev.name] += 1
     if not spans:
@@ -316,7 +317,26 @@ def device_busy(trace_dir: str) -> Optional[dict]:
     span = max(b for _, b in spans) - min(a for a, _ in spans)
     busy, gaps = union_and_gaps(spans)
     return {"busy_s": busy / 1e9, "span_s": span / 1e9, "kernels": len(spans), "idle_gaps": gap_histogram(gaps),
-            "top_kernels_s": top, "top_kernel_calls": {name: calls[name] for name in top}}
+            "idle_gap_sites": gap_sites(names), "top_kernels_s": top,
+            "top_kernel_calls": {name: calls[name] for name in top}}
+
+
+def gap_sites(events: Sequence[tuple], min_ns: int = 10_000, top: int = 12) -> List[tuple]:
+    """Where the device idles: gaps of at least min_ns between (start, end, name) events, by
+    the names of the last event before and the first after, as (before, after, count, seconds),
+    the largest total first. A host that falls behind shows as gaps before a step's first
+    kernels or copies."""
+    sites: dict = collections.defaultdict(lambda: [0, 0])
+    end, last = None, None
+    for a, b, name in sorted(events):
+        if end is not None and a - end >= min_ns:
+            site = sites[(last.split("(")[0][:60], name.split("(")[0][:60])]
+            site[0] += 1
+            site[1] += a - end
+        if end is None or b > end:
+            end, last = b, name
+    ranked = sorted(sites.items(), key=lambda kv: -kv[1][1])[:top]
+    return [(before, after, n, round(ns / 1e9, 6)) for (before, after), (n, ns) in ranked]
 
 
 def union_and_gaps(spans: Sequence[tuple]) -> tuple:
@@ -562,6 +582,8 @@ def bench(config, timer: CompileTimer) -> dict:
             f"({100 * profiled['busy_s'] / profiled['wall_s']:.1f}%); per model step {profiled['busy_s'] / n * 1e3:.2f} "
             f"ms busy, {profiled['wall_s'] / n * 1e3:.2f} ms wall; {profiled['kernels'] / n:.0f} kernels")
         row("profiled rerun: idle gaps", ", ".join(f"{k} {c} ({t:.3f} s)" for k, (c, t) in profiled["idle_gaps"].items()))
+        for before, after, n, t in profiled["idle_gap_sites"][:5]:
+            row("  idle >= 10 us", f"{n} gaps, {t:.3f} s: {before} -> {after}")
         for name, sec in profiled["top_kernels_s"].items():
             row(f"  {sec / n * 1e3:7.3f} ms/step", f"{profiled['top_kernel_calls'][name] / n:5.1f}/step {name[:60]}")
     print("=" * 72, flush=True)

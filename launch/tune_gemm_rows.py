@@ -11,11 +11,9 @@ move between runs of the same program, so small differences are real.
 from __future__ import annotations
 
 import datetime
-import glob
 import json
 import os
 import sys
-import tempfile
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -28,21 +26,8 @@ _CONTEXT = flags.DEFINE_integer("context", 1024, "Tokens of context of every seq
 _STEPS = flags.DEFINE_integer("steps", 5, "Profiled steps per variant.")
 _OUTPUT = flags.DEFINE_string("output", "", "Table file (default: the package's file for this GPU kind).")
 
+from kernel_time import kernel_seconds  # noqa: E402 (launch/ is on sys.path when this runs as a script)
 
-def kernel_seconds(run, steps: int) -> float:
-    """Summed GPU kernel time of one call of `run` (mean over `steps` profiled calls)."""
-    import jax
-    jax.block_until_ready(run())
-    with tempfile.TemporaryDirectory() as d:
-        with jax.profiler.trace(d):
-            for _ in range(steps):
-                out = run()
-            jax.block_until_ready(out)
-        total = 0
-        for plane in jax.profiler.ProfileData.from_file(glob.glob(f"{d}/**/*.xplane.pb", recursive=True)[0]).planes:
-            if plane.name.startswith("/device:GPU"):
-                total += sum(ev.duration_ns for line in plane.lines if "Stream" in line.name for ev in line.events)
-    return total / steps / 1e9
 
 
 def main(argv):

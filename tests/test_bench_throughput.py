@@ -36,3 +36,16 @@ def test_device_busy_time_is_the_union_of_overlapping_kernels():
     assert union_and_gaps([]) == (0, [])
     hist = gap_histogram([1_000, 3_000, 4_000, 2_000_000])
     assert hist["0-2us"] == (1, 0.0) and hist["2-5us"][0] == 2 and hist[">=1000us"] == (1, 0.002)
+
+
+def test_idle_gap_sites_name_the_events_around_each_gap():
+    sys.path.insert(0, os.path.join(REPO, "launch"))
+    from bench_throughput import gap_sites
+    us = 1000
+    events = [(0, 5 * us, "fusion_1(x)"), (40 * us, 50 * us, "MemcpyH2D"), (52 * us, 60 * us, "MemcpyH2D"),
+              (100 * us, 110 * us, "MemcpyH2D"), (110 * us, 120 * us, "gemm"), (115 * us, 200 * us, "overlap"),
+              (230 * us, 231 * us, "fusion_1")]
+    # 35 us fusion_1 -> copy; 2 us between copies is below the cut; 40 us copy -> copy; 30 us after "overlap"
+    # (the event that ended last, not the one that started last)
+    assert gap_sites(events) == [("MemcpyH2D", "MemcpyH2D", 1, 4e-05), ("fusion_1", "MemcpyH2D", 1, 3.5e-05),
+                                 ("overlap", "fusion_1", 1, 3e-05)]
