@@ -35,6 +35,7 @@ setup(
         # an unpinned torch pulls a CUDA build of several GB.
         "test": ["pytest>=8", "torch==2.13.0", "transformers>=5.0", "accelerate>=1.0", "gguf>=0.17",
                  "openai>=1.40", "httpx>=0.27",
+                 "schemathesis>=4.0",  # tests/test_openapi_conformance.py: the server against its schema
                  "gcp-storage-emulator>=2024.8"],  # tests/test_gcs.py: a GCS API on loopback
         # Plots of launch/bench_schedule.py.
         "bench": ["matplotlib>=3.7"],

@@ -257,6 +257,8 @@ USER = [{"role": "user", "content": "hi"}]
     (C, b"", 400, None),
     (C, {"prompt": "hi", "max_tokens": "5"}, 400, "max_tokens"),
     (C, {"prompt": "hi", "max_tokens": True}, 400, "max_tokens"),
+    (C, {"prompt": "hi", "max_tokens": 2.5}, 400, "max_tokens"),
+    (C, {"prompt": "hi", "stop": ["x", ""]}, 400, "stop"),
     (C, {"prompt": 5}, 400, "prompt"),
     (C, {"prompt": "hi", "model": "gpt-4"}, 404, "model"),
     (C, {"prompt": list(range(3, 3 + CONTEXT))}, 400, "prompt"),

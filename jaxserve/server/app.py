@@ -43,8 +43,14 @@ _ERRORS = {
     500: {"model": p.ErrorResponse, "description": "The engine failed while running the request."},
     503: {"model": p.ErrorResponse, "description": "The engine is not running."},
 }
-_SSE = {"text/event-stream": {"schema": {"type": "string"},
-                              "description": "With `stream: true`: `data: <chunk JSON>` events, then `data: [DONE]`."}}
+def _sse(chunk: str) -> dict:
+    """A streamed answer's media type; its schema is each server-sent event's (as OpenAPI 3.2's
+    itemSchema, which conformance checkers apply to `schema`)."""
+    data = {"type": "string", "contentMediaType": "application/json",
+            "description": f"A {chunk} as JSON; an ErrorResponse if the engine fails mid-stream; `[DONE]` last."}
+    return {"text/event-stream": {"schema": {"type": "object", "required": ["data"], "properties": {"data": data}},
+                                  "description": f"With `stream: true`: `data: <{chunk} JSON>` events, then "
+                                                 "`data: [DONE]`."}}
 _CLIENT_CLOSED = 499   # nginx's code; nobody receives it
 RETRY_LATER = {"Retry-After": "5"}  # 503: the server is shutting down or restarting (its journal resumes the work)
 
@@ -240,16 +246,13 @@ class OpenAIServer:
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    async def take_over(self, body: dict) -> dict:
+    async def take_over(self, body: p.ImportRequest) -> dict:
         """Resumes requests a peer hands over as it shuts down: {"requests": [request_record, ...],
         "finished": [...]} (the outputs of requests that ended while it drained). Their clients
         reconnect here at /v1/requests/{id}/stream."""
         from jaxserve.engine.journal import request_from_record
-        records = body.get("requests") if isinstance(body, dict) else None
-        if not isinstance(records, list):
-            raise APIError(400, "requests: must be a list of request records", "requests")
         requests = []
-        for i, rec in enumerate(records):
+        for i, rec in enumerate(body.requests):
             try:
                 requests.append(request_from_record(rec))
             except ValueError as e:
@@ -257,9 +260,7 @@ class OpenAIServer:
             except (KeyError, TypeError) as e:
                 raise APIError(400, f"requests.{i}: not a request record ({type(e).__name__}: {e})",
                                f"requests.{i}") from None
-        ended = body.get("finished", [])
-        if not isinstance(ended, list):
-            raise APIError(400, "finished: must be a list of finished request records", "finished")
+        ended = body.finished
         finished = [self._finished_record(i, rec) for i, rec in enumerate(ended)]
         try:
             accepted = await self.engine_loop.take_over(requests) if requests else 0
@@ -282,15 +283,17 @@ class OpenAIServer:
     # -- assembly -----------------------------------------------------------------------------
     def routes(self, app: FastAPI) -> None:
         openai_errors = {k: v for k, v in _ERRORS.items() if k != 403}
-        both = {200: {"content": _SSE}, **openai_errors}
         app.add_api_route("/v1/completions", self.completions, methods=["POST"],
-                          response_model=p.CompletionResponse, responses=both, tags=["openai"])
+                          response_model=p.CompletionResponse, tags=["openai"],
+                          responses={200: {"content": _sse("CompletionResponse")}, **openai_errors})
         app.add_api_route("/v1/chat/completions", self.chat_completions, methods=["POST"],
-                          response_model=p.ChatCompletionResponse, responses=both, tags=["openai"])
+                          response_model=p.ChatCompletionResponse, tags=["openai"],
+                          responses={200: {"content": _sse("ChatCompletionChunk")}, **openai_errors})
         app.add_api_route("/v1/models", self.models, methods=["GET"], response_model=p.ModelList,
                           responses={401: _ERRORS[401]}, tags=["openai"])
         app.add_api_route("/v1/requests/{request_id}/stream", self.reconnect, methods=["GET"],
-                          responses={200: {"content": _SSE}, **openai_errors}, tags=["jaxserve"])
+                          responses={200: {"content": _sse("CompletionResponse or ChatCompletionChunk")},
+                                     **openai_errors}, tags=["jaxserve"])
         app.add_api_route(PEER_ROUTE, self.take_over, methods=["POST"], tags=["jaxserve"],
                           responses={k: v for k, v in _ERRORS.items() if k in (400, 401, 403, 503)})
         app.add_api_route("/health", self.health, methods=["GET"],
@@ -341,7 +344,7 @@ def create_app(engine, model_name: str, *, max_waiting: int = DEFAULT_MAX_WAITIN
     app.state.server = server
     errors.install(app)
     server.routes(app)
-    app.openapi = lambda: _openapi(app)
+    app.openapi = lambda: _openapi(app, getattr(getattr(engine, "cfg", None), "vocab_size", None))
     return app
 
 
@@ -368,10 +371,13 @@ def _hand_over(engine, peer_url: str, peer_secret: Optional[str], ended=()) -> N
     log.warning("handed %d unfinished requests to %s", len(requests), peer_url)
 
 
-def _openapi(app: FastAPI) -> dict:
-    """FastAPI's description, less the 422 it documents by default: invalid bodies get 400 here."""
+def _openapi(app: FastAPI, vocab_size: Optional[int]) -> dict:
+    """FastAPI's description, less the 422 it documents by default (invalid bodies get 400
+    here), and with token ids bounded by the served model's vocabulary."""
     if app.openapi_schema is None:
         schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        if vocab_size:
+            _bound_token_ids(schema, vocab_size - 1)
         for path in schema["paths"].values():
             for operation in path.values():
                 operation.get("responses", {}).pop("422", None)
@@ -379,3 +385,14 @@ def _openapi(app: FastAPI) -> dict:
             schema.get("components", {}).get("schemas", {}).pop(name, None)
         app.openapi_schema = schema
     return app.openapi_schema
+
+
+def _bound_token_ids(node, largest: int) -> None:
+    if isinstance(node, dict):
+        if node.pop("x-token-id", False):
+            node["maximum"] = largest
+        for value in node.values():
+            _bound_token_ids(value, largest)
+    elif isinstance(node, list):
+        for value in node:
+            _bound_token_ids(value, largest)

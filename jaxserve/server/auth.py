@@ -38,7 +38,8 @@ class Credentials:
         self.app, self.api_key, self.peer_secret = app, api_key or None, peer_secret or None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
+        # methods no route serves go on to the router (405), whoever asks
+        if scope["type"] == "http" and scope["method"] in ("GET", "POST"):
             refusal = self.refusal(scope["path"], Headers(scope=scope))
             if refusal is not None:
                 return await error_response(refusal)(scope, receive, send)

@@ -1,8 +1,9 @@
 """The OpenAI wire format: request and response models of the HTTP API.
 
 FastAPI validates every request body against these models and derives `/openapi.json` from
-them, so the constraints here are the API's documented contract. Numeric fields are strict
-(`"5"` and `true` are not integers) and non-finite floats are refused, as OpenAI does.
+them, so the constraints here are the API's documented contract (tests/test_openapi_conformance.py
+holds the server to it). Numeric fields are strict (`"5"` and `true` are not integers; `5.0`
+is, as JSON Schema says) and non-finite floats are refused, as OpenAI does.
 Fields that OpenAI defines but jaxserve cannot honour accept only their neutral value, so that
 a request never silently gets something other than what it asked for.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 import time
 from typing import Annotated, Dict, List, Literal, Optional, Union
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
 INT32_MAX = 2 ** 31 - 1
 MAX_N = 128  # completions one request may ask for (OpenAI's limit)
@@ -26,8 +27,22 @@ def _utf8(s: str) -> str:
     return s
 
 
-Text = Annotated[str, AfterValidator(_utf8)]
-TokenId = Annotated[int, Field(ge=0, le=INT32_MAX)]
+Text = Annotated[str, AfterValidator(_utf8), Field(description="Unicode text (no lone surrogates).")]
+NonEmptyText = Annotated[Text, Field(min_length=1)]
+def _integral(value):
+    # JSON Schema's integers include 5.0; strict validation would refuse it (and "5" and true, as it should)
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def Int(**bounds):
+    """An integer field's type, bounded (ge, le, lt), integral floats taken as integers."""
+    return Annotated[int, Field(**bounds), BeforeValidator(_integral)]
+
+
+# A token id; the served model's vocabulary bounds it, which `app` writes into /openapi.json.
+TokenId = Int(ge=0, le=INT32_MAX, json_schema_extra={"x-token-id": True})
 
 
 class _Request(BaseModel):
@@ -44,23 +59,23 @@ class SamplingFields(_Request):
                                   "omitted means the served model.")
     temperature: Optional[float] = Field(None, ge=0, description="0 = greedy. Default 1.")
     top_p: Optional[float] = Field(None, gt=0, le=1, description="Nucleus sampling mass. Default 1.")
-    top_k: Optional[int] = Field(None, ge=-1, le=INT32_MAX, description="Extension: keep the k most "
+    top_k: Optional[Int(ge=-1, le=INT32_MAX)] = Field(None, description="Extension: keep the k most "
                                  "likely tokens; 0 or -1 = off.")
-    seed: Optional[int] = Field(None, ge=0, lt=2 ** 32, description="Makes sampling reproducible.")
-    stop: Optional[Union[Text, List[Text]]] = Field(None, description="Strings that end the output "
+    seed: Optional[Int(ge=0, lt=2 ** 32)] = Field(None, description="Makes sampling reproducible.")
+    stop: Optional[Union[NonEmptyText, List[NonEmptyText]]] = Field(None, description="Strings that end the output "
                                                     "(not included in it).")
     stop_token_ids: Optional[List[TokenId]] = Field(None, description="Extension: token ids that end "
                                                     "the output.")
     ignore_eos: bool = Field(False, description="Extension: keep generating past end-of-sequence.")
-    min_tokens: int = Field(0, ge=0, le=INT32_MAX, description="Extension (as vLLM's): tokens to generate "
+    min_tokens: Int(ge=0, le=INT32_MAX) = Field(0, description="Extension (as vLLM's), at most max_tokens: tokens to generate "
                             "before end-of-sequence, a stop token or a stop string may end the output.")
-    n: int = Field(1, ge=1, le=MAX_N, description="Completions of the prompt, answered as choices 0..n-1 (each "
+    n: Int(ge=1, le=MAX_N) = Field(1, description="Completions of the prompt, answered as choices 0..n-1 (each "
                    "counts as a request waiting to start; seeded, the i-th draws from seed + i).")
     stream: bool = Field(False, description="Stream the answer as server-sent events.")
     stream_options: Optional[StreamOptions] = None
     presence_penalty: Optional[float] = Field(None, ge=0, le=0, description="Not supported: only 0.")
     frequency_penalty: Optional[float] = Field(None, ge=0, le=0, description="Not supported: only 0.")
-    priority: int = Field(0, ge=-INT32_MAX, le=INT32_MAX, description="Extension: scheduling priority "
+    priority: Int(ge=-INT32_MAX, le=INT32_MAX) = Field(0, description="Extension: scheduling priority "
                           "for policies that use it.")
     user: Optional[Text] = None
 
@@ -79,14 +94,19 @@ class SamplingFields(_Request):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
-Prompt = Union[Text, List[TokenId], List[Text], List[List[TokenId]]]
+TokenIds = Annotated[List[TokenId], Field(min_length=1)]
+# A batch of prompts is a list of exactly one: one request per prompt.
+Prompt = Union[NonEmptyText, TokenIds, Annotated[List[NonEmptyText], Field(min_length=1, max_length=1)],
+               Annotated[List[TokenIds], Field(min_length=1, max_length=1)]]
 
 
 class CompletionRequest(SamplingFields):
-    prompt: Prompt = Field(description="Text, or a list of token ids. A list of prompts must hold "
-                           "exactly one (send one request per prompt).")
-    max_tokens: Optional[int] = Field(16, ge=1, le=INT32_MAX, description="Most tokens to generate.")
-    logprobs: Optional[int] = Field(None, ge=0, le=0, description="0: return each chosen token's "
+    prompt: Prompt = Field(description="Text, or a list of token ids, not empty. A list of prompts must "
+                           "hold exactly one (send one request per prompt).")
+    max_tokens: Optional[Int(ge=1, le=INT32_MAX)] = Field(16, description="Most tokens to generate. The "
+                                      "prompt and these must fit the model's context window (max_model_len "
+                                      "in GET /v1/models): else 400, code context_length_exceeded.")
+    logprobs: Optional[Int(ge=0, le=0)] = Field(None, description="0: return each chosen token's "
                                     "log-probability (top alternatives are not available).")
     echo: Literal[False] = Field(False, description="Not supported: only false.")
     best_of: Optional[Literal[1]] = Field(None, description="Not supported: only 1.")
@@ -110,12 +130,20 @@ class ChatMessage(_Request):
 
 class ChatCompletionRequest(SamplingFields):
     messages: List[ChatMessage] = Field(min_length=1)
-    max_tokens: Optional[int] = Field(None, ge=1, le=INT32_MAX, description="Deprecated alias of "
+    max_tokens: Optional[Int(ge=1, le=INT32_MAX)] = Field(None, description="Deprecated alias of "
                                       "max_completion_tokens.")
-    max_completion_tokens: Optional[int] = Field(None, ge=1, le=INT32_MAX, description="Most tokens to "
-                                                 "generate; default: up to the context window.")
+    max_completion_tokens: Optional[Int(ge=1, le=INT32_MAX)] = Field(None, description="Most tokens to "
+                                                 "generate; default: up to the context window. The prompt and "
+                                                 "these must fit it: else 400, code context_length_exceeded.")
     logprobs: bool = Field(False, description="Return each chosen token's log-probability.")
-    top_logprobs: Optional[int] = Field(None, ge=0, le=0, description="Not supported beyond 0.")
+    top_logprobs: Optional[Int(ge=0, le=0)] = Field(None, description="Not supported beyond 0.")
+
+
+class ImportRequest(_Request):
+    """The body of the peer route: a shutting-down peer's unfinished requests, and the outputs
+    of those that ended while it drained (records of jaxserve.engine.journal)."""
+    requests: List[dict] = Field(description="Request records to resume here.")
+    finished: List[dict] = Field([], description="Finished request records, for clients that reconnect.")
 
 
 # -- responses --------------------------------------------------------------------------------
