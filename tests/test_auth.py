@@ -49,6 +49,10 @@ def test_v1_routes_need_the_api_key_and_probes_stay_open(guarded):
         assert r.headers["www-authenticate"] == "Bearer"
     assert httpx.post(url + "/v1/completions", json={"prompt": "hi"}).status_code == 401
     assert httpx.get(url + "/v1/requests/anything/stream").status_code == 401
+    assert httpx.head(url + "/v1/models").status_code == 401
+    # a method no route serves is 405 for anyone (the schema lists the methods; nothing runs)
+    assert httpx.request("TRACE", url + "/v1/models").status_code == 405
+    assert httpx.request("DELETE", url + "/v1/requests/import").status_code == 405
     assert httpx.get(url + "/health").status_code == 200
     assert httpx.get(url + "/metrics").status_code == 200
     with pytest.raises(openai.AuthenticationError):

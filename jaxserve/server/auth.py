@@ -39,7 +39,7 @@ class Credentials:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         # methods no route serves go on to the router (405), whoever asks
-        if scope["type"] == "http" and scope["method"] in ("GET", "POST"):
+        if scope["type"] == "http" and scope["method"] in ("GET", "HEAD", "POST"):
             refusal = self.refusal(scope["path"], Headers(scope=scope))
             if refusal is not None:
                 return await error_response(refusal)(scope, receive, send)
