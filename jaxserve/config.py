@@ -86,11 +86,12 @@ FIELD_HELP = {
 
 
 def leaves(config, prefix: str = "") -> list:
-    """(dotted name, value) of every field of a config, sections flattened, in order."""
+    """(dotted name, value) of every field of a config, sections flattened, in order (a field
+    FIELD_HELP describes is one, whatever its value, e.g. model.rope_scaling)."""
     out = []
     for key, value in config.items():
         name = prefix + key
-        if isinstance(value, (config_dict.ConfigDict, dict)) and not name.endswith("rope_scaling"):
+        if isinstance(value, (config_dict.ConfigDict, dict)) and name not in FIELD_HELP:
             out += leaves(value, name + ".")
         else:
             out.append((name, value))

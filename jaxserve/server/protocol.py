@@ -29,6 +29,8 @@ def _utf8(s: str) -> str:
 
 Text = Annotated[str, AfterValidator(_utf8), Field(description="Unicode text (no lone surrogates).")]
 NonEmptyText = Annotated[Text, Field(min_length=1)]
+
+
 def _integral(value):
     # JSON Schema's integers include 5.0; strict validation would refuse it (and "5" and true, as it should)
     if isinstance(value, float) and value.is_integer():

@@ -119,17 +119,13 @@ def _skip(deltas: _TextDeltas, reply: Reply, out: RequestOutput, skip_tokens: in
 
 async def _merged(streams: Sequence[RequestStream]) -> AsyncIterator[tuple]:
     """(choice index, output) of every stream's outputs, as they come; an error of any ends it."""
-    if len(streams) == 1:
-        async for out in streams[0]:
-            yield 0, out
-        return
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(i, stream):
         try:
             async for out in stream:
                 queue.put_nowait((i, out))
-        except (EngineFailure, EngineUnavailable) as e:
+        except Exception as e:  # noqa: BLE001 - raised where the events are read
             queue.put_nowait((i, e))
     tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
     try:
