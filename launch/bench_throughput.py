@@ -301,23 +301,22 @@ def device_busy(trace_dir: str) -> Optional[dict]:
     files = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True), key=os.path.getmtime)
     if not files:
         return None
-    spans, by_kernel, calls, names = [], collections.Counter(), collections.Counter(), []
+    spans, by_kernel, calls = [], collections.Counter(), collections.Counter()
     for plane in jax.profiler.ProfileData.from_file(files[-1]).planes:
         if plane.name.startswith("/device:") and "CPU" not in plane.name:
             for line in plane.lines:
                 if "Stream" in line.name:
                     for ev in line.events:
-                        spans.append((ev.start_ns, ev.end_ns))
-                        names.append((ev.start_ns, ev.end_ns, ev.name))
+                        spans.append((ev.start_ns, ev.end_ns, ev.name))
                         by_kernel[ev.name] += ev.duration_ns
                         calls[ev.name] += 1
     if not spans:
         return None
     top = {name: ns / 1e9 for name, ns in by_kernel.most_common(40)}
-    span = max(b for _, b in spans) - min(a for a, _ in spans)
+    span = max(s[1] for s in spans) - min(s[0] for s in spans)
     busy, gaps = union_and_gaps(spans)
     return {"busy_s": busy / 1e9, "span_s": span / 1e9, "kernels": len(spans), "idle_gaps": gap_histogram(gaps),
-            "idle_gap_sites": gap_sites(names), "top_kernels_s": top,
+            "idle_gap_sites": gap_sites(spans), "top_kernels_s": top,
             "top_kernel_calls": {name: calls[name] for name in top}}
 
 
@@ -327,28 +326,32 @@ def gap_sites(events: Sequence[tuple], min_ns: int = 10_000, top: int = 12) -> L
     the largest total first. A host that falls behind shows as gaps before a step's first
     kernels or copies."""
     sites: dict = collections.defaultdict(lambda: [0, 0])
-    end, last = None, None
-    for a, b, name in sorted(events):
-        if end is not None and a - end >= min_ns:
-            site = sites[(last.split("(")[0][:60], name.split("(")[0][:60])]
+    for gap, before, after in _sweep(events)[1]:
+        if gap >= min_ns:
+            site = sites[(before[0].split("(")[0][:60], after[0].split("(")[0][:60])]
             site[0] += 1
-            site[1] += a - end
-        if end is None or b > end:
-            end, last = b, name
+            site[1] += gap
     ranked = sorted(sites.items(), key=lambda kv: -kv[1][1])[:top]
     return [(before, after, n, round(ns / 1e9, 6)) for (before, after), (n, ns) in ranked]
 
 
 def union_and_gaps(spans: Sequence[tuple]) -> tuple:
-    """Total length covered by (start, end) intervals (a device's streams overlap each other), and
-    the lengths of the idle gaps between them."""
-    busy, end, gaps = 0, None, []
-    for a, b in sorted(spans):
+    """Total length covered by (start, end, ...) intervals (a device's streams overlap each
+    other), and the lengths of the idle gaps between them."""
+    busy, gaps = _sweep(spans)
+    return busy, [gap for gap, _, _ in gaps]
+
+
+def _sweep(events: Sequence[tuple]) -> tuple:
+    """(busy length, [(gap, the rest of the event that ended last before it, of the next)]) of
+    (start, end, ...) intervals, swept in start order."""
+    busy, end, last, gaps = 0, None, None, []
+    for a, b, *rest in sorted(events):
         if end is not None and a > end:
-            gaps.append(a - end)
+            gaps.append((a - end, last, rest))
         if end is None or b > end:
             busy += b - (a if end is None else max(a, end))
-            end = b
+            end, last = b, rest
     return busy, gaps
 
 
