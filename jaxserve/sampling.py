@@ -1,9 +1,12 @@
-"""Token sampling: greedy, temperature, top-k and top-p, with one PRNG key per request.
+"""Token sampling: greedy, temperature, top-k and top-p, repetition, presence and frequency
+penalties, with one PRNG key per request, and the top log-probabilities of each draw.
 
 Each request's key is derived from its own seed and the index of the token being drawn, so a
 request samples the same tokens whatever else shares its batch.
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -32,18 +35,66 @@ def _filter_top_k_top_p(scaled, top_k, top_p):
     return jnp.where(scaled >= threshold, scaled, -jnp.inf)
 
 
-MODES = ("greedy", "sample", "filter")
+class Penalties(NamedTuple):
+    """Each row's penalty inputs (OpenAI's and vLLM's definitions): counts [B,V] of each token
+    in the row's output so far, in_prompt [B,V] whether it is in the prompt, and the row's
+    repetition (1 = off), presence and frequency (0 = off) penalties [B]."""
+    counts: jax.Array
+    in_prompt: jax.Array
+    repetition: jax.Array
+    presence: jax.Array
+    frequency: jax.Array
 
 
-def mode_for(temperature, top_k, top_p) -> str:
+def penalize(logits, p: Penalties):
+    """logits [B,V] with the penalties applied, in vLLM's order: a token seen in the prompt or
+    the output has its logit divided by the repetition penalty (multiplied, when negative),
+    then each output token's logit loses frequency x its count and presence once. A row with
+    neutral penalties keeps its logits bit for bit (x / 1, x * 1 and x - 0 are exact)."""
+    used = p.counts > 0
+    rep = p.repetition[:, None]
+    logits = jnp.where(used | p.in_prompt, jnp.where(logits > 0, logits / rep, logits * rep), logits)
+    return logits - p.frequency[:, None] * p.counts - p.presence[:, None] * used
+
+
+# Every sampling mode: what the draw does ('greedy' runs an argmax, 'sample' draws without the
+# vocabulary sort that only 'filter' (top-k/top-p) needs), with '+penalties' when some row has
+# penalties.
+BASE_MODES = ("greedy", "sample", "filter")
+MODES = BASE_MODES + tuple(f"{base}+penalties" for base in BASE_MODES)
+TOP_LOGPROBS = 20  # the most top log-probabilities a row can ask for (OpenAI's limit)
+
+
+def mode_for(temperature, top_k, top_p, penalties: bool = False) -> str:
     """The least work that serves these rows (host arrays): 'greedy' (every row greedy), 'sample'
-    (some rows sample, none filters) or 'filter' (some sampled row asks for top-k or top-p)."""
+    (some rows sample, none filters) or 'filter' (some sampled row asks for top-k or top-p),
+    with '+penalties' when some row has penalties."""
     sampled = np.asarray(temperature) > 0
     if not sampled.any():
-        return "greedy"
-    if (sampled & ((np.asarray(top_k) > 0) | (np.asarray(top_p) < 1))).any():
-        return "filter"
-    return "sample"
+        base = "greedy"
+    elif (sampled & ((np.asarray(top_k) > 0) | (np.asarray(top_p) < 1))).any():
+        base = "filter"
+    else:
+        base = "sample"
+    return base + "+penalties" * bool(penalties)
+
+
+def split_mode(mode: str) -> tuple:
+    """(base mode, whether it applies penalties) of a mode, or ValueError naming it."""
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r}: expected one of {MODES}")
+    base, _, extra = mode.partition("+")
+    return base, extra == "penalties"
+
+
+def top_logprobs(logits, tokens, k: int = TOP_LOGPROBS):
+    """(ids [B,k], logprobs [B,k]) of each row's k most likely tokens and the rank [B] (1 = most
+    likely) of its chosen token, under the unmodified distribution (as `sample`'s logprobs)."""
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    values, ids = jax.lax.top_k(logp, k)
+    chosen = jnp.take_along_axis(logp, tokens[:, None], axis=-1)
+    rank = 1 + jnp.sum(logp > chosen, axis=-1, dtype=jnp.int32)
+    return ids.astype(jnp.int32), values, rank
 
 
 def ban(logits, banned):
@@ -57,26 +108,28 @@ def ban(logits, banned):
     return jnp.where(hit, -jnp.inf, logits)
 
 
-def sample(logits, temperature, top_k, top_p, keys, mode: str, banned=None):
+def sample(logits, temperature, top_k, top_p, keys, mode: str, banned=None, penalties=None):
     """Samples one token per row of logits [B,V] (float32).
 
     temperature [B] (0 = greedy), top_k [B] (0 = off), top_p [B] in (0, 1], keys [B]; banned
-    [B,M]: token ids a row may not draw (-1 = none; `SamplingParams.min_tokens`).
+    [B,M]: token ids a row may not draw (-1 = none; `SamplingParams.min_tokens`); penalties: a
+    `Penalties`, in the modes with '+penalties' only.
     Returns (tokens [B] int32, logprobs [B] of the chosen tokens under the unmodified distribution).
-    mode (static, from `mode_for` on the host): 'greedy' runs nothing but an argmax, 'sample'
-    draws without the vocabulary sort that only 'filter' (top-k/top-p) needs. The host picks it
-    because the device cannot do so cheaply: on GPU a lax.cond whose branch holds the sort ran on
-    the host, reading its predicate back and stalling every step (about 0.5 ms on an H100).
+    mode (static, from `mode_for` on the host). The host picks it because the device cannot do so cheaply: on GPU a lax.cond whose branch
+    holds the sort ran on the host, reading its predicate back and stalling every step (about
+    0.5 ms on an H100).
     """
-    if mode not in MODES:
-        raise ValueError(f"mode={mode!r}: expected one of {MODES}")
-    allowed = logits if banned is None else ban(logits, banned)
+    base, penalized = split_mode(mode)
+    if penalized != (penalties is not None):
+        raise ValueError(f"mode={mode!r}: penalties must be given exactly in the modes with '+penalties'")
+    allowed = logits if penalties is None else penalize(logits, penalties)
+    allowed = allowed if banned is None else ban(allowed, banned)
     greedy = jnp.argmax(allowed, axis=-1).astype(jnp.int32)
-    if mode == "greedy":
+    if base == "greedy":
         tokens = greedy
     else:
         scaled = allowed / jnp.maximum(temperature, 1e-6)[:, None]
-        if mode == "filter":
+        if base == "filter":
             scaled = _filter_top_k_top_p(scaled, top_k, top_p)
         drawn = jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
         tokens = jnp.where(temperature > 0, drawn, greedy)

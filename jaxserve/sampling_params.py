@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Optional, Sequence
 
 
@@ -18,6 +19,14 @@ class SamplingParams:
     logprobs: bool = False         # return the log-probability of each chosen token
     min_tokens: int = 0            # tokens before end-of-sequence or a stop (token or string) may end it
     n: int = 1                     # completions of the prompt (LLM.generate; the engine runs one a request)
+    repetition_penalty: float = 1.0  # > 0: logits of prompt and output tokens divided by it (1 = off)
+    presence_penalty: float = 0.0    # in [-2, 2]: subtracted once from each output token's logit
+    frequency_penalty: float = 0.0   # in [-2, 2]: subtracted per occurrence in the output
+
+    @property
+    def penalized(self) -> bool:
+        """Whether any penalty is on (the step samples in a '+penalties' mode)."""
+        return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -48,6 +57,12 @@ class SamplingParams:
         if not isinstance(self.min_tokens, int) or isinstance(self.min_tokens, bool) or not (
                 0 <= self.min_tokens <= self.max_tokens):
             bad("min_tokens", f"must be an integer in [0, max_tokens={self.max_tokens}]")
+        number = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+        if not number(self.repetition_penalty) or self.repetition_penalty <= 0:
+            bad("repetition_penalty", "must be a number > 0 (1 = off)")
+        for field in ("presence_penalty", "frequency_penalty"):
+            if not number(getattr(self, field)) or not -2 <= getattr(self, field) <= 2:
+                bad(field, "must be a number in [-2, 2] (0 = off)")
         if not all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids):
             bad("stop_token_ids", "must be non-negative integers")
 

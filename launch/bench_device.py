@@ -357,7 +357,7 @@ def part_jax(config, res: Results, deadline: float, variant: bool = False):
         traces = model_runner.TRACE_COUNT["forward"]
         t = time.time()
         first_cache = runner.cache
-        tok, lp = runner.launch(*args)
+        tok, lp, _ = runner.launch(*args)
         jax.block_until_ready(tok)
         compile_s = time.time() - t
         donated = first_cache["k"].is_deleted()
@@ -382,7 +382,7 @@ def part_jax(config, res: Results, deadline: float, variant: bool = False):
         row["roofline_frac"] = row["roofline_ms"] / row["ms"]
         row["achieved_tb_s"] = (W + kv) / t_pipe / 1e12
         # both impls from the same pool: each writes its own token at position ctx-1 first
-        tok, lp = runner.launch(*args)
+        tok, lp, _ = runner.launch(*args)
         row["_tokens"], row["_logprobs"] = np.asarray(tok)[:B], np.asarray(lp)[:B]
         if check_against is not None:
             row["tokens_agree"] = float((row["_tokens"] == check_against["_tokens"]).mean())
@@ -552,7 +552,7 @@ def part_jax(config, res: Results, deadline: float, variant: bool = False):
         def steps():
             out = None
             for _ in range(n_steps):
-                out, _ = runner.launch(*args)
+                out, _, _ = runner.launch(*args)
             return out
 
         def traffic():

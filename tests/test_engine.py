@@ -208,10 +208,12 @@ def test_precompile_covers_every_shape_a_run_reaches_and_leaves_the_cache_intact
         requests.append((f"r{i}", prompt, SamplingParams(max_tokens=71 - len(prompt), seed=100 + i)))
     requests[1] = (*requests[1][:2], SamplingParams(max_tokens=10, temperature=0.0))
     requests[2] = (*requests[2][:2], SamplingParams(max_tokens=10, temperature=0.8, top_p=0.9, seed=2))
+    requests[3] = (*requests[3][:2], SamplingParams(max_tokens=10, temperature=0.8, seed=3, repetition_penalty=1.2))
+    requests[4] = (*requests[4][:2], SamplingParams(max_tokens=10, temperature=0, presence_penalty=1.0))
     engine = make_engine(small, token_budget=32, max_chunk=32, max_batch=2, num_pages=16)
     launched, launch = [], engine.runner.launch
-    engine.runner.launch = lambda shape, step, sample, mode: launched.append((shape, mode)) or launch(shape, step,
-                                                                                                     sample, mode)
+    engine.runner.launch = lambda shape, step, sample, mode, **kw: launched.append((shape, mode)) or launch(
+        shape, step, sample, mode, **kw)
     compiled = engine.precompile()
     # each shape also ran once (first runs do one-time work), in each sampling mode it was compiled in
     shapes = model_runner.step_shapes(2, 32, engine.runner.max_pages_per_seq)

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxserve.sampling import MODES, mode_for, request_keys, sample
+from jaxserve.sampling import BASE_MODES, mode_for, request_keys, sample
 
 PROBS = np.array([0.5, 0.3, 0.15, 0.05])
 LOGITS = np.log(PROBS).astype(np.float32)
@@ -228,7 +228,7 @@ def test_the_least_work_mode_gives_what_every_fuller_mode_gives():
         t, k, p = np.float32(t), np.int32(k), np.float32(p)
         assert mode_for(t, k, p) == want
         picked = _static(logits, t, k, p, keys, mode=want)
-        for fuller in MODES[MODES.index(want) + 1:]:  # the modes that do more work
+        for fuller in BASE_MODES[BASE_MODES.index(want) + 1:]:  # the modes that do more work
             got = _static(logits, t, k, p, keys, mode=fuller)
             np.testing.assert_array_equal(picked[0], got[0])
             np.testing.assert_allclose(picked[1], got[1], rtol=1e-6)

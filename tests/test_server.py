@@ -150,6 +150,26 @@ def test_token_id_prompt_logprobs_and_seeded_sampling(client):
     assert len(chat.choices[0].logprobs.content) == 4
 
 
+def test_penalties_give_the_engines_tokens_streamed_or_not(client, tiny):
+    from test_engine import make_engine, run_all
+    from jaxserve import SamplingParams
+    prompt = [int(t) for t in np.random.default_rng(1).integers(3, 5000, size=30)]
+    penalties = dict(presence_penalty=-2, frequency_penalty=-1)  # a random model repeats only when pushed
+    kw = dict(model=MODEL, prompt=prompt, max_tokens=12, temperature=0, **penalties,
+              extra_body={"repetition_penalty": 0.5, "ignore_eos": True})
+    whole = client.completions.create(**kw).choices[0].text
+    streamed = "".join(c.choices[0].text for c in client.completions.create(**kw, stream=True))
+    ref = run_all(make_engine(tiny), [("a", prompt, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True,
+                                                                    repetition_penalty=0.5, **penalties))])["a"]
+    plain = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0,
+                                      extra_body={"ignore_eos": True}).choices[0].text
+    assert whole == streamed == ref.text != plain
+    chat = dict(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=8, temperature=0,
+                extra_body={"ignore_eos": True})
+    answers = [client.chat.completions.create(**chat, frequency_penalty=f).choices[0].message.content for f in (-2, -2, 0)]
+    assert answers[0] == answers[1] != answers[2]
+
+
 def test_n_choices_are_the_seeded_requests_of_seed_plus_i_streamed_or_not(client):
     # reference: one request per choice, choice i of a seeded request drawing from seed + i
     kw = dict(model=MODEL, prompt="Once upon a time", max_tokens=8, temperature=1.0,
@@ -281,6 +301,9 @@ USER = [{"role": "user", "content": "hi"}]
     (C, {"prompt": "hi", "max_tokens": 4, "min_tokens": 5}, 400, "min_tokens"),
     (CHAT, {"messages": USER, "min_tokens": -1}, 400, "min_tokens"),
     (C, {"prompt": "hi", "logprobs": 5}, 400, "logprobs"),
+    (C, {"prompt": "hi", "presence_penalty": 2.5}, 400, "presence_penalty"),
+    (CHAT, {"messages": USER, "frequency_penalty": -3}, 400, "frequency_penalty"),
+    (CHAT, {"messages": USER, "repetition_penalty": 0}, 400, "repetition_penalty"),
     (C, {"prompt": "hi", "stop": [""]}, 400, "stop"),
     (C, {"prompt": "hi", "stream_options": {"include_usage": "yes"}}, 400, "stream_options"),
     (C, b'{"prompt": "\\ud800"}', 400, "prompt"),
@@ -324,7 +347,7 @@ def test_fuzzed_bodies_never_get_a_5xx_and_every_status_is_documented(server):
            {"include_usage": 1}, [{"role": "user"}], [{"role": "user", "content": None}]]
     fields = ["prompt", "messages", "model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
               "seed", "stop", "stop_token_ids", "n", "stream_options", "logprobs", "top_logprobs", "priority",
-              "ignore_eos", "echo", "best_of", "presence_penalty"]
+              "ignore_eos", "echo", "best_of", "presence_penalty", "frequency_penalty", "repetition_penalty"]
     seen = set()
     with httpx.Client(base_url=server, timeout=60) as http:
         for i in range(120):

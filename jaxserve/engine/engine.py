@@ -26,6 +26,7 @@ from jaxserve.engine.kv_manager import KVManager
 from jaxserve.engine.model_runner import (BANNED_TOKENS, UNROLL_CHOICES, Chunk, Dispatched, ModelRunner,
                                          enable_compile_cache)
 from jaxserve.engine.outputs import RequestOutput, cut_at_stop
+from jaxserve.engine.penalty_rows import PenaltyRows
 from jaxserve.engine.request import Request, Status
 from jaxserve.model.config import ModelConfig
 from jaxserve.sampling_params import SamplingParams
@@ -107,6 +108,7 @@ class Engine:
                       "prompt_tokens_computed": 0,
                       "prefix_deferred": 0, "prefix_host_hit_tokens": 0, "prefix_spilled_pages": 0,
                       "prefix_restored_pages": 0, "swap_shared_pages_kept": 0}
+        self.penalty_rows = PenaltyRows(self.runner)
         self.kv = KVManager(config.num_pages, config.page_size, config.host_pages, mesh, self.runner, self.stats,
                             prefix_cache=config.prefix_cache, host_tier=config.prefix_host_tier,
                             model_key=repr(cfg))
@@ -167,6 +169,10 @@ class Engine:
         params._check()  # a dataclass can be changed after it was built
         if params.n != 1:
             raise ValueError(f"n={params.n}: the engine runs one completion a request (LLM.generate runs n)")
+        if params.penalized and jax.process_count() > 1:
+            field = next(f for f, off in (("repetition_penalty", 1), ("presence_penalty", 0), ("frequency_penalty", 0))
+                         if getattr(params, f) != off)
+            raise ValueError(f"{field}: penalties are not supported across processes yet")
         banned = len(self._min_tokens_banned(params)) if params.min_tokens else 0
         if banned > BANNED_TOKENS:
             raise ValueError(f"min_tokens={params.min_tokens}: needs at most {BANNED_TOKENS} stop and end-of-sequence "
@@ -321,6 +327,7 @@ class Engine:
                 self._finish(r, "error", journal=False)
                 outputs.append(self._output(r, []))
         lost = self.runner.recover()
+        self.penalty_rows.clear()  # the counts held the dropped tokens of the failed steps
         self.kv.forget_cached()  # a failed step may have left named pages unwritten
         for r in self.requests.values():
             r.num_pending, r.pending_row = 0, -1
@@ -381,7 +388,8 @@ class Engine:
             return None
         self.num_steps += 1
         self._dispatching = [r for r, _ in scheduled]  # whom a failure in dispatch concerns
-        dispatched = self.runner.dispatch([self._chunk(r, n) for r, n in scheduled])
+        penalized = {r.request_id for r, n in scheduled if r.params.penalized and n == r.num_remaining}
+        dispatched = self.runner.dispatch([self._chunk(r, n, penalized) for r, n in scheduled])
         self._dispatching = []
         produced = []
         for (r, n), row in zip(scheduled, dispatched.rows):
@@ -435,6 +443,7 @@ class Engine:
                 self.stats["recomputed_tokens"] += r.num_computed
                 r.num_computed = 0
             r.status = Status.WAITING
+            self.penalty_rows.release(r.request_id)
             out.append((r, kv, self._decoders.pop(r.request_id, None)))
         self.requests.clear()
         return out
@@ -506,14 +515,17 @@ class Engine:
                            r.num_generated, r.params.max_tokens, pages, location, num_cached=cached,
                            shared_pages=shared)
 
-    def _chunk(self, r: Request, n: int) -> Chunk:
+    def _chunk(self, r: Request, n: int, penalized: set) -> Chunk:
+        """r's work in this step: n tokens. penalized: the requests that sample with penalties
+        in it (the chunk that ends r's known tokens samples; earlier prefill chunks do not)."""
         p = r.params
         tokens, prev_row = r.token_ids(r.num_computed, r.num_computed + n), -1
         if len(tokens) < n:  # the last token was sampled by the step in flight: it stays on the device
             tokens, prev_row = tokens + [0], r.pending_row
         banned = self._min_tokens_banned(p) if r.num_generated < p.min_tokens else ()
+        penalty_row = self.penalty_rows.row_for(r, penalized) if r.request_id in penalized else -1
         return Chunk(tokens, r.num_computed, r.pages, p.temperature, p.top_k, p.top_p, r.seed, r.num_generated,
-                     prev_row, banned)
+                     prev_row, banned, penalty_row, p.repetition_penalty, p.presence_penalty, p.frequency_penalty)
 
     def _min_tokens_banned(self, p: SamplingParams) -> tuple:
         """What a request may not sample before its min_tokens: its stop tokens, and
@@ -560,6 +572,7 @@ class Engine:
         if journal and self.journal is not None:
             self.journal.finished(r.request_id, reason)
         self.kv.release(r)
+        self.penalty_rows.release(r.request_id)
         told = getattr(self.policy, "finished", None)  # optional: policies that learn from ends
         if told is not None:
             told(r.request_id, len(r.output_ids), reason)

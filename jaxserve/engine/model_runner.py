@@ -75,6 +75,14 @@ class StepInputs(NamedTuple):
 BANNED_TOKENS = 8
 
 
+class PenaltyInputs(NamedTuple):
+    """Per-sequence penalty settings [S] of a step in a '+penalties' sampling mode."""
+    rows: np.ndarray         # the row of the runner's token counts it reads and adds to (-1 = none)
+    repetition: np.ndarray   # 1 = off
+    presence: np.ndarray     # 0 = off
+    frequency: np.ndarray    # 0 = off
+
+
 class SampleInputs(NamedTuple):
     """Per-sequence sampling settings [S] of one `sample_step`."""
     temperature: np.ndarray
@@ -83,6 +91,7 @@ class SampleInputs(NamedTuple):
     seeds: np.ndarray
     steps: np.ndarray        # index of the token being drawn (the request's generated count)
     banned: np.ndarray       # [S, BANNED_TOKENS] token ids a row may not draw (-1 = none)
+    penalties: Optional[PenaltyInputs] = None  # in the '+penalties' modes only (nothing sent else)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "attention_impl", "mesh", "unroll_layers", "gemm_rows"),
@@ -106,13 +115,63 @@ def forward_step(params, cache, prev_tokens, inputs: StepInputs, cfg: ModelConfi
     return logits[0], cache
 
 
-@functools.partial(jax.jit, static_argnames=("mode", "rows"))
-def sample_step(logits, s: SampleInputs, mode: str, rows: int):
-    """-> (tokens [rows] int32, the S sampled ones first; logprobs [S])."""
+@functools.partial(jax.jit, static_argnames=("mode", "rows"), donate_argnames=("counts",))
+def sample_step(logits, s: SampleInputs, mode: str, rows: int, counts=None):
+    """-> (tokens [rows] int32, the S sampled ones first; logprobs [S]; counts).
+
+    counts (the '+penalties' modes): {"counts" [C,V] int32, "in_prompt" [C,V] bool}, the token
+    counts of the requests holding each row (`PenaltyRows`); each penalized sequence's drawn
+    token is added to its row, so the next step's penalties include it without the host."""
     TRACE_COUNT["sample"] += 1
     keys = sampling.request_keys(s.seeds, s.steps)
-    tokens, logprobs = sampling.sample(logits, s.temperature, s.top_k, s.top_p, keys, mode=mode, banned=s.banned)
-    return jnp.pad(tokens, (0, rows - tokens.shape[0])), logprobs
+    penalties = None
+    if sampling.split_mode(mode)[1]:
+        rows_of = jnp.maximum(s.penalties.rows, 0)  # rows of -1 read row 0 with neutral penalties
+        penalties = sampling.Penalties(counts["counts"][rows_of], counts["in_prompt"][rows_of],
+                                       s.penalties.repetition, s.penalties.presence, s.penalties.frequency)
+    tokens, logprobs = sampling.sample(logits, s.temperature, s.top_k, s.top_p, keys, mode=mode, banned=s.banned,
+                                       penalties=penalties)
+    if penalties is not None:
+        counts = dict(counts, counts=counts["counts"].at[rows_of, tokens].add((s.penalties.rows >= 0).astype(jnp.int32)))
+    return jnp.pad(tokens, (0, rows - tokens.shape[0])), logprobs, counts
+
+
+@jax.jit
+def top_step(logits, tokens):
+    """(ids [S,K], logprobs [S,K], chosen rank [S]) of a step's logits [S,V] and its drawn tokens
+    (sample_step's [rows]): run after it in the steps where a request asks for them."""
+    return sampling.top_logprobs(logits, tokens[:logits.shape[0]])
+
+
+@functools.partial(jax.jit, donate_argnames=("counts",))
+def set_counts_row(counts, row, output_counts, in_prompt):
+    """counts with row `row` set to a request's: output_counts [V] and in_prompt [V]."""
+    return {"counts": counts["counts"].at[row].set(output_counts), "in_prompt": counts["in_prompt"].at[row].set(in_prompt)}
+
+
+def init_counts(vocab_size: int, num_rows: int, mesh) -> dict:
+    """The token counts of `num_rows` penalized requests (see sample_step), zero, replicated."""
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return jax.device_put({"counts": np.zeros((num_rows, vocab_size), np.int32),
+                           "in_prompt": np.zeros((num_rows, vocab_size), bool)}, replicated)
+
+
+def penalty_padding(S: int) -> PenaltyInputs:
+    """PenaltyInputs of S rows that read and count nothing."""
+    return PenaltyInputs(rows=np.full(S, -1, np.int32), repetition=np.ones(S, np.float32),
+                         presence=np.zeros(S, np.float32), frequency=np.zeros(S, np.float32))
+
+
+def sample_padding(shape: StepShape, scratch_page: int, mode: str) -> tuple:
+    """`padding_inputs` for a step in this sampling mode (a row of it samples, or filters, so
+    that the step runs the mode's work; penalty inputs where the mode has them)."""
+    step, sample = padding_inputs(shape, scratch_page)
+    base, penalized = sampling.split_mode(mode)
+    sample.temperature[0] = 0.0 if base == "greedy" else 1.0
+    sample.top_k[0] = 2 if base == "filter" else 0
+    if penalized:
+        sample = sample._replace(penalties=penalty_padding(shape.seqs))
+    return step, sample
 
 
 def padding_inputs(shape: StepShape, scratch_page: int) -> tuple:
@@ -143,6 +202,11 @@ class Chunk:
     step: int  # index of the token to sample (the request's number of generated tokens)
     prev_row: int = -1  # >= 0: the last token is the previous step's sampled token of this row
     banned: Sequence[int] = ()  # token ids the step may not sample for it (at most BANNED_TOKENS)
+    penalty_row: int = -1       # >= 0: its row of the runner's token counts (penalties on)
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    top_logprobs: bool = False  # whether the step returns its top log-probabilities
 
 
 class Dispatched(NamedTuple):
@@ -150,11 +214,16 @@ class Dispatched(NamedTuple):
     tokens: jax.Array    # [R] sampled tokens
     logprobs: jax.Array  # [S]
     rows: List[int]      # each chunk's row in them
+    top: Optional[tuple] = None  # top_step's (ids [S,K], logprobs [S,K], chosen rank [S]), if run
 
     def read(self):
         """(tokens [n], logprobs [n]) as numpy, one per chunk (waits for the device)."""
         tokens, logprobs = np.asarray(self.tokens), np.asarray(self.logprobs)
         return tokens[self.rows], logprobs[self.rows]
+
+    def read_top(self) -> Optional[tuple]:
+        """(ids [n,K], logprobs [n,K], chosen rank [n]) as numpy, one per chunk, or None."""
+        return None if self.top is None else tuple(np.asarray(a)[self.rows] for a in self.top)
 
 
 def step_settings(cfg: ModelConfig, mesh, attention_impl: str = "auto", unroll_layers: str = "auto") -> dict:
@@ -212,7 +281,8 @@ def compile_ahead(cfg: ModelConfig, mesh, num_pages: int, page_size: int, max_ba
     def lower(shape):
         step = jax.tree.map(_abstract, padding_inputs(shape, num_pages)[0])
         return forward_step.lower(params, {"k": pool, "v": pool}, prev, step, **forward_kwargs(cfg, mesh, shape, **settings))
-    compile_in_parallel(cfg, shapes, [modes] * len(shapes), lower, num_pages, rows)
+    modes_of = [[m for m in of if m in modes] for of in _sampling_modes(shapes)]
+    compile_in_parallel(cfg, shapes, modes_of, lower, num_pages, rows, mesh)
     return len(shapes)
 
 
@@ -236,15 +306,26 @@ def _sampling_modes(shapes: Sequence[StepShape]) -> List[tuple]:
 
 
 def compile_in_parallel(cfg: ModelConfig, shapes: Sequence[StepShape], modes_of: Sequence[Sequence[str]],
-                        lower: Callable, num_pages: int, rows: int, bar=None) -> None:
+                        lower: Callable, num_pages: int, rows: int, mesh, bar=None) -> None:
     """Compiles `forward_step` at every shape (`lower(shape)` traces it, here, one at a time:
     tracing holds the GIL) and `sample_step` in each shape's modes, the XLA compiles on
-    `COMPILE_THREADS` threads. JAX keeps the executables for the steps' calls."""
+    `COMPILE_THREADS` threads; `top_step` at each row count, and `set_counts_row`. JAX keeps
+    the executables for the steps' calls."""
+    counts = jax.tree.map(_abstract, jax.eval_shape(lambda: init_counts(cfg.vocab_size, rows, mesh)))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    counts = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), counts)
+
     def compile_shape(shape, lowered, modes):
         forward = lowered.compile()
         logits = jax.ShapeDtypeStruct((shape.seqs, cfg.vocab_size), jnp.float32, sharding=forward.output_shardings[0])
-        sample = jax.tree.map(_abstract, padding_inputs(shape, num_pages)[1])
-        return [sample_step.lower(logits, sample, mode=mode, rows=rows) for mode in modes]
+        lowered = []
+        for mode in modes:
+            sample = jax.tree.map(_abstract, sample_padding(shape, num_pages, mode)[1])
+            lowered.append(sample_step.lower(logits, sample, mode=mode, rows=rows,
+                                             counts=counts if sampling.split_mode(mode)[1] else None))
+        if len(modes) > 1:  # a row count's first shape (_sampling_modes)
+            lowered.append(top_step.lower(logits, jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=replicated)))
+        return lowered
 
     with concurrent.futures.ThreadPoolExecutor(max(1, COMPILE_THREADS)) as pool:
         pending = []
@@ -253,6 +334,9 @@ def compile_in_parallel(cfg: ModelConfig, shapes: Sequence[StepShape], modes_of:
             if bar is not None:
                 pending[-1].add_done_callback(lambda _: bar.update())
         samplers = [pool.submit(lowered.compile) for f in pending for lowered in f.result()]
+        vocab_row = lambda dtype: jax.ShapeDtypeStruct((cfg.vocab_size,), dtype)
+        scalar = jax.ShapeDtypeStruct((), jnp.int32)
+        samplers.append(pool.submit(set_counts_row.lower(counts, scalar, vocab_row(jnp.int32), vocab_row(bool)).compile))
         for f in samplers:
             f.result()
 
@@ -270,6 +354,8 @@ class ModelRunner:
         # a caller-made pool (benchmarks fill one with random keys and values) or zeros
         self.cache = paged_kv.init_pool(cfg, num_pages, page_size, mesh) if cache is None else cache
         self._reset_prev_tokens()
+        # the token counts of penalized requests, one row each (lent by the engine's PenaltyRows)
+        self.counts = init_counts(cfg.vocab_size, self.rows, mesh)
         # serving over several processes: process 0 sends each step's inputs to the others first
         self.mirror = None
         if jax.process_count() > 1 and jax.process_index() == 0:
@@ -280,7 +366,7 @@ class ModelRunner:
         """After a failed step: makes the runner usable again. A step that failed on the device
         took the donated pool with it (its outputs hold the error); then a zero pool replaces it
         and True is returned (every page's contents are gone). The previous step's sampled
-        tokens are dropped either way."""
+        tokens and every row of token counts are dropped either way."""
         lost = False
         try:
             jax.block_until_ready(self.cache)
@@ -291,6 +377,8 @@ class ModelRunner:
             self.cache = paged_kv.init_pool(self.cfg, self.num_pages, self.page_size, self.mesh)
             lost = True
         self._reset_prev_tokens()
+        self.counts = None
+        self.counts = init_counts(self.cfg.vocab_size, self.rows, self.mesh)
         return lost
 
     def _reset_prev_tokens(self) -> None:
@@ -301,19 +389,34 @@ class ModelRunner:
         """The static arguments of `forward_step` for a step of this shape on this runner."""
         return forward_kwargs(self.cfg, self.mesh, shape, **self.settings)
 
-    def launch(self, shape: StepShape, step: StepInputs, sample: SampleInputs, mode: str):
-        """Sends one packed step to the device (mirrored to the other processes, if any)."""
+    def launch(self, shape: StepShape, step: StepInputs, sample: SampleInputs, mode: str, top: bool = False):
+        """Sends one packed step to the device (mirrored to the other processes, if any).
+        Returns (tokens, logprobs, top) device arrays (top: None, or top_step's when asked)."""
         if self.mirror is not None:
             step, sample = self.mirror.lead(shape, sampling.MODES.index(mode), (step, sample))
         logits, self.cache = forward_step(self.params, self.cache, self.prev_tokens, step, **self.step_kwargs(shape))
-        self.prev_tokens, logprobs = sample_step(logits, sample, mode=mode, rows=self.rows)
-        return self.prev_tokens, logprobs
+        penalized = sample.penalties is not None
+        self.prev_tokens, logprobs, counts = sample_step(logits, sample, mode=mode, rows=self.rows,
+                                                         counts=self.counts if penalized else None)
+        if penalized:
+            self.counts = counts
+        return self.prev_tokens, logprobs, top_step(logits, self.prev_tokens) if top else None
 
     def dispatch(self, chunks: Sequence[Chunk]) -> Dispatched:
         """Runs chunks (any mix of prefill chunks and decodes) as one step, without waiting."""
         shape, step, sample, rows = self.pack(chunks)
-        tokens, logprobs = self.launch(shape, step, sample, sampling.mode_for(*sample[:3]))
-        return Dispatched(tokens, logprobs, rows)
+        mode = sampling.mode_for(*sample[:3], penalties=sample.penalties is not None)
+        tokens, logprobs, top = self.launch(shape, step, sample, mode, top=any(c.top_logprobs for c in chunks))
+        return Dispatched(tokens, logprobs, rows, top)
+
+    def set_counts(self, row: int, prompt: Sequence[int], output: Sequence[int]) -> None:
+        """Sets a row of the token counts to a request's prompt and output tokens. Ordered after
+        the steps already dispatched, which may still add to the row (for its last holder)."""
+        V = self.cfg.vocab_size
+        in_prompt = np.zeros(V, bool)
+        in_prompt[np.asarray(prompt, np.int64)] = True
+        output_counts = np.bincount(np.asarray(output, np.int64), minlength=V).astype(np.int32)
+        self.counts = set_counts_row(self.counts, np.int32(row), output_counts, in_prompt)
 
     def run(self, chunks: Sequence[Chunk]):
         """`dispatch`, then wait: (next token [n], logprob [n]) as numpy, one per chunk."""
@@ -341,13 +444,10 @@ class ModelRunner:
             def lower(shape):
                 step, _ = padding_inputs(shape, self.num_pages)
                 return forward_step.lower(self.params, self.cache, self.prev_tokens, step, **self.step_kwargs(shape))
-            compile_in_parallel(self.cfg, shapes, modes_of, lower, self.num_pages, self.rows, bar)
+            compile_in_parallel(self.cfg, shapes, modes_of, lower, self.num_pages, self.rows, self.mesh, bar)
         for shape, modes in zip(shapes, modes_of):
             for mode in modes:  # inputs of their own: a launched step may still read them
-                step, sample = padding_inputs(shape, self.num_pages)
-                sample.temperature[0] = 1.0 if mode != "greedy" else 0.0
-                sample.top_k[0] = 2 if mode == "filter" else 0
-                self.launch(shape, step, sample, mode)
+                self.launch(shape, *sample_padding(shape, self.num_pages, mode), mode, top=len(modes) > 1)
             if bar is not None and self.mirror is not None:
                 bar.update()
         bar is not None and bar.close()
@@ -446,6 +546,13 @@ def pack(chunks: Sequence[Chunk], page_size: int, max_batch: int, max_pages: int
     for row, c in enumerate(ordered):
         if c.banned:
             sample.banned[row, :len(c.banned)] = c.banned
+    if any(c.penalty_row >= 0 for c in ordered):
+        pen = penalty_padding(shape.seqs)
+        pen.rows[:n] = [c.penalty_row for c in ordered]
+        pen.repetition[:n] = [c.repetition_penalty for c in ordered]
+        pen.presence[:n] = [c.presence_penalty for c in ordered]
+        pen.frequency[:n] = [c.frequency_penalty for c in ordered]
+        sample = sample._replace(penalties=pen)
     return shape, step, sample, rows
 
 

@@ -75,8 +75,13 @@ class SamplingFields(_Request):
                    "counts as a request waiting to start; seeded, the i-th draws from seed + i).")
     stream: bool = Field(False, description="Stream the answer as server-sent events.")
     stream_options: Optional[StreamOptions] = None
-    presence_penalty: Optional[float] = Field(None, ge=0, le=0, description="Not supported: only 0.")
-    frequency_penalty: Optional[float] = Field(None, ge=0, le=0, description="Not supported: only 0.")
+    presence_penalty: Optional[float] = Field(None, ge=-2, le=2, description="Subtracted once from the logit "
+                                              "of each token already in the output. Default 0.")
+    frequency_penalty: Optional[float] = Field(None, ge=-2, le=2, description="Subtracted from the logit of "
+                                               "each token once per time it is already in the output. Default 0.")
+    repetition_penalty: Optional[float] = Field(None, gt=0, description="Extension (as vLLM's): the logits of "
+                                                "tokens in the prompt or the output are divided by it (multiplied, "
+                                                "when negative). Default 1 (off).")
     priority: Int(ge=-INT32_MAX, le=INT32_MAX) = Field(0, description="Extension: scheduling priority "
                           "for policies that use it.")
     user: Optional[Text] = None
@@ -87,8 +92,9 @@ class SamplingFields(_Request):
                   seed=self.seed, top_k=self.top_k or 0, min_tokens=self.min_tokens, n=self.n)
         if self.temperature is not None:
             kw["temperature"] = self.temperature
-        if self.top_p is not None:
-            kw["top_p"] = self.top_p
+        for name in ("top_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
+            if getattr(self, name) is not None:
+                kw[name] = getattr(self, name)
         return kw
 
     @property
