@@ -20,7 +20,7 @@ import tqdm
 from jaxserve.checkpoint.load import load
 from jaxserve.config import validate
 from jaxserve.engine.engine import Engine, EngineConfig, engine_cost_model
-from jaxserve.engine.outputs import RequestOutput
+from jaxserve.engine.outputs import CompletionOutput, RequestOutput, position_logprobs
 from jaxserve.parallel.sharding import make_mesh
 from jaxserve.sampling_params import SamplingParams, fan_out
 from jaxserve.scheduling import make_policy
@@ -132,12 +132,14 @@ class LLM:
         return [self._merged(rid, [final[sub] for sub, _ in subs[rid]], prompt if isinstance(prompt, str) else None)
                 for rid, prompt in zip(ids, prompts)]
 
-    @staticmethod
-    def _merged(request_id: str, outs: List[RequestOutput], prompt: Optional[str]) -> RequestOutput:
-        """One RequestOutput of a prompt's completions (the first's fields, all n in .outputs)."""
-        if len(outs) == 1:
-            return dataclasses.replace(outs[0], prompt=prompt)
-        completions = [dataclasses.replace(o.outputs[0], index=i) for i, o in enumerate(outs)]
+    def _merged(self, request_id: str, outs: List[RequestOutput], prompt: Optional[str]) -> RequestOutput:
+        """One RequestOutput of a prompt's completions (the first's fields, all n in .outputs,
+        their logprobs with each token's text, as vLLM's)."""
+        tokenizer = self.tokenizer
+        decode = None if tokenizer is None else (lambda t: tokenizer.decode([t], skip_special_tokens=False))
+        completions = [CompletionOutput(i, o.text, o.token_ids, o.finish_reason,
+                                        position_logprobs(o.token_ids, o.logprobs, o.top_logprobs, decode))
+                       for i, o in enumerate(outs)]
         return dataclasses.replace(outs[0], request_id=request_id, prompt=prompt, completions=completions)
 
     def chat(self, messages: Sequence[dict], params: Optional[SamplingParams] = None) -> RequestOutput:

@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxserve.sampling_params import MAX_LOGPROBS
+
 
 def request_keys(seeds, steps):
     """PRNG keys [B] from per-request seeds [B] and per-request token indices [B]."""
@@ -62,7 +64,6 @@ def penalize(logits, p: Penalties):
 # penalties.
 BASE_MODES = ("greedy", "sample", "filter")
 MODES = BASE_MODES + tuple(f"{base}+penalties" for base in BASE_MODES)
-TOP_LOGPROBS = 20  # the most top log-probabilities a row can ask for (OpenAI's limit)
 
 
 def mode_for(temperature, top_k, top_p, penalties: bool = False) -> str:
@@ -87,7 +88,7 @@ def split_mode(mode: str) -> tuple:
     return base, extra == "penalties"
 
 
-def top_logprobs(logits, tokens, k: int = TOP_LOGPROBS):
+def top_logprobs(logits, tokens, k: int = MAX_LOGPROBS):
     """(ids [B,k], logprobs [B,k]) of each row's k most likely tokens and the rank [B] (1 = most
     likely) of its chosen token, under the unmodified distribution (as `sample`'s logprobs)."""
     logp = jax.nn.log_softmax(logits, axis=-1)

@@ -5,6 +5,8 @@ import dataclasses
 import math
 from typing import Optional, Sequence
 
+MAX_LOGPROBS = 20  # the most top log-probabilities a token can come with (OpenAI's limit)
+
 
 @dataclasses.dataclass
 class SamplingParams:
@@ -16,7 +18,9 @@ class SamplingParams:
     stop: Sequence[str] = ()
     stop_token_ids: Sequence[int] = ()
     ignore_eos: bool = False
-    logprobs: bool = False         # return the log-probability of each chosen token
+    # None: no log-probabilities; 0: each chosen token's; k: and the k likeliest tokens' (vLLM's
+    # meaning; True and False, jaxserve's older spelling, mean 0 and None)
+    logprobs: Optional[int] = None
     min_tokens: int = 0            # tokens before end-of-sequence or a stop (token or string) may end it
     n: int = 1                     # completions of the prompt (LLM.generate; the engine runs one a request)
     repetition_penalty: float = 1.0  # > 0: logits of prompt and output tokens divided by it (1 = off)
@@ -35,6 +39,8 @@ class SamplingParams:
         self.stop_token_ids = tuple(self.stop_token_ids)
         if self.top_k == -1:
             self.top_k = 0
+        if isinstance(self.logprobs, bool):
+            self.logprobs = 0 if self.logprobs else None
         self._check()
 
     def _check(self):
@@ -63,6 +69,9 @@ class SamplingParams:
         for field in ("presence_penalty", "frequency_penalty"):
             if not number(getattr(self, field)) or not -2 <= getattr(self, field) <= 2:
                 bad(field, "must be a number in [-2, 2] (0 = off)")
+        if self.logprobs is not None and (not isinstance(self.logprobs, int) or isinstance(self.logprobs, bool)
+                                          or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            bad("logprobs", f"must be None or an integer in [0, {MAX_LOGPROBS}]")
         if not all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids):
             bad("stop_token_ids", "must be non-negative integers")
 

@@ -24,7 +24,8 @@ def test_a_config_file_with_overrides_gives_the_config_apis_answers_in_vllms_sha
         assert out.prompt == prompt and out.prompt_token_ids == ref.prompt_token_ids
         assert completion.token_ids == ref.token_ids and len(completion.token_ids) == 6
         assert completion.text == ref.text == out.text and completion.finish_reason == "length"
-        assert completion.logprobs == out.logprobs and len(completion.logprobs) == 6
+        assert [d[t].logprob for d, t in zip(completion.logprobs, completion.token_ids)] == out.logprobs
+        assert len(completion.logprobs) == 6
     assert llm.generate([[5, 6, 7]], sampling_params=greedy)[0].prompt is None  # token ids: no text
     with pytest.raises(ValueError, match="sampling_params: given twice"):
         llm.generate(prompts, greedy, sampling_params=greedy)

@@ -170,6 +170,32 @@ def test_penalties_give_the_engines_tokens_streamed_or_not(client, tiny):
     assert answers[0] == answers[1] != answers[2]
 
 
+def test_top_logprobs_in_both_routes_streamed_or_not(client):
+    prompt = [int(t) for t in np.random.default_rng(2).integers(3, 5000, size=20)]
+    kw = dict(model=MODEL, prompt=prompt, max_tokens=6, temperature=0, logprobs=3, extra_body={"ignore_eos": True})
+    whole = client.completions.create(**kw).choices[0].logprobs
+    assert len(whole.top_logprobs) == 6 and all(len(top) == 3 for top in whole.top_logprobs)
+    for token, lp, top in zip(whole.tokens, whole.token_logprobs, whole.top_logprobs):
+        assert max(top.values()) == pytest.approx(lp, abs=1e-5) and top.get(token) == pytest.approx(lp, abs=1e-5)
+    streamed = [c.choices[0].logprobs for c in client.completions.create(**kw, stream=True) if c.choices[0].logprobs]
+    streamed_top = [t for c in streamed for t in c.top_logprobs]
+    assert [sorted(t) for t in streamed_top] == [sorted(t) for t in whole.top_logprobs]
+    assert all(t[k] == pytest.approx(w[k], abs=1e-5) for t, w in zip(streamed_top, whole.top_logprobs) for k in w)
+    chat = dict(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=5, temperature=0.9, seed=3,
+                logprobs=True, top_logprobs=2, extra_body={"ignore_eos": True})
+    content = client.chat.completions.create(**chat).choices[0].logprobs.content
+    assert len(content) == 5 and all(len(c.top_logprobs) == 2 for c in content)
+    assert all(c.top_logprobs[0].logprob >= c.top_logprobs[1].logprob and c.logprob <= c.top_logprobs[0].logprob + 1e-5
+               for c in content)
+    chunks = [c.choices[0].logprobs for c in client.chat.completions.create(**chat, stream=True)
+              if c.choices and c.choices[0].logprobs]
+    pairs = lambda items: [(t.token, t.logprob) for x in items for t in x.top_logprobs]
+    got, want = pairs([x for c in chunks for x in c.content]), pairs(content)
+    assert [t for t, _ in got] == [t for t, _ in want] and [v for _, v in got] == pytest.approx([v for _, v in want])
+    without = client.chat.completions.create(**{**chat, "logprobs": False}).choices[0].logprobs
+    assert without is None  # top_logprobs needs logprobs
+
+
 def test_n_choices_are_the_seeded_requests_of_seed_plus_i_streamed_or_not(client):
     # reference: one request per choice, choice i of a seeded request drawing from seed + i
     kw = dict(model=MODEL, prompt="Once upon a time", max_tokens=8, temperature=1.0,
@@ -300,7 +326,8 @@ USER = [{"role": "user", "content": "hi"}]
     (CHAT, {"messages": USER, "n": 129}, 400, "n"),
     (C, {"prompt": "hi", "max_tokens": 4, "min_tokens": 5}, 400, "min_tokens"),
     (CHAT, {"messages": USER, "min_tokens": -1}, 400, "min_tokens"),
-    (C, {"prompt": "hi", "logprobs": 5}, 400, "logprobs"),
+    (C, {"prompt": "hi", "logprobs": 21}, 400, "logprobs"),
+    (CHAT, {"messages": USER, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs"),
     (C, {"prompt": "hi", "presence_penalty": 2.5}, 400, "presence_penalty"),
     (CHAT, {"messages": USER, "frequency_penalty": -3}, 400, "frequency_penalty"),
     (CHAT, {"messages": USER, "repetition_penalty": 0}, 400, "repetition_penalty"),

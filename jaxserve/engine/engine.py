@@ -205,9 +205,14 @@ class Engine:
             raise ValueError(f"arrival={r.arrival_time!r}: must be a finite number")
         if not isinstance(r.priority, int) or isinstance(r.priority, bool):
             raise ValueError(f"priority={r.priority!r}: must be an integer")
-        if not isinstance(r.logprobs, list) or (r.params.logprobs and (
+        if not isinstance(r.logprobs, list) or (r.params.logprobs is not None and (
                 len(r.logprobs) != len(r.output_ids) or not all(isinstance(x, (int, float)) for x in r.logprobs))):
             raise ValueError(f"logprobs: must be one number per generated token ({len(r.output_ids)})")
+        if not isinstance(r.top_logprobs, list) or (r.params.logprobs and (
+                len(r.top_logprobs) != len(r.output_ids) or not all(_is_top_entry(e, r.params.logprobs)
+                                                                   for e in r.top_logprobs))):
+            raise ValueError(f"top_logprobs: must be one [rank, {r.params.logprobs} token ids, as many logprobs] "
+                             f"per generated token ({len(r.output_ids)})")
         if len(r.output_ids) > r.params.max_tokens:
             raise ValueError(f"output_ids: {len(r.output_ids)} tokens, more than max_tokens={r.params.max_tokens}")
 
@@ -247,8 +252,10 @@ class Engine:
             r.arrival_time = min(r.arrival_time, self.clock())
             if journal_them and self.journal is not None:
                 self.journal.added(r)
-            if not r.params.logprobs:
+            if r.params.logprobs is None:
                 r.logprobs = []
+            if not r.params.logprobs:
+                r.top_logprobs = []
             decoder = IncrementalDecoder(self.tokenizer) if self.tokenizer is not None else None
             if decoder is not None:
                 if r.params.min_tokens > 1:  # the text no stop string may end in (see _commit)
@@ -388,8 +395,10 @@ class Engine:
             return None
         self.num_steps += 1
         self._dispatching = [r for r, _ in scheduled]  # whom a failure in dispatch concerns
-        penalized = {r.request_id for r, n in scheduled if r.params.penalized and n == r.num_remaining}
-        dispatched = self.runner.dispatch([self._chunk(r, n, penalized) for r, n in scheduled])
+        # the chunks that end their request's known tokens draw its next token
+        draws = {r.request_id for r, n in scheduled if n == r.num_remaining}
+        penalized = {rid for rid in draws if self.requests[rid].params.penalized}
+        dispatched = self.runner.dispatch([self._chunk(r, n, r.request_id in draws, penalized) for r, n in scheduled])
         self._dispatching = []
         produced = []
         for (r, n), row in zip(scheduled, dispatched.rows):
@@ -406,16 +415,19 @@ class Engine:
         """Waits for a dispatched step's tokens and commits them."""
         t = time.perf_counter()
         tokens, logprobs = record.dispatched.read()
+        top = record.dispatched.read_top()
         self.stats["device_wait_s"] += time.perf_counter() - t
         now = self.clock()
-        for (r, _), produced, token, logprob in zip(record.scheduled, record.produced, tokens, logprobs):
+        for i, ((r, _), produced, token, logprob) in enumerate(zip(record.scheduled, record.produced, tokens, logprobs)):
             if not produced:
                 continue
             r.num_pending -= 1
             if self.requests.get(r.request_id) is not r:  # it ended meanwhile: one token too many
                 self.stats["dropped_tokens"] += 1
                 continue
-            self._commit(r, int(token), float(logprob), now)
+            k = r.params.logprobs
+            entry = [int(top[2][i]), top[0][i, :k].tolist(), top[1][i, :k].tolist()] if k else None
+            self._commit(r, int(token), float(logprob), now, entry)
             touched.setdefault(r.request_id, (r, []))[1].append(int(token))
         self.step_log.append((record.features, now - max(record.start, self._last_read)))
         self._last_read = now
@@ -515,9 +527,9 @@ class Engine:
                            r.num_generated, r.params.max_tokens, pages, location, num_cached=cached,
                            shared_pages=shared)
 
-    def _chunk(self, r: Request, n: int, penalized: set) -> Chunk:
-        """r's work in this step: n tokens. penalized: the requests that sample with penalties
-        in it (the chunk that ends r's known tokens samples; earlier prefill chunks do not)."""
+    def _chunk(self, r: Request, n: int, draws: bool, penalized: set) -> Chunk:
+        """r's work in this step: n tokens. draws: whether it draws r's next token (earlier
+        prefill chunks do not); penalized: the requests that draw with penalties in it."""
         p = r.params
         tokens, prev_row = r.token_ids(r.num_computed, r.num_computed + n), -1
         if len(tokens) < n:  # the last token was sampled by the step in flight: it stays on the device
@@ -525,7 +537,8 @@ class Engine:
         banned = self._min_tokens_banned(p) if r.num_generated < p.min_tokens else ()
         penalty_row = self.penalty_rows.row_for(r, penalized) if r.request_id in penalized else -1
         return Chunk(tokens, r.num_computed, r.pages, p.temperature, p.top_k, p.top_p, r.seed, r.num_generated,
-                     prev_row, banned, penalty_row, p.repetition_penalty, p.presence_penalty, p.frequency_penalty)
+                     prev_row, banned, penalty_row, p.repetition_penalty, p.presence_penalty, p.frequency_penalty,
+                     top_logprobs=draws and bool(p.logprobs))
 
     def _min_tokens_banned(self, p: SamplingParams) -> tuple:
         """What a request may not sample before its min_tokens: its stop tokens, and
@@ -542,12 +555,16 @@ class Engine:
             self.stats["preemptions"] += 1
             r.num_preemptions += 1
 
-    def _commit(self, r: Request, token: int, logprob: float, now: float) -> None:
+    def _commit(self, r: Request, token: int, logprob: float, now: float, top: Optional[list] = None) -> None:
+        """Appends a token read from the device (with its logprob, and its [rank, ids, logprobs]
+        of the likeliest tokens when r asks for them) and applies r's stop rules."""
         r.output_ids.append(token)
         if self.journal is not None:
-            self.journal.committed(r.request_id, [token], [logprob])
-        if r.params.logprobs:
+            self.journal.committed(r.request_id, [token], [logprob], None if top is None else [top])
+        if r.params.logprobs is not None:
             r.logprobs.append(logprob)
+        if top is not None:
+            r.top_logprobs.append(top)
         if r.first_token_time is None:
             r.first_token_time = now
         decoder = self._decoders.get(r.request_id)
@@ -586,7 +603,8 @@ class Engine:
         return RequestOutput(
             request_id=r.request_id, prompt_token_ids=r.prompt_ids, token_ids=list(r.output_ids),
             new_token_ids=new_ids, text=r.text, finished=r.finished, finish_reason=r.finish_reason,
-            logprobs=list(r.logprobs) if r.params.logprobs else None, arrival_time=r.arrival_time,
+            logprobs=list(r.logprobs) if r.params.logprobs is not None else None,
+            top_logprobs=list(r.top_logprobs) if r.params.logprobs else None, arrival_time=r.arrival_time,
             first_token_time=r.first_token_time, finish_time=r.finish_time,
             num_preemptions=r.num_preemptions)
 
@@ -599,6 +617,14 @@ class _StepRecord(NamedTuple):
     features: np.ndarray  # cost-model features of the step
     start: float          # engine clock when it was scheduled
     swapped_after: list   # requests swapped out while it ran: their copies read the pool it leaves
+
+
+def _is_top_entry(entry, k: int) -> bool:
+    """Whether entry is a token's [rank, k token ids, k logprobs] (Request.top_logprobs)."""
+    number = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)
+    return (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], int) and entry[0] >= 1
+            and isinstance(entry[1], list) and len(entry[1]) == k and all(isinstance(t, int) for t in entry[1])
+            and isinstance(entry[2], list) and len(entry[2]) == k and all(map(number, entry[2])))
 
 
 def _is_ready(tokens) -> bool:

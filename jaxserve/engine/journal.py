@@ -37,7 +37,8 @@ def request_record(r: Request) -> dict:
     """A request's resumable state as JSON data: what `request_from_record` (and a peer) rebuilds."""
     return {"id": r.request_id, "prompt": list(map(int, r.prompt_ids)), "params": dataclasses.asdict(r.params),
             "seed": int(r.seed), "arrival": r.arrival_time, "priority": r.priority,
-            "ids": list(map(int, r.output_ids)), "logprobs": [float(x) for x in r.logprobs]}
+            "ids": list(map(int, r.output_ids)), "logprobs": [float(x) for x in r.logprobs],
+            **({"top": list(r.top_logprobs)} if r.top_logprobs else {})}
 
 
 def request_from_record(rec: dict) -> Request:
@@ -48,10 +49,10 @@ def request_from_record(rec: dict) -> Request:
         raise ValueError("params: must be an object of sampling parameters")
     params = SamplingParams(**{**params, "stop": tuple(params.get("stop", ())),
                                "stop_token_ids": tuple(params.get("stop_token_ids", ()))})
-    prompt, ids, logprobs = rec["prompt"], rec.get("ids", []), rec.get("logprobs", [])
-    return Request(rec["id"], list(prompt) if isinstance(prompt, list) else prompt, params, rec["seed"],
-                   rec["arrival"], rec.get("priority", 0), output_ids=list(ids) if isinstance(ids, list) else ids,
-                   logprobs=list(logprobs) if isinstance(logprobs, list) else logprobs)
+    prompt, ids, logprobs, top = rec["prompt"], rec.get("ids", []), rec.get("logprobs", []), rec.get("top", [])
+    listed = lambda x: list(x) if isinstance(x, list) else x
+    return Request(rec["id"], listed(prompt), params, rec["seed"], rec["arrival"], rec.get("priority", 0),
+                   output_ids=listed(ids), logprobs=listed(logprobs), top_logprobs=listed(top))
 
 
 class TokenJournal:
@@ -90,13 +91,16 @@ class TokenJournal:
         self._write({"op": "add", **record})
         self.sync()  # a request the client was told about must survive
 
-    def committed(self, request_id: str, token_ids: list, logprobs: list) -> None:
+    def committed(self, request_id: str, token_ids: list, logprobs: list, top=None) -> None:
+        """Tokens committed, with their logprobs and, when asked for, their [rank, ids, logprobs]."""
         ids, lps = list(map(int, token_ids)), [float(x) for x in logprobs]
         live = self._live.get(request_id)
         if live is not None:
             live["ids"] += ids
             live["logprobs"] += lps
-        self._write({"op": "tokens", "id": request_id, "ids": ids, "logprobs": lps})
+            if top:
+                live["top"] = live.get("top", []) + list(top)
+        self._write({"op": "tokens", "id": request_id, "ids": ids, "logprobs": lps, **({"top": list(top)} if top else {})})
         self._unsynced += 1
         if self.fsync_every and self._unsynced >= self.fsync_every and self._log.sync(urgent=False):
             self._unsynced = 0
@@ -350,6 +354,8 @@ def _scan(data: bytes, path: str):
             elif op == "tokens" and rid in live:
                 live[rid]["ids"] += rec["ids"]
                 live[rid]["logprobs"] += rec["logprobs"]
+                if rec.get("top"):
+                    live[rid]["top"] = live[rid].get("top", []) + rec["top"]
             elif op == "end":
                 ended = True
                 rec_done = live.pop(rid, None)

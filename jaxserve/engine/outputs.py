@@ -3,17 +3,43 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from typing import List, Optional
+from typing import Dict, List, Optional
+
+
+@dataclasses.dataclass
+class Logprob:
+    """A token's log-probability in one position, as vLLM's: rank 1 is the likeliest token
+    (None where it was not computed: a chosen token of a request asking for no alternatives)."""
+    logprob: float
+    rank: Optional[int] = None
+    decoded_token: Optional[str] = None
 
 
 @dataclasses.dataclass
 class CompletionOutput:
-    """One completion of a request, as vLLM's `RequestOutput.outputs[i]` holds it."""
+    """One completion of a request, as vLLM's `RequestOutput.outputs[i]` holds it: logprobs, per
+    token, maps the chosen token and the likeliest ones (SamplingParams.logprobs) to theirs."""
     index: int
     text: str
     token_ids: List[int]
     finish_reason: Optional[str]
-    logprobs: Optional[List[float]]
+    logprobs: Optional[List[Dict[int, Logprob]]]
+
+
+def position_logprobs(token_ids: List[int], logprobs: Optional[List[float]], top: Optional[List[list]],
+                      decode=None) -> Optional[List[Dict[int, Logprob]]]:
+    """vLLM's logprobs of a completion from jaxserve's: the chosen tokens' logprobs and each
+    position's [rank, ids, logprobs] of the likeliest tokens. decode: token id -> its text."""
+    if logprobs is None:
+        return None
+    out = []
+    for i, (token, lp) in enumerate(zip(token_ids, logprobs)):
+        rank, ids, values = top[i] if top else (None, [], [])
+        text = (lambda t: None) if decode is None else decode
+        position = {t: Logprob(v, j + 1, text(t)) for j, (t, v) in enumerate(zip(ids, values))}
+        position.setdefault(token, Logprob(lp, rank, text(token)))
+        out.append(position)
+    return out
 
 
 @dataclasses.dataclass
@@ -25,13 +51,16 @@ class RequestOutput:
     text: str                      # detokenized output so far (stop strings cut off)
     finished: bool
     finish_reason: Optional[str]   # "stop", "length" or "abort"
-    logprobs: Optional[List[float]]
+    logprobs: Optional[List[float]]  # of each chosen token (SamplingParams.logprobs not None)
     arrival_time: float
     first_token_time: Optional[float]
     finish_time: Optional[float]
     num_preemptions: int = 0
     prompt: Optional[str] = None   # the prompt's text, where the caller gave text (LLM.generate)
     completions: Optional[List[CompletionOutput]] = None  # SamplingParams.n > 1 (LLM.generate): all n
+    # SamplingParams.logprobs = k > 0: each token's [rank of the chosen one, the k likeliest token
+    # ids, their logprobs], under the model's distribution (before penalties and temperature)
+    top_logprobs: Optional[List[list]] = None
 
     @property
     def outputs(self) -> List[CompletionOutput]:
@@ -39,7 +68,8 @@ class RequestOutput:
         fields above are the first's)."""
         if self.completions is not None:
             return list(self.completions)
-        return [CompletionOutput(0, self.text, self.token_ids, self.finish_reason, self.logprobs)]
+        return [CompletionOutput(0, self.text, self.token_ids, self.finish_reason,
+                                 position_logprobs(self.token_ids, self.logprobs, self.top_logprobs))]
 
     @property
     def ttft(self) -> Optional[float]:
@@ -61,13 +91,14 @@ def cut_at_stop(text: str, stops, after: int = 0) -> Optional[str]:
 
 
 def final_output(request_id: str, prompt: List[int], ids: List[int], text: str, reason: str,
-                 logprobs: Optional[List[float]], arrival: float, num_preemptions: int = 0) -> RequestOutput:
+                 logprobs: Optional[List[float]], arrival: float, num_preemptions: int = 0,
+                 top_logprobs: Optional[List[list]] = None) -> RequestOutput:
     """The whole output of a request that ended elsewhere (a crashed run, a peer), for a client
     that reconnects: every token new, no timings."""
     return RequestOutput(request_id=request_id, prompt_token_ids=list(prompt), token_ids=list(ids),
                          new_token_ids=list(ids), text=text, finished=True, finish_reason=reason,
                          logprobs=logprobs, arrival_time=arrival, first_token_time=None, finish_time=None,
-                         num_preemptions=num_preemptions)
+                         num_preemptions=num_preemptions, top_logprobs=top_logprobs or None)
 
 
 def finished_output(r, tokenizer=None) -> RequestOutput:
@@ -80,14 +111,16 @@ def finished_output(r, tokenizer=None) -> RequestOutput:
         cut = cut_at_stop(text, r.params.stop) if r.finish_reason == "stop" else None
         text = text if cut is None else cut
     return final_output(r.request_id, r.prompt_ids, r.output_ids, text, r.finish_reason,
-                        list(r.logprobs) if r.params.logprobs else None, r.arrival_time, r.num_preemptions)
+                        list(r.logprobs) if r.params.logprobs is not None else None, r.arrival_time,
+                        r.num_preemptions, list(r.top_logprobs) if r.params.logprobs else None)
 
 
 def finished_record(out: RequestOutput) -> dict:
     """A finished request's output as JSON data, for a peer whose clients may reconnect there
     (`output_from_finished_record` reads it back)."""
     return {"id": out.request_id, "prompt": list(out.prompt_token_ids), "ids": list(out.token_ids), "text": out.text,
-            "reason": out.finish_reason, "logprobs": out.logprobs, "arrival": out.arrival_time}
+            "reason": out.finish_reason, "logprobs": out.logprobs, "arrival": out.arrival_time,
+            "top": out.top_logprobs}
 
 
 def output_from_finished_record(rec) -> RequestOutput:
@@ -101,12 +134,14 @@ def output_from_finished_record(rec) -> RequestOutput:
               "reason": rec.get("reason") in ("stop", "length", "abort"),
               "logprobs": rec.get("logprobs") is None or (isinstance(rec.get("logprobs"), list) and all(
                   isinstance(x, (int, float)) for x in rec["logprobs"])),
-              "arrival": isinstance(rec.get("arrival"), (int, float))}
+              "arrival": isinstance(rec.get("arrival"), (int, float)),
+              "top": rec.get("top") is None or (isinstance(rec.get("top"), list) and len(rec["top"]) == len(rec.get("ids") or [])
+                                                and all(isinstance(e, list) and len(e) == 3 for e in rec["top"]))}
     bad = next((name for name, ok in checks.items() if not ok), None)
     if bad is not None:
         raise ValueError(f"{bad}: missing or invalid")
     return final_output(rec["id"], rec["prompt"], rec["ids"], rec["text"], rec["reason"], rec["logprobs"],
-                        float(rec["arrival"]))
+                        float(rec["arrival"]), top_logprobs=rec.get("top"))
 
 
 def keep_newest(kept: "collections.OrderedDict", key, value, limit: int) -> None:

@@ -31,6 +31,7 @@ class Request:
     priority: int = 0
     output_ids: list = dataclasses.field(default_factory=list)
     logprobs: list = dataclasses.field(default_factory=list)
+    top_logprobs: list = dataclasses.field(default_factory=list)  # [rank, ids, logprobs] a token (logprobs > 0)
     status: Status = Status.WAITING
     num_computed: int = 0                  # tokens with KV in the cache
     pages: list = dataclasses.field(default_factory=list)

@@ -371,7 +371,7 @@ class ServingCluster:
     @staticmethod
     def _from_scratch(r):
         """A request restarted as if new: its generated tokens are thrown away."""
-        r.output_ids, r.logprobs, r.text, r.first_token_time = [], [], "", None
+        r.output_ids, r.logprobs, r.top_logprobs, r.text, r.first_token_time = [], [], [], "", None
         r.num_computed = 0
         return r
 

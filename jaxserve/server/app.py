@@ -74,7 +74,7 @@ class OpenAIServer:
         self._check_model(body.model)
         prompt_ids = await asyncio.to_thread(self._completion_prompt, body.prompt)
         max_tokens = self._max_tokens(body.max_tokens, "max_tokens", len(prompt_ids), default=16)
-        params = self._params(body, max_tokens, logprobs=body.logprobs is not None)
+        params = self._params(body, max_tokens, logprobs=body.logprobs)
         return await self._serve(request, body, "cmpl", prompt_ids, params, responses.completion,
                                  responses.completion_events)
 
@@ -86,7 +86,7 @@ class OpenAIServer:
             "max_completion_tokens"
         max_tokens = self._max_tokens(body.max_completion_tokens or body.max_tokens, field, len(prompt_ids),
                                       default=self.default_max_tokens)
-        params = self._params(body, max_tokens, logprobs=body.logprobs)
+        params = self._params(body, max_tokens, logprobs=(body.top_logprobs or 0) if body.logprobs else None)
         try:
             return await self._serve(request, body, "chatcmpl", prompt_ids, params, responses.chat,
                                      responses.chat_events)
@@ -154,7 +154,7 @@ class OpenAIServer:
         return requested
 
     @staticmethod
-    def _params(body: p.SamplingFields, max_tokens: int, logprobs: bool) -> SamplingParams:
+    def _params(body: p.SamplingFields, max_tokens: int, logprobs: Optional[int]) -> SamplingParams:
         try:
             return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, **body.sampling_kwargs())
         except ValueError as e:
@@ -172,7 +172,7 @@ class OpenAIServer:
             for rid in ids[:len(streams)]:
                 self.engine_loop.abort(rid)
             raise
-        reply = responses.Reply(request_id, self.model_name, self.tokenizer, params.stop, params.logprobs,
+        reply = responses.Reply(request_id, self.model_name, self.tokenizer, params.stop, params.logprobs is not None,
                                 body.include_usage)
         if body.stream:
             return StreamingResponse(self._aborting_when_closed(ids, events(reply, streams)),

@@ -164,7 +164,7 @@ class EngineLoop:
         if request_id in self._streams:
             raise ValueError(f"request_id={request_id!r}: a client is already attached")
         params = self._resumed[request_id]
-        stream.stop, stream.logprobs = tuple(params.stop), bool(params.logprobs)
+        stream.stop, stream.logprobs = tuple(params.stop), params.logprobs is not None
         last = self._detached.pop(request_id, None)
         if last is not None:
             stream._items.put_nowait(last)

@@ -14,6 +14,8 @@ from typing import Annotated, Dict, List, Literal, Optional, Union
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
+from jaxserve.sampling_params import MAX_LOGPROBS
+
 INT32_MAX = 2 ** 31 - 1
 MAX_N = 128  # completions one request may ask for (OpenAI's limit)
 
@@ -114,8 +116,8 @@ class CompletionRequest(SamplingFields):
     max_tokens: Optional[Int(ge=1, le=INT32_MAX)] = Field(16, description="Most tokens to generate. The "
                                       "prompt and these must fit the model's context window (max_model_len "
                                       "in GET /v1/models): else 400, code context_length_exceeded.")
-    logprobs: Optional[Int(ge=0, le=0)] = Field(None, description="0: return each chosen token's "
-                                    "log-probability (top alternatives are not available).")
+    logprobs: Optional[Int(ge=0, le=MAX_LOGPROBS)] = Field(None, description="Return each chosen token's "
+                                    "log-probability and those of this many likeliest tokens (0: none).")
     echo: Literal[False] = Field(False, description="Not supported: only false.")
     best_of: Optional[Literal[1]] = Field(None, description="Not supported: only 1.")
 
@@ -144,7 +146,8 @@ class ChatCompletionRequest(SamplingFields):
                                                  "generate; default: up to the context window. The prompt and "
                                                  "these must fit it: else 400, code context_length_exceeded.")
     logprobs: bool = Field(False, description="Return each chosen token's log-probability.")
-    top_logprobs: Optional[Int(ge=0, le=0)] = Field(None, description="Not supported beyond 0.")
+    top_logprobs: Optional[Int(ge=0, le=MAX_LOGPROBS)] = Field(None, description="With logprobs: also "
+                                                               "those of this many likeliest tokens.")
 
 
 class ImportRequest(_Request):
@@ -188,11 +191,17 @@ class CompletionResponse(BaseModel):
     usage: Optional[Usage] = None
 
 
+class ChatTopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: List[int]
+
+
 class ChatTokenLogprob(BaseModel):
     token: str
     logprob: float
     bytes: List[int]
-    top_logprobs: List[dict] = []
+    top_logprobs: List[ChatTopLogprob] = []
 
 
 class ChatLogprobs(BaseModel):

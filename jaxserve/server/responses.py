@@ -42,7 +42,12 @@ def _token_texts(tokenizer: Optional[Tokenizer], ids: Sequence[int]) -> List[str
     return [tokenizer.decode([i], skip_special_tokens=False) for i in ids]
 
 
-def _completion_logprobs(reply: Reply, ids, logprobs, offset: int) -> Optional[p.CompletionLogprobs]:
+def _top_texts(reply: Reply, top) -> list:
+    """[(token text, logprob)] of each position's likeliest tokens ([rank, ids, logprobs] entries)."""
+    return [list(zip(_token_texts(reply.tokenizer, ids), values)) for _, ids, values in top]
+
+
+def _completion_logprobs(reply: Reply, ids, logprobs, top, offset: int) -> Optional[p.CompletionLogprobs]:
     if not reply.logprobs:
         return None
     texts = _token_texts(reply.tokenizer, ids)
@@ -50,26 +55,34 @@ def _completion_logprobs(reply: Reply, ids, logprobs, offset: int) -> Optional[p
     for t in texts:
         offsets.append(offset)
         offset += len(t)
-    return p.CompletionLogprobs(tokens=texts, token_logprobs=list(logprobs), text_offset=offsets)
+    tops = [dict(position) for position in _top_texts(reply, top)] if top else None
+    return p.CompletionLogprobs(tokens=texts, token_logprobs=list(logprobs), top_logprobs=tops, text_offset=offsets)
 
 
-def _chat_logprobs(reply: Reply, ids, logprobs) -> Optional[p.ChatLogprobs]:
+def _chat_logprobs(reply: Reply, ids, logprobs, top) -> Optional[p.ChatLogprobs]:
     if not reply.logprobs:
         return None
-    return p.ChatLogprobs(content=[p.ChatTokenLogprob(token=t, logprob=lp, bytes=list(t.encode()))
-                                   for t, lp in zip(_token_texts(reply.tokenizer, ids), logprobs)])
+    tops = _top_texts(reply, top) if top else [[] for _ in ids]
+    return p.ChatLogprobs(content=[
+        p.ChatTokenLogprob(token=t, logprob=lp, bytes=list(t.encode()),
+                           top_logprobs=[p.ChatTopLogprob(token=s, logprob=v, bytes=list(s.encode())) for s, v in alts])
+        for t, lp, alts in zip(_token_texts(reply.tokenizer, ids), logprobs, tops)])
+
+
+def _all_logprobs(out: RequestOutput) -> tuple:
+    return out.logprobs or [], out.top_logprobs or []
 
 
 def completion(reply: Reply, outs: Sequence[RequestOutput]) -> p.CompletionResponse:
     choices = [p.CompletionChoice(index=i, text=out.text, finish_reason=_finish_reason(out),
-                                  logprobs=_completion_logprobs(reply, out.token_ids, out.logprobs or [], 0))
+                                  logprobs=_completion_logprobs(reply, out.token_ids, *_all_logprobs(out), 0))
                for i, out in enumerate(outs)]
     return p.CompletionResponse(id=reply.request_id, model=reply.model, choices=choices, usage=usage(outs))
 
 
 def chat(reply: Reply, outs: Sequence[RequestOutput]) -> p.ChatCompletionResponse:
     choices = [p.ChatChoice(index=i, message=p.AssistantMessage(content=out.text), finish_reason=_finish_reason(out),
-                            logprobs=_chat_logprobs(reply, out.token_ids, out.logprobs or []))
+                            logprobs=_chat_logprobs(reply, out.token_ids, *_all_logprobs(out)))
                for i, out in enumerate(outs)]
     return p.ChatCompletionResponse(id=reply.request_id, model=reply.model, choices=choices, usage=usage(outs))
 
@@ -100,8 +113,10 @@ def _error_event(e: Exception) -> bytes:
     return _event(error)
 
 
-def _new_logprobs(out: RequestOutput) -> list:
-    return out.logprobs[len(out.logprobs) - len(out.new_token_ids):] if out.logprobs else []
+def _new_logprobs(out: RequestOutput) -> tuple:
+    """The logprobs and top logprobs of an output's new tokens."""
+    new = len(out.new_token_ids)
+    return tuple(xs[len(xs) - new:] if xs else [] for xs in _all_logprobs(out))
 
 
 def _skip(deltas: _TextDeltas, reply: Reply, out: RequestOutput, skip_tokens: int) -> Optional[RequestOutput]:
@@ -181,7 +196,7 @@ async def _choice_events(reply: Reply, streams: Sequence[RequestStream], skip_to
 
 def completion_events(reply: Reply, streams: Sequence[RequestStream], skip_tokens: int = 0) -> AsyncIterator[bytes]:
     def event(i, out, text, offset):
-        logprobs = _completion_logprobs(reply, out.new_token_ids, _new_logprobs(out), offset)
+        logprobs = _completion_logprobs(reply, out.new_token_ids, *_new_logprobs(out), offset)
         choice = p.CompletionChoice(index=i, text=text, finish_reason=_finish_reason(out), logprobs=logprobs)
         return _event(p.CompletionResponse(id=reply.request_id, model=reply.model, choices=[choice]))
 
@@ -196,7 +211,7 @@ def chat_events(reply: Reply, streams: Sequence[RequestStream], skip_tokens: int
 
     def event(i, out, text, offset):
         return chunk([p.ChatChunkChoice(index=i, delta=p.Delta(content=text), finish_reason=_finish_reason(out),
-                                        logprobs=_chat_logprobs(reply, out.new_token_ids, _new_logprobs(out)))])
+                                        logprobs=_chat_logprobs(reply, out.new_token_ids, *_new_logprobs(out)))])
     roles = [chunk([p.ChatChunkChoice(index=i, delta=p.Delta(role="assistant", content=""))])
              for i in range(len(streams))]
     return _choice_events(reply, streams, skip_tokens, event, lambda outs: chunk([], usage=usage(outs)), roles)
