@@ -6,7 +6,8 @@ setup(
     version="0.1.0",
     description="Iteration-level, preemptive, preemption-tolerant LLM serving in JAX",
     packages=find_packages(include=["jaxserve", "jaxserve.*"]),
-    package_data={"jaxserve.model": ["gemm_tables/*.json"]},  # measured GEMM row paddings per GPU kind
+    package_data={"jaxserve.model": ["gemm_tables/*.json"],  # measured GEMM row paddings per GPU kind
+                  "jaxserve.bench.data": ["*.csv", "README.md"]},  # the benchmarks' workload sample
     entry_points={"console_scripts": ["jaxserve=jaxserve.cli:main"]},
     python_requires=">=3.10",
     install_requires=[

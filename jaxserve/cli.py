@@ -74,11 +74,13 @@ def run(main) -> None:
 
 
 COMMANDS = {"generate": "a streamed answer to one prompt", "serve": "an OpenAI-compatible HTTP server",
-            "convert": "a GGUF file or Hugging Face directory as a jaxserve checkpoint"}
+            "convert": "a GGUF file or Hugging Face directory as a jaxserve checkpoint",
+            "bench": "a benchmark: bench throughput|serve|schedule|device [MODEL] (see jaxserve.bench)"}
+BENCHES = ("throughput", "serve", "schedule", "device")  # jaxserve.bench's modules
 
 
 def usage() -> str:
-    lines = ["usage: jaxserve COMMAND MODEL [--flags] [--config.SECTION.FIELD=VALUE ...]", "", "commands:"]
+    lines = ["usage: jaxserve COMMAND [MODEL] [--flags] [--config.SECTION.FIELD=VALUE ...]", "", "commands:"]
     lines += [f"  {name:10s}{what}" for name, what in COMMANDS.items()]
     lines += ["", "MODEL: a packaged config (" + ", ".join(configs.names()) + "), a config file (.py), a GGUF",
               "file, or a Hugging Face or jaxserve checkpoint directory (default: " + configs.DEFAULT + ").",
@@ -89,7 +91,7 @@ def usage() -> str:
 HELP_FLAGS = ("-h", "--help", "--helpshort", "--helpfull")
 
 
-def command_help(command: str, argv) -> str:
+def command_help(command: str, module_name: str, argv) -> str:
     """`jaxserve COMMAND [MODEL] --help`: the command's usage and flags, then every config field
     with the value it has for MODEL (after any --config.* overrides in argv) and what it is.
     --helpfull lists the flags of every module, absl's own too."""
@@ -97,13 +99,17 @@ def command_help(command: str, argv) -> str:
 
     from jaxserve.config import describe
 
-    module = importlib.import_module(f"jaxserve.commands.{command}")
+    module = importlib.import_module(module_name)
     _parse_flags([sys.argv[0]] + [a for a in argv if a not in HELP_FLAGS])
     flag_help = (flags.FLAGS.get_help() if "--helpfull" in argv
                  else flags.FLAGS.module_help(module.__name__))
-    return "\n".join([f"usage: jaxserve {command} [MODEL] [--flags] [--config.SECTION.FIELD=VALUE ...]", "",
-                      (module.__doc__ or "").strip(), "", "flags:", flag_help, "",
-                      "config fields (this MODEL's values):", describe(flags.FLAGS["config"].value)])
+    has_config = "config" in flags.FLAGS
+    lines = [f"usage: jaxserve {command}" + (" [MODEL]" if has_config else "") + " [--flags]"
+             + (" [--config.SECTION.FIELD=VALUE ...]" if has_config else ""), "",
+             (module.__doc__ or "").strip(), "", "flags:", flag_help]
+    if has_config:
+        lines += ["", "config fields (this MODEL's values):", describe(flags.FLAGS["config"].value)]
+    return "\n".join(lines)
 
 
 def main(argv=None) -> None:
@@ -118,6 +124,12 @@ def main(argv=None) -> None:
     if command not in COMMANDS:
         sys.stderr.write(f"error: no command {command!r} (one of {', '.join(COMMANDS)}); see jaxserve --help\n")
         sys.exit(2)
+    module_name = f"jaxserve.commands.{command}"
+    if command == "bench":
+        if not rest or rest[0] not in BENCHES:
+            sys.stderr.write(f"error: jaxserve bench needs a benchmark, one of {', '.join(BENCHES)}\n")
+            sys.exit(2)
+        command, module_name, rest = f"bench {rest[0]}", f"jaxserve.bench.{rest[0]}", rest[1:]
     if rest and not rest[0].startswith("-"):  # MODEL, as the config file that loads it
         try:
             rest = [f"--config={configs.config_spec(rest[0])}"] + rest[1:]
@@ -127,6 +139,6 @@ def main(argv=None) -> None:
     # before the command's flags are defined: absl names the defining module after argv[0]
     sys.argv = [f"jaxserve {command}"] + rest
     if any(a in HELP_FLAGS for a in rest):
-        print(command_help(command, rest))
+        print(command_help(command, module_name, rest))
         sys.exit(0)
-    run(importlib.import_module(f"jaxserve.commands.{command}").main)
+    run(importlib.import_module(module_name).main)

@@ -1,20 +1,15 @@
-"""launch/bench_throughput.py, run as a user runs it on the tiny config."""
+"""`jaxserve bench throughput`, run as a user runs it on the tiny config (outside any checkout)."""
 import json
-import os
-import subprocess
-import sys
 
-from conftest import REPO
+from jaxserve.bench.throughput import gap_histogram, gap_sites, union_and_gaps
+from test_cli import jaxserve
 
 
 def test_bench_throughput_reports_throughput_and_floor(tmp_path):
     out = tmp_path / "tp.json"
-    env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
-    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "").strip()
-    proc = subprocess.run([sys.executable, "launch/bench_throughput.py", "--config=configs/tiny.py",
-                           "--num_requests=6", "--warmup_requests=2", "--max_prompt=64", "--max_output=16",
-                           "--config.engine.max_batch=4", "--noprecompile", f"--output={out}"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = jaxserve("bench", "throughput", "tiny", "--num_requests=6", "--warmup_requests=2", "--max_prompt=64",
+                    "--max_output=16", "--config.engine.max_batch=4", "--noprecompile", f"--output={out}",
+                    cwd=tmp_path)  # the packaged config and trace sample: nothing from a checkout
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(out.read_text())
     assert res == json.loads(proc.stdout.strip().splitlines()[-1])
@@ -29,8 +24,6 @@ def test_bench_throughput_reports_throughput_and_floor(tmp_path):
 
 
 def test_device_busy_time_is_the_union_of_overlapping_kernels():
-    sys.path.insert(0, os.path.join(REPO, "launch"))
-    from bench_throughput import gap_histogram, union_and_gaps
     assert union_and_gaps([(20, 30), (0, 10), (5, 15), (12, 13)]) == (25, [5])
     assert union_and_gaps([(0, 10), (2, 3)]) == (10, [])
     assert union_and_gaps([]) == (0, [])
@@ -39,8 +32,6 @@ def test_device_busy_time_is_the_union_of_overlapping_kernels():
 
 
 def test_idle_gap_sites_name_the_events_around_each_gap():
-    sys.path.insert(0, os.path.join(REPO, "launch"))
-    from bench_throughput import gap_sites
     us = 1000
     events = [(0, 5 * us, "fusion_1(x)"), (40 * us, 50 * us, "MemcpyH2D"), (52 * us, 60 * us, "MemcpyH2D"),
               (100 * us, 110 * us, "MemcpyH2D"), (110 * us, 120 * us, "gemm"), (115 * us, 200 * us, "overlap"),

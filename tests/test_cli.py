@@ -56,12 +56,14 @@ def test_the_readme_examples_gguf_files_and_converted_checkpoints_are_models(tmp
 
 
 @pytest.mark.parametrize("args, message", [
-    (["bogus"], "error: no command 'bogus' (one of generate, serve, convert)"),
+    (["bogus"], "error: no command 'bogus' (one of generate, serve, convert, bench)"),
     (["generate", "nope"], "error: model 'nope': not a config file (.py), a GGUF file, a checkpoint directory "
                            "or a packaged config (one of llama3_8b, smollm2_135m"),
     (["generate", "/nope/x.gguf"], "error: model '/nope/x.gguf': no such GGUF file"),
     (["serve", "."], "error: model '.': a directory with neither a Hugging Face config.json nor a jaxserve model.json"),
     (["generate", "tiny", "--config.sampling.max_token=3"], "error: config field 'sampling.max_token' does not exist"),
+    (["bench"], "error: jaxserve bench needs a benchmark, one of throughput, serve, schedule, device"),
+    (["bench", "latency"], "error: jaxserve bench needs a benchmark, one of throughput, serve, schedule, device"),
 ])
 def test_what_is_not_a_model_or_a_command_is_one_line_naming_it(args, message, tmp_path):
     proc = jaxserve(*args, cwd=tmp_path)
@@ -72,7 +74,7 @@ def test_what_is_not_a_model_or_a_command_is_one_line_naming_it(args, message, t
 def test_help_lists_the_commands_and_the_packaged_models():
     proc = subprocess.run([sys.executable, "-m", "jaxserve", "--help"], capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 0
-    for name in ("generate", "serve", "convert", *configs.names()):
+    for name in ("generate", "serve", "convert", "bench", *configs.names()):
         assert name in proc.stdout
     assert {"tiny", "smollm2_135m", "llama3_8b"} <= set(configs.names()) and "checkpoint" not in configs.names()
 
@@ -112,6 +114,12 @@ def test_command_help_lists_its_flags_and_every_config_field_with_models_values(
     for shown in ("engine.num_pages=77", "engine.prefix_cache=true", "engine.prefix_host_tier=false",
                   'checkpoint.path=""', "checkpoint.format=random", "model.eos_token_ids=2", "model.rms_eps=1e-05"):
         assert f"  --config.{shown}\n" in out, shown
+    # a benchmark's help: its own flags, with MODEL's config fields where it takes a model
+    proc = jaxserve("bench", "device", "tiny", "--help", cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0 and "usage: jaxserve bench device [MODEL]" in proc.stdout, proc.stderr[-2000:]
+    assert "--batches: Decode batch sizes." in proc.stdout and "  --config.model.num_layers=2\n" in proc.stdout
+    proc = jaxserve("bench", "serve", "--help", cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0 and "--base_url: Server root." in proc.stdout and "--config." not in proc.stdout
     # a misspelled override is still the one-line error, not help
     proc = jaxserve("generate", "tiny", "--config.engine.num_pagez=1", "--help", cwd=tmp_path, timeout=300)
     assert proc.returncode == 2 and proc.stderr.strip() == (

@@ -110,15 +110,16 @@ def test_bench_schedule_replays_a_synthetic_workload_and_writes_where_asked(tmp_
     assert "gittins  load  3.00/s" in proc.stdout
 
 
-def test_bench_schedule_replays_the_shipped_trace_sample_by_default(tmp_path):
-    # from a fresh clone: no --trace, the 400-request sample in launch/data
-    out = tmp_path / "sched.json"
-    proc = launch("launch/bench_schedule.py", "--backend=sim", "--num_requests=100", "--loads=2",
-                  "--policies=fcfs", f"--out={out}", "--plot=")
+def test_jaxserve_bench_schedule_replays_the_shipped_trace_sample_into_a_results_folder(tmp_path):
+    # outside any checkout: no --trace (the 400-request sample in the package), no --out
+    from jaxserve.bench.data import SAMPLE_TRACE
+    from test_cli import jaxserve
+    proc = jaxserve("bench", "schedule", "--backend=sim", "--num_requests=100", "--loads=2", "--policies=fcfs",
+                    "--plot=", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    (stats,) = json.loads(out.read_text())["sim"]["fcfs"].values()
+    (stats,) = json.loads((tmp_path / "results" / "bench_schedule.json").read_text())["sim"]["fcfs"].values()
     assert stats["completed"] == stats["of"] == 100
-    assert "trace " + os.path.join(REPO, "launch", "data", "azure_conv_sample.csv") in proc.stdout
+    assert "trace " + SAMPLE_TRACE in proc.stdout and os.path.isfile(SAMPLE_TRACE)
 
 
 def test_bench_prefix_cache_runs_conversations_with_the_cache_off_and_on(tmp_path):

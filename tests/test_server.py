@@ -501,11 +501,10 @@ def test_bench_serve_replays_a_trace(server, tmp_path):
                      "2023-11-16 18:15:51.2224670,879,55\n2023-11-16 18:15:51.3910170,91,3\n"
                      "2023-11-16 18:15:52.0000000,20,7\n2023-11-16 18:15:53.5000000,1000,1\n")
     result = tmp_path / "result.json"
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env.update(PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "launch/bench_serve.py", f"--base_url={server}", f"--trace={trace}",
-                           "--num_requests=6", "--request_rate=10", "--max_input_len=64", "--max_output_len=8",
-                           f"--result_json={result}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    from test_cli import jaxserve
+    proc = jaxserve("bench", "serve", f"--base_url={server}", f"--trace={trace}", "--num_requests=6",
+                    "--request_rate=10", "--max_input_len=64", "--max_output_len=8", f"--result_json={result}",
+                    cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "Request throughput" in proc.stdout and "p99 TTFT" in proc.stdout
     summary = json.loads(result.read_text())["summary"]
