@@ -6,6 +6,7 @@ import pytest
 
 from jaxserve import Engine, EngineConfig, SamplingParams
 from jaxserve.dense_generate import generate as dense_generate
+from jaxserve import sampling
 from jaxserve.engine import model_runner
 from jaxserve.parallel.sharding import make_mesh, shard_params
 
@@ -209,16 +210,19 @@ def test_precompile_covers_every_shape_a_run_reaches_and_leaves_the_cache_intact
     requests[1] = (*requests[1][:2], SamplingParams(max_tokens=10, temperature=0.0))
     requests[2] = (*requests[2][:2], SamplingParams(max_tokens=10, temperature=0.8, top_p=0.9, seed=2))
     requests[3] = (*requests[3][:2], SamplingParams(max_tokens=10, temperature=0.8, seed=3, repetition_penalty=1.2))
-    requests[4] = (*requests[4][:2], SamplingParams(max_tokens=10, temperature=0, presence_penalty=1.0))
+    requests[4] = (*requests[4][:2], SamplingParams(max_tokens=10, temperature=0, presence_penalty=1.0, logprobs=3))
+    requests[5] = (*requests[5][:2], SamplingParams(max_tokens=10, temperature=0.5, seed=5, logprobs=12))
     engine = make_engine(small, token_budget=32, max_chunk=32, max_batch=2, num_pages=16)
     launched, launch = [], engine.runner.launch
-    engine.runner.launch = lambda shape, step, sample, mode, **kw: launched.append((shape, mode)) or launch(
+    engine.runner.launch = lambda shape, step, sample, mode, **kw: launched.append((shape, mode, kw.get("top"))) or launch(
         shape, step, sample, mode, **kw)
     compiled = engine.precompile()
     # each shape also ran once (first runs do one-time work), in each sampling mode it was compiled in
     shapes = model_runner.step_shapes(2, 32, engine.runner.max_pages_per_seq)
-    assert len(set(launched)) == len(launched) == sum(map(len, model_runner._sampling_modes(shapes)))
-    assert {s for s, _ in launched} == set(shapes)
+    row_counts = len({s.seqs for s in shapes})  # each also ran top_step in every width once
+    assert len(set(launched)) == len(launched) == sum(map(len, model_runner._sampling_modes(shapes))) + row_counts * len(
+        sampling.TOP_K_BUCKETS)
+    assert {s for s, _, _ in launched} == set(shapes)
     engine.runner.launch = launch
     assert compiled > 0 and engine.precompile() == 0  # the second call finds everything compiled
     before = dict(model_runner.TRACE_COUNT)

@@ -19,13 +19,16 @@ def test_top_logprobs_are_the_k_likeliest_and_the_chosen_tokens_rank():
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(5, 300)).astype(np.float32) * 4
     chosen = np.array([0, 17, 299, 5, 120], np.int32)
-    ids, values, rank = map(np.asarray, jax.jit(top_logprobs, static_argnames="k")(jnp.asarray(logits), jnp.asarray(chosen), k=6))
+    logits[1, [5, 7, 40, 260, 299]] = logits[1].max() + 1  # ties, across blocks: the lower index first
     ref = log_softmax(logits)
-    for i in range(5):
-        order = np.argsort(-ref[i])
-        assert ids[i].tolist() == order[:6].tolist()
-        np.testing.assert_allclose(values[i], ref[i, order[:6]], rtol=1e-5, atol=1e-5)
-        assert rank[i] == 1 + (ref[i] > ref[i, chosen[i]]).sum()
+    for k in (6, 20):  # one stage, and the two-stage top-k above 8 (blocks of 256: the vocabulary padded)
+        ids, values, rank = map(np.asarray, jax.jit(top_logprobs, static_argnames="k")(
+            jnp.asarray(logits), jnp.asarray(chosen), k=k))
+        for i in range(5):
+            order = np.argsort(-ref[i], kind="stable")
+            assert ids[i].tolist() == order[:k].tolist(), (k, i)
+            np.testing.assert_allclose(values[i], ref[i, order[:k]], rtol=1e-5, atol=1e-5)
+            assert rank[i] == 1 + (ref[i] > ref[i, chosen[i]]).sum()
 
 
 def test_engine_top_logprobs_match_transformers_on_smollm2(smollm2, hf_smollm2):

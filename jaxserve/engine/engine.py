@@ -538,7 +538,7 @@ class Engine:
         penalty_row = self.penalty_rows.row_for(r, penalized) if r.request_id in penalized else -1
         return Chunk(tokens, r.num_computed, r.pages, p.temperature, p.top_k, p.top_p, r.seed, r.num_generated,
                      prev_row, banned, penalty_row, p.repetition_penalty, p.presence_penalty, p.frequency_penalty,
-                     top_logprobs=draws and bool(p.logprobs))
+                     top_logprobs=(p.logprobs or 0) if draws else 0)
 
     def _min_tokens_banned(self, p: SamplingParams) -> tuple:
         """What a request may not sample before its min_tokens: its stop tokens, and

@@ -136,11 +136,12 @@ def sample_step(logits, s: SampleInputs, mode: str, rows: int, counts=None):
     return jnp.pad(tokens, (0, rows - tokens.shape[0])), logprobs, counts
 
 
-@jax.jit
-def top_step(logits, tokens):
-    """(ids [S,K], logprobs [S,K], chosen rank [S]) of a step's logits [S,V] and its drawn tokens
-    (sample_step's [rows]): run after it in the steps where a request asks for them."""
-    return sampling.top_logprobs(logits, tokens[:logits.shape[0]])
+@functools.partial(jax.jit, static_argnames=("k",))
+def top_step(logits, tokens, k: int):
+    """(ids [S,k], logprobs [S,k], chosen rank [S]) of a step's logits [S,V] and its drawn tokens
+    (sample_step's [rows]): run after it in the steps where a request asks for them, k one of
+    sampling.TOP_K_BUCKETS."""
+    return sampling.top_logprobs(logits, tokens[:logits.shape[0]], k)
 
 
 @functools.partial(jax.jit, donate_argnames=("counts",))
@@ -206,7 +207,7 @@ class Chunk:
     repetition_penalty: float = 1.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    top_logprobs: bool = False  # whether the step returns its top log-probabilities
+    top_logprobs: int = 0       # how many top log-probabilities the step returns for it
 
 
 class Dispatched(NamedTuple):
@@ -214,7 +215,7 @@ class Dispatched(NamedTuple):
     tokens: jax.Array    # [R] sampled tokens
     logprobs: jax.Array  # [S]
     rows: List[int]      # each chunk's row in them
-    top: Optional[tuple] = None  # top_step's (ids [S,K], logprobs [S,K], chosen rank [S]), if run
+    top: Optional[tuple] = None  # top_step's (ids [S,k], logprobs [S,k], chosen rank [S]), if run
 
     def read(self):
         """(tokens [n], logprobs [n]) as numpy, one per chunk (waits for the device)."""
@@ -222,7 +223,7 @@ class Dispatched(NamedTuple):
         return tokens[self.rows], logprobs[self.rows]
 
     def read_top(self) -> Optional[tuple]:
-        """(ids [n,K], logprobs [n,K], chosen rank [n]) as numpy, one per chunk, or None."""
+        """(ids [n,k], logprobs [n,k], chosen rank [n]) as numpy, one per chunk, or None."""
         return None if self.top is None else tuple(np.asarray(a)[self.rows] for a in self.top)
 
 
@@ -324,7 +325,8 @@ def compile_in_parallel(cfg: ModelConfig, shapes: Sequence[StepShape], modes_of:
             lowered.append(sample_step.lower(logits, sample, mode=mode, rows=rows,
                                              counts=counts if sampling.split_mode(mode)[1] else None))
         if len(modes) > 1:  # a row count's first shape (_sampling_modes)
-            lowered.append(top_step.lower(logits, jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=replicated)))
+            lowered += [top_step.lower(logits, jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=replicated), k=k)
+                        for k in sampling.TOP_K_BUCKETS]
         return lowered
 
     with concurrent.futures.ThreadPoolExecutor(max(1, COMPILE_THREADS)) as pool:
@@ -389,9 +391,9 @@ class ModelRunner:
         """The static arguments of `forward_step` for a step of this shape on this runner."""
         return forward_kwargs(self.cfg, self.mesh, shape, **self.settings)
 
-    def launch(self, shape: StepShape, step: StepInputs, sample: SampleInputs, mode: str, top: bool = False):
+    def launch(self, shape: StepShape, step: StepInputs, sample: SampleInputs, mode: str, top: int = 0):
         """Sends one packed step to the device (mirrored to the other processes, if any).
-        Returns (tokens, logprobs, top) device arrays (top: None, or top_step's when asked)."""
+        Returns (tokens, logprobs, top) device arrays (top: None, or top_step's of width `top`)."""
         if self.mirror is not None:
             step, sample = self.mirror.lead(shape, sampling.MODES.index(mode), (step, sample))
         logits, self.cache = forward_step(self.params, self.cache, self.prev_tokens, step, **self.step_kwargs(shape))
@@ -400,13 +402,15 @@ class ModelRunner:
                                                          counts=self.counts if penalized else None)
         if penalized:
             self.counts = counts
-        return self.prev_tokens, logprobs, top_step(logits, self.prev_tokens) if top else None
+        return self.prev_tokens, logprobs, top_step(logits, self.prev_tokens, k=top) if top else None
 
     def dispatch(self, chunks: Sequence[Chunk]) -> Dispatched:
         """Runs chunks (any mix of prefill chunks and decodes) as one step, without waiting."""
         shape, step, sample, rows = self.pack(chunks)
         mode = sampling.mode_for(*sample[:3], penalties=sample.penalties is not None)
-        tokens, logprobs, top = self.launch(shape, step, sample, mode, top=any(c.top_logprobs for c in chunks))
+        wanted = max(c.top_logprobs for c in chunks)
+        top = sampling.top_k_bucket(wanted) if wanted else 0
+        tokens, logprobs, top = self.launch(shape, step, sample, mode, top=top)
         return Dispatched(tokens, logprobs, rows, top)
 
     def set_counts(self, row: int, prompt: Sequence[int], output: Sequence[int]) -> None:
@@ -447,7 +451,9 @@ class ModelRunner:
             compile_in_parallel(self.cfg, shapes, modes_of, lower, self.num_pages, self.rows, self.mesh, bar)
         for shape, modes in zip(shapes, modes_of):
             for mode in modes:  # inputs of their own: a launched step may still read them
-                self.launch(shape, *sample_padding(shape, self.num_pages, mode), mode, top=len(modes) > 1)
+                self.launch(shape, *sample_padding(shape, self.num_pages, mode), mode)
+            for k in sampling.TOP_K_BUCKETS if len(modes) > 1 else ():  # a row count's first shape
+                self.launch(shape, *sample_padding(shape, self.num_pages, "greedy"), "greedy", top=k)
             if bar is not None and self.mirror is not None:
                 bar.update()
         bar is not None and bar.close()
