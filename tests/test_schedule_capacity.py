@@ -18,8 +18,7 @@ from jaxserve.sim.simulator import Simulator
 from jaxserve.sim.workload import Job, read_trace, summarize, synthetic
 
 RATES = {"synthetic": (0.5, 2.5, 3.0), "trace": (0.5, 2.0)}
-TRACE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "launch", "data",
-                     "azure_conv_sample.csv")
+from jaxserve.bench.data import SAMPLE_TRACE as TRACE  # noqa: E402
 
 
 def workload(kind, rate):
