@@ -6,6 +6,7 @@ import math
 from typing import Optional, Sequence
 
 MAX_LOGPROBS = 20  # the most top log-probabilities a token can come with (OpenAI's limit)
+PENALTIES_OFF = {"repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0}  # each one's neutral value
 
 
 @dataclasses.dataclass
@@ -28,9 +29,14 @@ class SamplingParams:
     frequency_penalty: float = 0.0   # in [-2, 2]: subtracted per occurrence in the output
 
     @property
+    def penalties_on(self) -> list:
+        """The penalty fields not at their neutral values (PENALTIES_OFF)."""
+        return [name for name, off in PENALTIES_OFF.items() if getattr(self, name) != off]
+
+    @property
     def penalized(self) -> bool:
         """Whether any penalty is on (the step samples in a '+penalties' mode)."""
-        return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
+        return bool(self.penalties_on)
 
     def __post_init__(self):
         if isinstance(self.stop, str):

@@ -37,6 +37,7 @@ from ml_collections import config_flags
 from jaxserve import configs
 from jaxserve.bench.data import SAMPLE_TRACE
 from jaxserve.cli import run
+from jaxserve.sampling_params import PENALTIES_OFF
 
 _CONFIG = config_flags.DEFINE_config_file("config", configs.config_spec("tiny"),
                                           "Model/serving config (`jaxserve bench throughput MODEL` sets it).")
@@ -57,7 +58,7 @@ _OUTPUT_LEN = flags.DEFINE_integer("output_len", None, "Every output this long i
 _PRECOMPILE = flags.DEFINE_bool("precompile", True, "Call engine.precompile() before timing.")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "Every request's sampling temperature (0: greedy).")
 _PENALTIES = {name: flags.DEFINE_float(name, off, f"Every request's {name} ({off:g}: off).")
-              for name, off in (("repetition_penalty", 1.0), ("presence_penalty", 0.0), ("frequency_penalty", 0.0))}
+              for name, off in PENALTIES_OFF.items()}
 _LOGPROBS = flags.DEFINE_integer("logprobs", None, "Every request's SamplingParams.logprobs (default: none).",
                                  lower_bound=0)
 _HOST_PROFILE = flags.DEFINE_integer("host_profile", 0, "Run the timed requests once more under cProfile and "

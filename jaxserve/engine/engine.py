@@ -170,9 +170,7 @@ class Engine:
         if params.n != 1:
             raise ValueError(f"n={params.n}: the engine runs one completion a request (LLM.generate runs n)")
         if params.penalized and jax.process_count() > 1:
-            field = next(f for f, off in (("repetition_penalty", 1), ("presence_penalty", 0), ("frequency_penalty", 0))
-                         if getattr(params, f) != off)
-            raise ValueError(f"{field}: penalties are not supported across processes yet")
+            raise ValueError(f"{params.penalties_on[0]}: penalties are not supported across processes yet")
         banned = len(self._min_tokens_banned(params)) if params.min_tokens else 0
         if banned > BANNED_TOKENS:
             raise ValueError(f"min_tokens={params.min_tokens}: needs at most {BANNED_TOKENS} stop and end-of-sequence "

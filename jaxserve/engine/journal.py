@@ -99,7 +99,7 @@ class TokenJournal:
             live["ids"] += ids
             live["logprobs"] += lps
             if top:
-                live["top"] = live.get("top", []) + list(top)
+                live.setdefault("top", []).extend(top)
         self._write({"op": "tokens", "id": request_id, "ids": ids, "logprobs": lps, **({"top": list(top)} if top else {})})
         self._unsynced += 1
         if self.fsync_every and self._unsynced >= self.fsync_every and self._log.sync(urgent=False):
@@ -355,7 +355,7 @@ def _scan(data: bytes, path: str):
                 live[rid]["ids"] += rec["ids"]
                 live[rid]["logprobs"] += rec["logprobs"]
                 if rec.get("top"):
-                    live[rid]["top"] = live[rid].get("top", []) + rec["top"]
+                    live[rid].setdefault("top", []).extend(rec["top"])
             elif op == "end":
                 ended = True
                 rec_done = live.pop(rid, None)

@@ -150,11 +150,15 @@ def set_counts_row(counts, row, output_counts, in_prompt):
     return {"counts": counts["counts"].at[row].set(output_counts), "in_prompt": counts["in_prompt"].at[row].set(in_prompt)}
 
 
+def _counts_layout(vocab_size: int, num_rows: int) -> dict:
+    """{name: (shape, dtype)} of the token counts of `num_rows` penalized requests (sample_step)."""
+    return {"counts": ((num_rows, vocab_size), np.int32), "in_prompt": ((num_rows, vocab_size), np.bool_)}
+
+
 def init_counts(vocab_size: int, num_rows: int, mesh) -> dict:
-    """The token counts of `num_rows` penalized requests (see sample_step), zero, replicated."""
+    """The token counts of `num_rows` penalized requests, zero, replicated on the mesh."""
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    return jax.device_put({"counts": np.zeros((num_rows, vocab_size), np.int32),
-                           "in_prompt": np.zeros((num_rows, vocab_size), bool)}, replicated)
+    return jax.device_put({k: np.zeros(s, d) for k, (s, d) in _counts_layout(vocab_size, num_rows).items()}, replicated)
 
 
 def penalty_padding(S: int) -> PenaltyInputs:
@@ -312,9 +316,8 @@ def compile_in_parallel(cfg: ModelConfig, shapes: Sequence[StepShape], modes_of:
     tracing holds the GIL) and `sample_step` in each shape's modes, the XLA compiles on
     `COMPILE_THREADS` threads; `top_step` at each row count, and `set_counts_row`. JAX keeps
     the executables for the steps' calls."""
-    counts = jax.tree.map(_abstract, jax.eval_shape(lambda: init_counts(cfg.vocab_size, rows, mesh)))
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    counts = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), counts)
+    counts = {k: jax.ShapeDtypeStruct(s, d, sharding=replicated) for k, (s, d) in _counts_layout(cfg.vocab_size, rows).items()}
 
     def compile_shape(shape, lowered, modes):
         forward = lowered.compile()

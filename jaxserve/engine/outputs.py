@@ -32,10 +32,10 @@ def position_logprobs(token_ids: List[int], logprobs: Optional[List[float]], top
     position's [rank, ids, logprobs] of the likeliest tokens. decode: token id -> its text."""
     if logprobs is None:
         return None
+    text = (lambda t: None) if decode is None else decode
     out = []
     for i, (token, lp) in enumerate(zip(token_ids, logprobs)):
         rank, ids, values = top[i] if top else (None, [], [])
-        text = (lambda t: None) if decode is None else decode
         position = {t: Logprob(v, j + 1, text(t)) for j, (t, v) in enumerate(zip(ids, values))}
         position.setdefault(token, Logprob(lp, rank, text(token)))
         out.append(position)
