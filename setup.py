@@ -7,7 +7,7 @@ setup(
     description="Iteration-level, preemptive, preemption-tolerant LLM serving in JAX",
     packages=find_packages(include=["jaxserve", "jaxserve.*"]),
     package_data={"jaxserve.model": ["gemm_tables/*.json"],  # measured GEMM row paddings per GPU kind
-                  "jaxserve.bench.data": ["*.csv", "README.md"]},  # the benchmarks' workload sample
+                  "jaxserve.bench.data": ["*.csv", "*.jsonl", "README.md", "LICENSE.*"]},  # the benchmarks' workload sample
     entry_points={"console_scripts": ["jaxserve=jaxserve.cli:main"]},
     python_requires=">=3.10",
     install_requires=[
@@ -37,8 +37,9 @@ setup(
         "test": ["pytest>=8", "torch==2.13.0", "transformers>=5.0", "accelerate>=1.0", "gguf>=0.17",
                  "openai>=1.40", "httpx>=0.27",
                  "schemathesis>=4.0",  # tests/test_openapi_conformance.py: the server against its schema
-                 "gcp-storage-emulator>=2024.8"],  # tests/test_gcs.py: a GCS API on loopback
-        # Plots of launch/bench_schedule.py.
+                 "gcp-storage-emulator>=2024.8",  # tests/test_gcs.py: a GCS API on loopback
+                 "matplotlib>=3.7"],  # tests/test_plots.py
+        # The benchmarks' plots (jaxserve.bench.plots).
         "bench": ["matplotlib>=3.7"],
     },
 )

@@ -75,8 +75,8 @@ def run(main) -> None:
 
 COMMANDS = {"generate": "a streamed answer to one prompt", "serve": "an OpenAI-compatible HTTP server",
             "convert": "a GGUF file or Hugging Face directory as a jaxserve checkpoint",
-            "bench": "a benchmark: bench throughput|serve|schedule|device [MODEL] (see jaxserve.bench)"}
-BENCHES = ("throughput", "serve", "schedule", "device")  # jaxserve.bench's modules
+            "bench": "a benchmark: bench throughput|serve|schedule|spot|device [MODEL] (see jaxserve.bench)"}
+BENCHES = ("throughput", "serve", "schedule", "spot", "device")  # jaxserve.bench's modules
 
 
 def usage() -> str:

@@ -9,21 +9,24 @@ such as MLFQ can do for mean JCT) and SRPT (a perfect output-length predictor); 
 `jaxserve/sim/queueing.py`. The last line printed is one JSON object.
 """
 import json
+import os
 
 import numpy as np
 from absl import flags
 
+from jaxserve.bench.data import SAMPLE_TRACE
 from jaxserve.cli import run
 from jaxserve.sim.queueing import simulate
 from jaxserve.sim.workload import read_trace
 
-_TRACE = flags.DEFINE_string("trace", "../shared/data/azure_llm_2023_conv.csv", "CSV with TIMESTAMP, ContextTokens, GeneratedTokens.")
+_TRACE = flags.DEFINE_string("trace", SAMPLE_TRACE, "CSV with TIMESTAMP, ContextTokens, GeneratedTokens (default: the "
+                             "shipped 400-request sample; the published figures use the whole trace).")
 _LOADS = flags.DEFINE_list("loads", ["0.5", "0.7", "0.8", "0.9", "0.95", "0.98"], "Server utilisations.")
 _ARRIVALS = flags.DEFINE_enum("arrivals", "trace", ["trace", "poisson"], "Trace arrival times rescaled, or Poisson.")
 _N = flags.DEFINE_integer("num_requests", 0, "Poisson: jobs drawn (0 = as many as the trace has).")
 _SEEDS = flags.DEFINE_integer("seeds", 1, "Poisson: independent runs averaged.")
 _QUANTUM = flags.DEFINE_integer("quantum", 2, "Gittins switches jobs only every this many tokens.")
-_OUT = flags.DEFINE_string("out", "docs/bench_schedule_bound.json", "Where to write the results ('' = nowhere).")
+_OUT = flags.DEFINE_string("out", "results/bench_schedule_bound.json", "Where to write the results ('' = nowhere).")
 
 
 def runs(sizes_all, arrivals_all, load, seed):
@@ -62,6 +65,7 @@ def main(argv):
             print(f"{load:5.2f} {policy:>8} {avg:8.2f} {p99:8.2f} {row['avg_ratio']:9.2f} {row['p99_ratio']:9.2f}")
     result = {"trace": _TRACE.value, "arrivals": _ARRIVALS.value, "quantum": _QUANTUM.value, "seeds": seeds, "rows": table}
     if _OUT.value:
+        os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
         with open(_OUT.value, "w") as f:
             json.dump(result, f, indent=1)
     print(json.dumps(result))

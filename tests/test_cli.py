@@ -62,8 +62,8 @@ def test_the_readme_examples_gguf_files_and_converted_checkpoints_are_models(tmp
     (["generate", "/nope/x.gguf"], "error: model '/nope/x.gguf': no such GGUF file"),
     (["serve", "."], "error: model '.': a directory with neither a Hugging Face config.json nor a jaxserve model.json"),
     (["generate", "tiny", "--config.sampling.max_token=3"], "error: config field 'sampling.max_token' does not exist"),
-    (["bench"], "error: jaxserve bench needs a benchmark, one of throughput, serve, schedule, device"),
-    (["bench", "latency"], "error: jaxserve bench needs a benchmark, one of throughput, serve, schedule, device"),
+    (["bench"], "error: jaxserve bench needs a benchmark, one of throughput, serve, schedule, spot, device"),
+    (["bench", "latency"], "error: jaxserve bench needs a benchmark, one of throughput, serve, schedule, spot, device"),
 ])
 def test_what_is_not_a_model_or_a_command_is_one_line_naming_it(args, message, tmp_path):
     proc = jaxserve(*args, cwd=tmp_path)

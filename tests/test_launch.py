@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from conftest import REPO
@@ -136,3 +137,30 @@ def test_bench_prefix_cache_runs_conversations_with_the_cache_off_and_on(tmp_pat
     # 16 device pages hold less than the 28-page working set: the host tier keeps what they evict
     assert "working set: 28 distinct full pages" in proc.stdout
     assert tier["host_tier_share"] > 0 and tier["cached_prompt_share"] > on["cached_prompt_share"]
+
+
+def test_jaxserve_bench_spot_replays_the_shipped_availability_trace_and_plots_its_timeline(tmp_path):
+    # outside any checkout, no --availability, --trace or --out: the traces shipped in the package
+    from jaxserve.bench import plots
+    from jaxserve.bench.data import SPOT_TRACES
+    from test_cli import jaxserve
+    proc = jaxserve("bench", "spot", "--backend=sim", "--workloads=paper", "--sim_requests=120", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads((tmp_path / "results" / "bench_spot.json").read_text())
+    assert (tmp_path / "results" / "spot_timeline.png").read_bytes()[:4] == b"\x89PNG"
+    # segment A_S of the SpotServe paper: 7 -> 8 -> 10 -> 9 -> 10 -> 8 nodes
+    assert [n for _, n in results["availability"]] == [7, 8, 10, 9, 10, 8]
+    assert os.path.isfile(SPOT_TRACES["trace_AS.jsonl"]) and SPOT_TRACES["trace_AS.jsonl"] in proc.stderr + proc.stdout
+    end = results["availability"][-1][0]
+    for method, r in results["sim"]["paper"].items():
+        latency = [lat for _, lat in r["requests"]]
+        assert len(latency) == 120 and r["requests_lost"] == latency.count(None) == 0
+        assert r["p99_s"] == pytest.approx(float(np.percentile(latency, 99)))
+        assert all(0 <= e["t"] <= end for e in r["events"]), method
+    # the plot draws exactly those nodes and latencies
+    fig = plots.spot_timeline(results, str(tmp_path / "again.png"))
+    top, bottom = fig.axes[0], fig.axes[1]
+    (step,) = [line for line in top.get_lines() if line.get_color() == "black"]
+    assert list(step.get_ydata())[:-1] == [n for _, n in results["availability"]]
+    points = {line.get_label().split()[0]: list(line.get_ydata()) for line in bottom.get_lines()}
+    assert points == {m: [lat for _, lat in r["requests"]] for m, r in results["sim"]["paper"].items()}

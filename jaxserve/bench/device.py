@@ -31,6 +31,7 @@ from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from jaxserve import configs  # noqa: E402
+from jaxserve.bench import plots  # noqa: E402
 from jaxserve.cli import run  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", configs.config_spec("llama3_8b"),
@@ -41,6 +42,8 @@ _VARIANTS = flags.DEFINE_list("variants", ["xla_default", "dot_merger_off"],
 _DUMP_HLO = flags.DEFINE_string("dump_hlo", "", "Folder for the jax part's optimized HLO of the step.")
 _JSON = flags.DEFINE_string("json", "", "Where a part writes its results (set by the parent).")
 _OUT_DIR = flags.DEFINE_string("out_dir", "", "Folder for the JSON results and the table (default: results/device).")
+_PLOT = flags.DEFINE_bool("plot", True, "Plot decode tokens/s against the batch as throughput_vs_batch.png in "
+                          "--out_dir (skipped without matplotlib).")
 _BUDGET = flags.DEFINE_float("budget_s", 560.0, "Wall-clock budget of the whole run; late sections are skipped.")
 _SKIP = flags.DEFINE_list("skip", [], "Sections to skip: sweep, reference, prefill, swap, stream, hf.")
 _BATCHES = flags.DEFINE_list("batches", ["1", "16", "64", "128"], "Decode batch sizes.")
@@ -788,6 +791,8 @@ def parent(argv):
         json.dump(results, f, indent=1)
     with open(os.path.join(out_dir, "table.md"), "w") as f:
         f.write(table + "\n")
+    if _PLOT.value and results.get("decode"):
+        plots.throughput_vs_batch(results, os.path.join(out_dir, "throughput_vs_batch.png"))
     print(table)
     print(json.dumps(results, separators=(",", ":")))
 

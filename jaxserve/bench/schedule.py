@@ -29,6 +29,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from jaxserve import configs
+from jaxserve.bench import plots
 from jaxserve.bench.data import SAMPLE_TRACE
 from jaxserve.cli import run
 
@@ -177,33 +178,6 @@ def fmt(s):
             f"goodput {s.get('goodput_rps', 0):.2f}/s")
 
 
-def plot(results, path):
-    try:
-        import matplotlib
-    except ImportError:
-        print("matplotlib is not installed: no plot")
-        return
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    backends = [b for b in ("engine", "sim", "fastserve") if b in results]
-    fig, axes = plt.subplots(1, len(backends), figsize=(5 * len(backends), 3.8), squeeze=False)
-    for ax, b in zip(axes[0], backends):
-        for name, by_load in results[b].items():
-            if name == "one_server_bound":
-                continue
-            loads = sorted(by_load, key=float)
-            metric = "latency_per_token_avg" if b == "fastserve" else "jct_avg"
-            ax.plot([float(x) for x in loads], [by_load[x][metric] for x in loads], marker="o", label=name)
-        ax.set_xlabel("arrival rate (requests/s)")
-        ax.set_ylabel("mean latency per output token (s)" if b == "fastserve" else "mean JCT (s)")
-        ax.set_title({"engine": "engine (CPU, tiny model)", "sim": "simulator (calibrated)",
-                      "fastserve": "sim: OPT-13B / A100 setting"}[b])
-        ax.set_yscale("log")
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-
-
 def main(argv):
     del argv
     config = _CONFIG.value
@@ -239,7 +213,6 @@ def main(argv):
         with open(_OUT.value, "w") as f:
             json.dump(results, f, indent=1)
     if _PLOT.value:
-        os.makedirs(os.path.dirname(_PLOT.value) or ".", exist_ok=True)
-        plot(results, _PLOT.value)
+        plots.jct_vs_load(results, _PLOT.value)
     print(json.dumps(results))
 
