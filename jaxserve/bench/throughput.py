@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import csv
+import gc
 import json
 import math
 import os
@@ -105,6 +106,30 @@ class CompileTimer:
                     "backend_compiles": self.count[p],
                     "events": {k: round(v, 3) for k, v in ev.items()}}
                 for p, ev in self.by_phase.items()}
+
+
+class GcTimer:
+    """Counts and times the cyclic garbage collector's collections, by generation, while entered:
+    a full collection walks every tracked object, and a step's host time includes it."""
+
+    def __enter__(self):
+        self.collections, self.seconds, self._start = [0, 0, 0], [0.0, 0.0, 0.0], 0.0
+        gc.callbacks.append(self._callback)
+        return self
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+        else:
+            self.collections[info["generation"]] += 1
+            self.seconds[info["generation"]] += time.perf_counter() - self._start
+
+    def __exit__(self, *exc):
+        gc.callbacks.remove(self._callback)
+
+    def summary(self) -> dict:
+        return {"collections": self.collections, "s": [round(x, 4) for x in self.seconds],
+                "tracked_objects_after": len(gc.get_objects())}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -475,7 +500,8 @@ def bench(config, timer: CompileTimer) -> dict:
     stats0 = dict(getattr(engine, "stats", {}) or {})
     num_steps0 = getattr(engine, "num_steps", None)
     timer.phase = "timed"
-    r = run_requests(engine, "bench", prompts, output_lens)
+    with GcTimer() as gc_timer:
+        r = run_requests(engine, "bench", prompts, output_lens)
     timer.phase = "after"
     stats1 = dict(getattr(engine, "stats", {}) or {})
     engine_steps = (engine.num_steps - num_steps0) if num_steps0 is not None else None
@@ -539,7 +565,7 @@ def bench(config, timer: CompileTimer) -> dict:
                       "warmup": timer.total("warmup"), "timed": timer.total("timed")},
         "compile_detail": compile_summary,
         "host_s": delta("host_s"), "device_wait_s": delta("device_wait_s"),
-        "idle_dispatches": delta("idle_dispatches"),
+        "idle_dispatches": delta("idle_dispatches"), "gc": gc_timer.summary(),
         "preemptions": delta("preemptions"), "recomputed_tokens": delta("recomputed_tokens"),
         "measured": {"bandwidth_bytes_per_s": bw["bytes_per_s"], "copy": bw,
                      "matmul_flops_per_s": mm["flops_per_s"], "matmul": mm},
@@ -578,6 +604,9 @@ def bench(config, timer: CompileTimer) -> dict:
     row("host / device wait", f"{hs:.3f} s / {dw:.3f} s" if hs is not None and dw is not None
         else f"{hs} / {dw} (engine.stats has no host_s / device_wait_s)")
     row("steps sent to an idle device", f"{res['idle_dispatches']} of {model_steps}")
+    g = res["gc"]
+    row("garbage collections (gen 0/1/2)", "/".join(map(str, g["collections"])) + " in " + "/".join(
+        f"{x:.3f}" for x in g["s"]) + f" s; {g['tracked_objects_after']} objects tracked after")
     row("preemptions", f"{res['preemptions']} ({res['recomputed_tokens']} tokens recomputed)")
     row("measured bandwidth", f"{bw['bytes_per_s'] / 1e9:.1f} GB/s" + (
         f"  (datasheet {sheet[0]}: {sheet[1] / 1e9:.0f} GB/s)" if sheet else ""))
