@@ -99,3 +99,19 @@ def test_a_crash_keeps_the_top_logprobs_committed_before_it(tiny, tmp_path):
         got, want = done[r.request_id].top_logprobs, reference[r.request_id].top_logprobs
         assert [e[:2] for e in got] == [e[:2] for e in want], r.request_id
         np.testing.assert_allclose([e[2] for e in got], [e[2] for e in want], atol=1e-4)
+
+
+def test_a_peers_finished_record_is_checked_entry_by_entry_like_a_journaled_request():
+    from jaxserve.engine.outputs import finished_record, output_from_finished_record, final_output
+    top = [[1, [5, 9], [-0.1, -2.5]], [2, [7, 3], [-0.3, -1.0]]]
+    out = final_output("r", [1, 2], [5, 3], "ab", "length", [-0.1, -1.0], 0.0, 0, top)
+    rec = finished_record(out)
+    assert output_from_finished_record(rec).top_logprobs == top
+    bad = {"widths differ": [top[0], [2, [7], [-0.3]]], "rank below 1": [top[0], [0, [7, 3], [-0.3, -1.0]]],
+           "ids not integers": [top[0], [2, [7.0, 3], [-0.3, -1.0]]], "too few entries": [top[0]],
+           "logprob not a number": [top[0], [2, [7, 3], ["x", -1.0]]], "not a triple": [top[0], [2, [7, 3]]],
+           "wider than 20": [[1, list(range(21)), [0.0] * 21]] * 2}
+    for why, entries in bad.items():
+        with pytest.raises(ValueError, match="^top: missing or invalid"):
+            output_from_finished_record(dict(rec, top=entries))
+            pytest.fail(why)

@@ -25,7 +25,7 @@ from jaxserve.engine.journal import TokenJournal
 from jaxserve.engine.kv_manager import KVManager
 from jaxserve.engine.model_runner import (BANNED_TOKENS, UNROLL_CHOICES, Chunk, Dispatched, ModelRunner,
                                          enable_compile_cache)
-from jaxserve.engine.outputs import RequestOutput, cut_at_stop
+from jaxserve.engine.outputs import RequestOutput, cut_at_stop, is_top_entry
 from jaxserve.engine.penalty_rows import PenaltyRows
 from jaxserve.engine.request import Request, Status
 from jaxserve.model.config import ModelConfig
@@ -207,7 +207,7 @@ class Engine:
                 len(r.logprobs) != len(r.output_ids) or not all(isinstance(x, (int, float)) for x in r.logprobs))):
             raise ValueError(f"logprobs: must be one number per generated token ({len(r.output_ids)})")
         if not isinstance(r.top_logprobs, list) or (r.params.logprobs and (
-                len(r.top_logprobs) != len(r.output_ids) or not all(_is_top_entry(e, r.params.logprobs)
+                len(r.top_logprobs) != len(r.output_ids) or not all(is_top_entry(e, r.params.logprobs)
                                                                    for e in r.top_logprobs))):
             raise ValueError(f"top_logprobs: must be one [rank, {r.params.logprobs} token ids, as many logprobs] "
                              f"per generated token ({len(r.output_ids)})")
@@ -615,14 +615,6 @@ class _StepRecord(NamedTuple):
     features: np.ndarray  # cost-model features of the step
     start: float          # engine clock when it was scheduled
     swapped_after: list   # requests swapped out while it ran: their copies read the pool it leaves
-
-
-def _is_top_entry(entry, k: int) -> bool:
-    """Whether entry is a token's [rank, k token ids, k logprobs] (Request.top_logprobs)."""
-    number = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)
-    return (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], int) and entry[0] >= 1
-            and isinstance(entry[1], list) and len(entry[1]) == k and all(isinstance(t, int) for t in entry[1])
-            and isinstance(entry[2], list) and len(entry[2]) == k and all(map(number, entry[2])))
 
 
 def _is_ready(tokens) -> bool:

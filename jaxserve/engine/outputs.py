@@ -5,6 +5,8 @@ import collections
 import dataclasses
 from typing import Dict, List, Optional
 
+from jaxserve.sampling_params import MAX_LOGPROBS
+
 
 @dataclasses.dataclass
 class Logprob:
@@ -123,6 +125,22 @@ def finished_record(out: RequestOutput) -> dict:
             "top": out.top_logprobs}
 
 
+def is_top_entry(entry, k: int) -> bool:
+    """Whether entry is a token's [rank, k token ids, k logprobs] (Request.top_logprobs)."""
+    number = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)
+    return (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], int) and entry[0] >= 1
+            and isinstance(entry[1], list) and len(entry[1]) == k and all(isinstance(t, int) for t in entry[1])
+            and isinstance(entry[2], list) and len(entry[2]) == k and all(map(number, entry[2])))
+
+
+def _is_top_list(top, num_tokens: int) -> bool:
+    """Whether top is one is_top_entry per generated token, all of one width k (1..MAX_LOGPROBS)."""
+    if not isinstance(top, list) or len(top) != num_tokens:
+        return False
+    k = len(top[0][1]) if top and isinstance(top[0], list) and len(top[0]) == 3 and isinstance(top[0][1], list) else 1
+    return 1 <= k <= MAX_LOGPROBS and all(is_top_entry(e, k) for e in top)
+
+
 def output_from_finished_record(rec) -> RequestOutput:
     """`finished_record` data back, checked field by field (a peer's data is not trusted):
     ValueError "<field>: ..." on a bad record."""
@@ -135,8 +153,7 @@ def output_from_finished_record(rec) -> RequestOutput:
               "logprobs": rec.get("logprobs") is None or (isinstance(rec.get("logprobs"), list) and all(
                   isinstance(x, (int, float)) for x in rec["logprobs"])),
               "arrival": isinstance(rec.get("arrival"), (int, float)),
-              "top": rec.get("top") is None or (isinstance(rec.get("top"), list) and len(rec["top"]) == len(rec.get("ids") or [])
-                                                and all(isinstance(e, list) and len(e) == 3 for e in rec["top"]))}
+              "top": rec.get("top") is None or _is_top_list(rec["top"], len(rec.get("ids") or []))}
     bad = next((name for name, ok in checks.items() if not ok), None)
     if bad is not None:
         raise ValueError(f"{bad}: missing or invalid")
