@@ -46,6 +46,8 @@ _HOST_PAGES = flags.DEFINE_list(
     "host_pages", [], "Also run the cache on with a host tier of each of these many pages (engine.host_pages): "
     "pages the device evicts wait there. Make engine.num_pages smaller than the working set (printed) for "
     "the tier to matter.")
+_HOST_PROFILE = flags.DEFINE_integer("host_profile", 0, "Serve the host-tier runs under cProfile and print their "
+                                     "this many costliest functions (the profiler slows the host: shares, not times).")
 _PRECOMPILE = flags.DEFINE_bool("precompile", True, "Compile every step shape before timing (off: the "
                                 "timings include compiling; for quick correctness runs).")
 
@@ -133,7 +135,17 @@ def main(argv):
             engine = Engine(cfg, params, mesh, tokenizer, dataclasses.replace(base_config, **changes))
         if _PRECOMPILE.value:
             engine.precompile()
+        profile = None
+        if _HOST_PROFILE.value and name.startswith("on_host"):
+            import cProfile
+            profile = cProfile.Profile()
+            profile.enable()
         answers, ttfts, wall, prompt_tokens = serve_turns(engine, system, convs, _OUTPUT_LEN.value, engine.max_context)
+        if profile is not None:
+            import pstats
+            profile.disable()
+            print(f"[prefix cache {name}] under cProfile:", flush=True)
+            pstats.Stats(profile, stream=sys.stdout).sort_stats("tottime").print_stats(_HOST_PROFILE.value)
         if reference is None:
             reference = answers
         same = answers == reference

@@ -17,7 +17,7 @@ every workload's lengths are then scaled by `--length_scale` and capped by `--ma
 
 The last line printed is one JSON object: per backend, policy and load, the average, p50, p95
 and p99 JCT and TTFT (seconds), TPOT, goodput, requests served per second and, in the
-simulator, the one-server Gittins bound (`queueing.py`) on the same job sizes.
+simulator, the one-server FCFS, Gittins and SRPT figures (`queueing.py`) on the same job sizes.
 """
 import copy
 import json
@@ -140,14 +140,15 @@ def sim_runs(config, loads, cost, sim_config, results, key):
 
 
 def one_server_bound(jobs, cost):
-    """Mean JCT (s) of the same jobs in one server (queueing.py) under FCFS and the Gittins index
-    of their sizes: each job's prefill at batch 1 plus its output tokens at a decode token's cost."""
+    """Mean JCT (s) of the same jobs in one server (queueing.py) under FCFS, the Gittins index of
+    their sizes and SRPT (sizes known: no one-server policy does better): each job's prefill at
+    batch 1 plus its output tokens at a decode token's cost."""
     from jaxserve.scheduling.gittins import decode_token_s
     from jaxserve.sim.queueing import simulate
     token_s = decode_token_s(cost)
     sizes = np.array([max(1, round(1e3 * (cost.prefill_time(j.prompt_len) + j.output_len * token_s))) for j in jobs])
     arrivals = np.array([j.arrival for j in jobs]) * 1e3
-    return {p: float(simulate(arrivals, sizes, p).mean() / 1e3) for p in ("fcfs", "gittins")}
+    return {p: float(simulate(arrivals, sizes, p).mean() / 1e3) for p in ("fcfs", "gittins", "srpt")}
 
 
 def fastserve_jobs(rate):
