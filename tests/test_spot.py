@@ -110,6 +110,32 @@ def test_deferred_preemption_compiles_the_new_mesh_while_the_old_one_serves(tiny
     assert switch_compiles == {"forward": 0, "sample": 0}  # its step shapes were ready
 
 
+@pytest.mark.parametrize("named", ["half", "all"])
+def test_a_sigterm_notice_is_planned_for_by_the_next_step(tiny_host, requests, reference, named):
+    """The handler only records the notice; the next step plans for the devices it names (here
+    half of them). A notice that takes every device (in one process, jax.local_devices() is all of
+    them) leaves nothing to plan onto: serving goes on, and the cluster says why."""
+    import os
+    import signal
+    cfg, params, tok = tiny_host
+    devices = jax.devices()
+    cluster = ServingCluster(cfg, params, devices, 2, 4, CONFIG, tok)
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        cluster.install_sigterm_handler(grace_s=600.0, devices=(lambda: devices[2:6]) if named == "half" else None)
+        out = drain(cluster, requests, steps_before=4, event=lambda: os.kill(os.getpid(), signal.SIGTERM))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert out == reference  # no request lost: each one's final tokens are the reference run's
+    if named == "half":
+        (e,) = cluster.events
+        assert e.kind == "preemption" and e.done and e.devices_lost == 4 and e.tokens_recomputed == 0
+        assert set(cluster.devices) == set(devices[:2] + devices[6:]) and cluster.notice_error is None
+    else:
+        assert not cluster.events and cluster.devices == devices and cluster.shape == (2, 4)
+        assert "takes all 8 devices" in cluster.notice_error
+
+
 def test_preemption_without_grace_restores_params_from_the_checkpoint_and_recomputes_kv(tiny_host, requests, reference, tmp_path):
     cfg, params, tok = tiny_host
     store.save(str(tmp_path), cfg, params)

@@ -17,6 +17,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import jax
 import numpy as np
+from absl import logging
 
 from jaxserve import sampling
 from jaxserve.cache.paged_kv import pool_bytes_per_page
@@ -105,6 +106,8 @@ class ServingCluster:
         self._route: Dict[str, int] = {}
         self._pending: Optional[_Pending] = None
         self._held: list = []  # outputs read while re-parallelizing, returned by the next step
+        self._notice: Optional[tuple] = None  # a SIGTERM's (devices, deadline), acted on by the next step
+        self.notice_error: Optional[str] = None  # why the last such notice could not be planned for
 
     # -- serving ------------------------------------------------------------------------------
     @property
@@ -125,9 +128,12 @@ class ServingCluster:
 
     def has_unfinished(self) -> bool:
         """Requests to serve, or a deferred switch still to make (its devices are going away)."""
-        return bool(self._held) or self._pending is not None or any(e.has_unfinished() for e in self.replicas)
+        return (bool(self._held) or self._pending is not None or self._notice is not None
+                or any(e.has_unfinished() for e in self.replicas))
 
     def step(self):
+        if self._notice is not None:
+            self._plan_for_notice()
         p = self._pending
         if p is not None:
             if not any(e.has_unfinished() for e in self.replicas):  # nothing to serve meanwhile
@@ -175,14 +181,34 @@ class ServingCluster:
             return self._defer(args, switch_by=float("inf"))
         return self._reparallelize(**args)
 
-    def install_sigterm_handler(self, grace_s: float = 30.0):
-        """On SIGTERM (a spot VM's notice), re-parallelize away from this process's devices.
+    def install_sigterm_handler(self, grace_s: float = 30.0, devices=None):
+        """On SIGTERM (a spot VM's notice), re-parallelize away from the devices it takes:
+        `devices`, a sequence or a callable that returns one when the signal comes (default:
+        this process's, `jax.local_devices()`, as when a multi-host job loses this host's VM).
 
-        The handler only plans (defer=True): it may run in the middle of a step, and the switch
-        itself happens at the start of the next `step`."""
+        The handler only records the notice, since it may run in the middle of a step. The next
+        `step` plans for it with the grace still left (defer=True) and switches once the new
+        meshes have compiled. A notice that takes every device of the cluster leaves nothing to
+        plan onto: `notice_error` says so and serving goes on until the devices go (the
+        server's journal and peer handover are what survive that)."""
         def handler(signum, frame):
-            self.notify_preemption(jax.local_devices(), grace_s, defer=True)
+            named = devices() if callable(devices) else (jax.local_devices() if devices is None else devices)
+            self._notice = (list(named), self.clock() + grace_s)
         signal.signal(signal.SIGTERM, handler)
+
+    def _plan_for_notice(self) -> None:
+        named, deadline = self._notice
+        self._notice = None
+        gone = [d for d in self.devices if d in set(named)]
+        if not gone:
+            return
+        if len(gone) == len(self.devices):
+            self.notice_error = (f"the notice takes all {len(gone)} devices of this cluster: nothing to "
+                                 f"re-parallelize onto; serving until they go")
+            logging.warning(self.notice_error)
+            return
+        self.notice_error = None
+        self.notify_preemption(gone, max(0.0, deadline - self.clock()), defer=True)
 
     def _plan(self, survivors) -> _Plan:
         new = self.choose_config(len(survivors))
