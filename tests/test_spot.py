@@ -110,6 +110,40 @@ def test_deferred_preemption_compiles_the_new_mesh_while_the_old_one_serves(tiny
     assert switch_compiles == {"forward": 0, "sample": 0}  # its step shapes were ready
 
 
+def test_a_held_decode_shape_ends_with_the_requests_it_was_held_for(tiny_host, requests, reference):
+    """A deferred switch holds a replica's decode steps at the shape it compiled ahead
+    (Engine.hold_decode_shape); once the requests it was held for have ended, a new request's
+    steps have the shapes a fresh engine would give them, not the held one."""
+    from jaxserve.engine import model_runner
+    cfg, params, tok = tiny_host
+    mesh = make_mesh(1, 1)
+    engine = Engine(cfg, shard_params(params, cfg, mesh), mesh, tok, CONFIG)
+    runner, shapes = engine.runner, []
+
+    def recording(chunks, held=runner.pack):
+        packed = held(chunks)
+        natural = model_runner.pack(chunks, runner.page_size, runner.max_batch, runner.max_pages_per_seq,
+                                    runner.num_pages)
+        shapes.append((packed[0], natural[0]))
+        return packed
+    runner.pack = recording
+    for rid, prompt, p in requests:
+        engine.add_request(rid, prompt, p)
+    engine.hold_decode_shape(8, runner.max_pages_per_seq)  # far more pages than these requests reach
+    out = drain(engine, [])
+    assert out == reference
+    held = [s for s, natural in shapes if s != natural]
+    assert held and all(s.pages >= runner.max_pages_per_seq for s in held)  # the hold applied to them
+    shapes.clear()
+    assert drain(engine, [("later", [5, 6, 7], GREEDY)])["later"] == reference_for(engine, [5, 6, 7])
+    assert len(shapes) >= GREEDY.max_tokens and all(s == natural for s, natural in shapes)
+
+
+def reference_for(engine, prompt):
+    fresh = Engine(engine.cfg, engine.runner.params, engine.runner.mesh, engine.tokenizer, CONFIG)
+    return drain(fresh, [("x", prompt, GREEDY)])["x"]
+
+
 @pytest.mark.parametrize("named", ["half", "all"])
 def test_a_sigterm_notice_is_planned_for_by_the_next_step(tiny_host, requests, reference, named):
     """The handler only records the notice; the next step plans for the devices it names (here

@@ -120,6 +120,7 @@ class Engine:
         self._decoders: Dict[str, IncrementalDecoder] = {}
         self._aborted: List[Request] = []
         self._in_flight: collections.deque = collections.deque()  # _StepRecord, oldest first
+        self._floor_requests: Optional[set] = None  # the requests a held decode shape is for (hold_decode_shape)
         self._held: List[RequestOutput] = []  # outputs of steps read outside step() (drain)
         self._last_read = 0.0
         self._dispatched = False  # whether the last dispatch() sent a step
@@ -286,12 +287,21 @@ class Engine:
         self.dispatch()
         return self.collect()
 
+    def hold_decode_shape(self, rows: int, pages: int) -> None:
+        """Decode steps run at least (rows, pages), the shape compiled ahead for this mesh by a
+        deferred switch, until the requests here now grow into it or have all ended; from then
+        on they run the shapes a fresh engine would."""
+        self.runner.decode_floor = (rows, pages)
+        self._floor_requests = set(self.requests)
+
     def dispatch(self) -> None:
         """Schedules the next step and sends it to the device, without waiting for it."""
         t = time.perf_counter()
         if self._in_flight and _is_ready(self._in_flight[-1].dispatched.tokens):
             self.stats["idle_dispatches"] += 1
         self.kv.write_staged()
+        if self._floor_requests is not None and self._floor_requests.isdisjoint(self.requests):
+            self.runner.decode_floor = self._floor_requests = None  # what it was held for has ended
         record = self._schedule()
         if record is not None:
             self._in_flight.append(record)

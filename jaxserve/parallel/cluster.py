@@ -345,7 +345,7 @@ class ServingCluster:
         for e in replicas:
             e.stats["reparallelizations"] += 1
         for e, floor in zip(replicas, plan.decode_floor or []):
-            e.runner.decode_floor = floor  # its decode shapes were compiled ahead at least this large
+            e.hold_decode_shape(*floor)  # its decode shapes were compiled ahead at least this large
         jax.block_until_ready([e.runner.cache for e in replicas])
         event.time_to_resume_s = self.clock() - start
         event.done = True
