@@ -15,7 +15,7 @@ import numpy as np
 from jaxserve import sampling
 from jaxserve.model import llama
 from jaxserve.model.config import ModelConfig
-from jaxserve.parallel.sharding import logical_sharding
+from jaxserve.model.sharding import logical_sharding
 from jaxserve.scheduling.cost_model import bucket
 
 

@@ -21,7 +21,7 @@ from jaxserve.checkpoint.load import load
 from jaxserve.config import validate
 from jaxserve.engine.engine import Engine, EngineConfig, engine_cost_model
 from jaxserve.engine.outputs import CompletionOutput, RequestOutput, position_logprobs
-from jaxserve.parallel.sharding import make_mesh
+from jaxserve.model.sharding import make_mesh
 from jaxserve.sampling_params import SamplingParams, fan_out
 from jaxserve.scheduling import make_policy
 from jaxserve.scheduling.cost_model import CostModel

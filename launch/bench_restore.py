@@ -56,7 +56,7 @@ def restore_rows(config: config_dict.ConfigDict, ckpt: str) -> dict:
     from jaxserve.checkpoint import store
     from jaxserve.checkpoint.load import load_host
     from jaxserve.model.params import init_random_on_device
-    from jaxserve.parallel.sharding import make_mesh
+    from jaxserve.model.sharding import make_mesh
     out = {"device": jax.devices()[0].device_kind, "num_devices": len(jax.devices()), "rows": []}
     t = time.perf_counter()
     if jax.default_backend() == "cpu":

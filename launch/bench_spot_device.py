@@ -38,8 +38,8 @@ def main(argv):
     from jaxserve import EngineConfig, SamplingParams
     from jaxserve.model.config import model_config_from_dict
     from jaxserve.model.params import init_random_on_device
-    from jaxserve.parallel.cluster import ServingCluster
-    from jaxserve.parallel.sharding import make_mesh
+    from jaxserve.elastic.cluster import ServingCluster
+    from jaxserve.model.sharding import make_mesh
 
     devices = jax.devices()
     if len(devices) < 2:

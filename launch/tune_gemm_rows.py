@@ -38,7 +38,7 @@ def main(argv):
     from jaxserve.model import gemm_rows
     from jaxserve.model.config import model_config_from_dict
     from jaxserve.model.params import init_random_on_device
-    from jaxserve.parallel.sharding import make_mesh
+    from jaxserve.model.sharding import make_mesh
 
     config = _CONFIG.value
     cfg = model_config_from_dict(dict(config.model, max_seq_len=max(_CONTEXT.value + 1, 16)))

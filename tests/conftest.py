@@ -64,7 +64,7 @@ def tiny_host(tiny_config):
 @pytest.fixture(scope="session")
 def tiny(tiny_host):
     """(ModelConfig, params on a 1x1 mesh, the mesh, Tokenizer) of configs/tiny.py."""
-    from jaxserve.parallel.sharding import make_mesh, shard_params
+    from jaxserve.model.sharding import make_mesh, shard_params
     cfg, params, tokenizer = tiny_host
     mesh = make_mesh(1, 1)
     return cfg, shard_params(params, cfg, mesh), mesh, tokenizer

@@ -25,7 +25,7 @@ def main(process_id: int, port: int, out: str) -> None:
 
     from jaxserve.checkpoint.load import load_host
     from jaxserve.engine.engine import Engine, EngineConfig
-    from jaxserve.parallel.sharding import make_mesh, shard_params
+    from jaxserve.model.sharding import make_mesh, shard_params
     from test_multihost import ENGINE, requests, serve_all
     config = load_tiny_config()
     cfg, params, tokenizer = load_host(config.checkpoint, config.model)

@@ -9,7 +9,7 @@ import pytest
 
 from jaxserve.checkpoint import store
 from jaxserve.checkpoint.load import load, load_host
-from jaxserve.parallel.sharding import make_mesh
+from jaxserve.model.sharding import make_mesh
 
 from conftest import REPO
 
@@ -49,7 +49,7 @@ def test_random_weights_are_drawn_on_the_mesh(tiny_config, tiny_host, monkeypatc
     """checkpoint.format=random (the serving path: LLM, serve.py) draws the weights on the devices,
     in their shardings and dtype, never as host arrays; the numbers are load_host's, whatever the mesh."""
     from jaxserve.checkpoint import load as load_module
-    from jaxserve.parallel.sharding import param_shardings
+    from jaxserve.model.sharding import param_shardings
 
     def through_the_host(*args, **kwargs):
         raise AssertionError("random weights were made on the host")

@@ -8,7 +8,7 @@ from jaxserve import Engine, EngineConfig, SamplingParams
 from jaxserve.dense_generate import generate as dense_generate
 from jaxserve import sampling
 from jaxserve.engine import model_runner
-from jaxserve.parallel.sharding import make_mesh, shard_params
+from jaxserve.model.sharding import make_mesh, shard_params
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 

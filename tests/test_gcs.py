@@ -5,7 +5,7 @@ import pytest
 
 from jaxserve import paths
 from jaxserve.checkpoint import load, store
-from jaxserve.parallel.sharding import make_mesh
+from jaxserve.model.sharding import make_mesh
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ import json
 from jaxserve.engine import model_runner
 from jaxserve.model import gemm_rows
 from jaxserve.model.config import model_config_from_dict
-from jaxserve.parallel.sharding import make_mesh
+from jaxserve.model.sharding import make_mesh
 from jaxserve.scheduling.cost_model import StepShape
 
 CFG = model_config_from_dict(dict(vocab_size=256, embed_dim=64, num_layers=2, num_heads=4, num_kv_heads=2,

@@ -10,7 +10,7 @@ import transformers
 
 from jaxserve.checkpoint.hf_dir import load_hf_dir
 from jaxserve.model import llama
-from jaxserve.parallel.sharding import make_mesh, shard_params
+from jaxserve.model.sharding import make_mesh, shard_params
 
 VARIANTS = {
     "llama": lambda: transformers.LlamaConfig(

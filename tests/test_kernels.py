@@ -18,8 +18,8 @@ from jaxserve.cache.paged_kv import paged_attend, pool_sharding
 from jaxserve.engine import model_runner
 from jaxserve.model.config import ModelConfig
 from jaxserve.model.llama import attention_scores_softmax
-from jaxserve.model.params import init_random_on_device
-from jaxserve.parallel.sharding import make_mesh, param_shardings
+from jaxserve.model.sharding import init_random_on_device
+from jaxserve.model.sharding import make_mesh, param_shardings
 
 gpu = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
 

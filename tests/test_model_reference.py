@@ -7,7 +7,7 @@ import torch
 
 from jaxserve.dense_generate import generate
 from jaxserve.model import llama
-from jaxserve.parallel.sharding import make_mesh, shard_params
+from jaxserve.model.sharding import make_mesh, shard_params
 
 PROMPTS = [
     "The capital of France is",

@@ -9,7 +9,7 @@ import time
 import numpy as np
 
 from jaxserve.engine.engine import Engine, EngineConfig
-from jaxserve.parallel.sharding import make_mesh, shard_params
+from jaxserve.model.sharding import make_mesh, shard_params
 from jaxserve.sampling_params import SamplingParams
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from jaxserve import Engine, EngineConfig, SamplingParams
-from jaxserve.parallel.sharding import make_mesh, shard_params
+from jaxserve.model.sharding import make_mesh, shard_params
 from jaxserve.sampling import BASE_MODES, Penalties, penalize, request_keys, sample
 
 from test_engine import make_engine, mixed_prompts, run_all

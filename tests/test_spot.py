@@ -4,9 +4,9 @@ import pytest
 
 from jaxserve import Engine, EngineConfig, SamplingParams
 from jaxserve.checkpoint import store
-from jaxserve.parallel import matching, planner
-from jaxserve.parallel.cluster import ServingCluster
-from jaxserve.parallel.sharding import make_mesh, shard_params
+from jaxserve.elastic import matching, planner
+from jaxserve.elastic.cluster import ServingCluster
+from jaxserve.model.sharding import make_mesh, shard_params
 
 from test_engine import mixed_prompts
 
@@ -277,7 +277,7 @@ def _spot_setting(**kw):
 def test_spot_simulator_recovers_in_place_where_baselines_start_over():
     """Same controller code as the engine (planner + matching), priced: SpotServe keeps every
     request's progress through a preemption with notice; restart redoes in-flight work."""
-    from jaxserve.parallel.availability import AvailabilityEvent
+    from jaxserve.elastic.availability import AvailabilityEvent
     from jaxserve.sim.spot_simulator import SpotSimulator
     from jaxserve.sim.workload import poisson
     events = [AvailabilityEvent(0.0, "add", ("n0", "n1", "n2")), AvailabilityEvent(30.0, "remove", ("n1",)),
@@ -300,7 +300,7 @@ def test_spot_simulator_recovers_in_place_where_baselines_start_over():
 def test_simulated_reroute_keeps_the_shape_planned_for_the_largest_cluster():
     """As the artifact's rerouting baseline: the replica shape is planned once for the most
     devices the trace ever has; fewer devices serve with fewer replicas of that shape."""
-    from jaxserve.parallel.availability import AvailabilityEvent
+    from jaxserve.elastic.availability import AvailabilityEvent
     from jaxserve.sim.spot_simulator import LayerProfile, SpotSimulator
     from jaxserve.sim.workload import poisson
     profile = LayerProfile(num_layers=4, init={m: {4: 100.0 / m} for m in (1, 2, 4)},

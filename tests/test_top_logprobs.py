@@ -8,7 +8,7 @@ import torch
 
 from jaxserve import Engine, EngineConfig, SamplingParams
 from jaxserve.engine.journal import TokenJournal, replay
-from jaxserve.parallel.sharding import make_mesh, shard_params
+from jaxserve.model.sharding import make_mesh, shard_params
 from jaxserve.sampling import top_logprobs
 
 from test_engine import run_all

@@ -147,8 +147,8 @@ def part_jax(config, res: Results, deadline: float, variant: bool = False):
     from jaxserve.cache import attention_kernels as ak
     from jaxserve.cache import paged_kv, transfer
     from jaxserve.engine import model_runner
-    from jaxserve.model.params import init_random_on_device
-    from jaxserve.parallel.sharding import make_mesh
+    from jaxserve.model.sharding import init_random_on_device
+    from jaxserve.model.sharding import make_mesh
 
     cfg = model_cfg(config)
     dev = jax.devices()[0]

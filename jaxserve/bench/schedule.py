@@ -88,7 +88,7 @@ def make_engine(config, policy_name, cfg, params, mesh, tokenizer, cost_model):
 def engine_runs(config, loads, results):
     """Replays every (policy, load) on the engine; returns the cost model fitted to all steps."""
     from jaxserve.checkpoint.load import load as load_model
-    from jaxserve.parallel.sharding import make_mesh
+    from jaxserve.model.sharding import make_mesh
     from jaxserve.engine.engine import EngineConfig, engine_cost_model
     from jaxserve.sim.engine_replay import replay
     mesh = make_mesh(config.mesh.data, config.mesh.model)

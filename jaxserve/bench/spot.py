@@ -60,7 +60,7 @@ _WARMUP = flags.DEFINE_bool("warmup", True, "Replay every method once untimed be
 def run_method(method, config, cfg, params, tokenizer, ckpt, events, jobs):
     import jax
     from jaxserve.engine.engine import EngineConfig
-    from jaxserve.parallel.cluster import ServingCluster
+    from jaxserve.elastic.cluster import ServingCluster
     from jaxserve.sampling_params import SamplingParams
     from jaxserve.sim.engine_replay import prompt_ids
     devices = jax.devices()
@@ -136,7 +136,7 @@ def latency_summary(jobs, time_scale: float = 1.0) -> dict:
 def sim_jobs(workload, sim_cfg, events):
     """The simulator's requests: the paper's (Gamma arrivals, fixed lengths) or the Azure trace's,
     starting once the trace has devices enough for one replica."""
-    from jaxserve.parallel.availability import node_counts
+    from jaxserve.elastic.availability import node_counts
     from jaxserve.sim.spot_simulator import gamma_arrivals
     from jaxserve.sim.workload import read_trace, rescale
     w = sim_cfg.workload
@@ -174,7 +174,7 @@ def sim_runs(events) -> dict:
 
 def main(argv):
     del argv
-    from jaxserve.parallel.availability import node_counts, read_availability
+    from jaxserve.elastic.availability import node_counts, read_availability
     events = read_availability(_AVAIL.value)
     results = {"availability": node_counts(events), "grace_s": _GRACE.value}
     print(f"availability: {_AVAIL.value} ({len(events)} events); request trace: {_TRACE.value}", flush=True)

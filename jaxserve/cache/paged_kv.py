@@ -23,7 +23,7 @@ from jaxserve.cache import attention_kernels, tpu_attention
 from jaxserve.model.config import ModelConfig
 from jaxserve.model.llama import attention_scores_softmax
 from jaxserve.scheduling.cost_model import QUERY_BLOCK
-from jaxserve.parallel.sharding import logical_sharding
+from jaxserve.model.sharding import logical_sharding
 
 POOL_AXES = ("layers", "pages", "page_slot", "kv_heads", "head_dim")
 

@@ -23,7 +23,7 @@ import numpy as np
 from jaxserve.cache import transfer
 from jaxserve.cache.paged_kv import POOL_AXES
 from jaxserve.cache.prefix_cache import leading_run
-from jaxserve.parallel.sharding import logical_sharding
+from jaxserve.model.sharding import logical_sharding
 from jaxserve.scheduling.cost_model import bucket
 
 

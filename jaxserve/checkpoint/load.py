@@ -17,8 +17,7 @@ from typing import Optional
 from jaxserve import paths
 from jaxserve.checkpoint import gguf_file, hf_dir, store
 from jaxserve.model.config import ModelConfig, model_config_from_dict
-from jaxserve.model.params import init_random_on_device
-from jaxserve.parallel.sharding import make_mesh, shard_params
+from jaxserve.model.sharding import init_random_on_device, make_mesh, shard_params
 from jaxserve.tokenizer import Tokenizer
 
 FORMATS = ("gguf", "hf", "orbax", "random")

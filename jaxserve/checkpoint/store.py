@@ -18,7 +18,7 @@ import orbax.checkpoint as ocp
 from jaxserve import paths
 from jaxserve.model.config import ModelConfig, model_config_from_dict
 from jaxserve.model.params import abstract_params, check_params
-from jaxserve.parallel.sharding import param_shardings
+from jaxserve.model.sharding import param_shardings
 
 MODEL_FILE = "model.json"
 PARAMS_DIR = "params"

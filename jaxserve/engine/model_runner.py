@@ -272,7 +272,7 @@ def compile_ahead(cfg: ModelConfig, mesh, num_pages: int, page_size: int, max_ba
     Returns how many step shapes were compiled.
     """
     from jaxserve.model.params import abstract_params
-    from jaxserve.parallel.sharding import param_shardings
+    from jaxserve.model.sharding import param_shardings
 
     settings = step_settings(cfg, mesh, attention_impl, unroll_layers)
     params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),

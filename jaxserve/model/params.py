@@ -1,7 +1,7 @@
-"""The parameter tree of the decoder: shapes, logical axis names and random init.
+"""The parameter tree of the decoder: shapes and logical axis names.
 
 Every leaf has a `ParamSpec` giving its shape and the logical name of each axis; the
-sharding rules table (jaxserve.parallel.sharding) turns those names into mesh axes.
+sharding rules table (jaxserve.model.sharding) turns those names into mesh axes.
 Layers are stacked on a leading `layers` axis so that the forward pass can `lax.scan` them.
 
 The projections that read the same input are stored concatenated, so that a decode step runs
@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxserve.model.config import ModelConfig
@@ -79,34 +78,6 @@ def abstract_params(cfg: ModelConfig) -> dict:
     """ShapeDtypeStructs for every parameter (no memory is allocated)."""
     return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, cfg.jnp_dtype),
                         param_specs(cfg), is_leaf=is_spec)
-
-
-def init_random_on_device(cfg: ModelConfig, mesh, seed: int = 0) -> dict:
-    """Random weights drawn on the devices, in cfg's dtype and already in their shardings.
-
-    The scale of a trained model, for tests and benchmarks; each leaf is one jitted draw, so a
-    multi-GB model is made in seconds (drawn on the host and copied, it took minutes).
-    """
-    from jaxserve.parallel.sharding import param_shardings  # sharding imports this module
-
-    E, F, HD = cfg.embed_dim, cfg.mlp_dim, cfg.num_heads * cfg.head_dim
-    fan_in = {"wqkv": E, "wo": HD, "w_gate_up": E, "w_down": F, "lm_head": E}
-    dtype = cfg.jnp_dtype
-    specs, treedef = jax.tree.flatten_with_path(param_specs(cfg), is_leaf=is_spec)
-    shardings = jax.tree.leaves(param_shardings(cfg, mesh))
-    root = jax.random.key(seed)
-    leaves = []
-    for i, ((path, s), sharding) in enumerate(zip(specs, shardings)):
-        name = path[-1].key
-        if s.axes[-1] == "norm":
-            loc, std = 1.0, 0.1
-        else:
-            loc, std = 0.0, (1.0 / np.sqrt(fan_in[name]) if name in fan_in else 0.02)
-        draw = jax.jit(lambda k, loc=loc, std=std, shape=s.shape:
-                       (loc + std * jax.random.normal(k, shape, jnp.float32)).astype(dtype),
-                       out_shardings=sharding)
-        leaves.append(draw(jax.random.fold_in(root, i)))
-    return jax.tree.unflatten(treedef, leaves)
 
 
 def check_params(params: dict, cfg: ModelConfig, source: str) -> None:

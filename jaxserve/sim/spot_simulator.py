@@ -25,8 +25,8 @@ import itertools
 import math
 from typing import Dict, List, Optional, Sequence
 
-from jaxserve.parallel import matching, planner
-from jaxserve.parallel.availability import AvailabilityEvent
+from jaxserve.elastic import matching, planner
+from jaxserve.elastic.availability import AvailabilityEvent
 from jaxserve.sim.workload import Job
 
 

@@ -3,7 +3,7 @@
 `reshard` assembles each device's new shard from the old shards: a device that already holds
 exactly its new slice keeps the buffer (no copy); otherwise the pieces are sliced on devices
 that hold them and copied over. It counts the bytes that crossed devices. Arrays are sharded
-on at most one dimension (true of every rule in parallel.sharding).
+on at most one dimension (true of every rule in model.sharding).
 """
 from __future__ import annotations
 

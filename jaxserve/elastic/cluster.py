@@ -26,9 +26,9 @@ from jaxserve.engine import model_runner
 from jaxserve.engine.engine import Engine, EngineConfig, engine_cost_model
 from jaxserve.model.config import ModelConfig
 from jaxserve.model.params import abstract_params
-from jaxserve.parallel import matching, planner
-from jaxserve.parallel.migration import reshard_tree
-from jaxserve.parallel.sharding import make_mesh, param_shardings
+from jaxserve.elastic import matching, planner
+from jaxserve.elastic.migration import reshard_tree
+from jaxserve.model.sharding import make_mesh, param_shardings
 from jaxserve.scheduling.cost_model import step_shape
 
 
