@@ -57,7 +57,7 @@ def main(argv):
     sp = SamplingParams(max_tokens=_OUT_TOKENS.value, temperature=0.0, ignore_eos=True)
 
     def serve(notice_at=None):
-        cluster = ServingCluster(cfg, params, devices[:2], 1, 2, engine_config, device_bytes=75e9)
+        cluster = ServingCluster(cfg, params, devices[:2], 1, 2, engine_config)  # the devices report their memory
         for i, p in enumerate(prompts):
             cluster.add_request(f"r{i}", p, sp)
         out, step, event, t0 = {}, 0, None, time.perf_counter()

@@ -1,4 +1,6 @@
 """SpotServe on 8 fake CPU devices: every (data, model) shape, preemption with and without grace."""
+import dataclasses
+
 import jax
 import pytest
 
@@ -232,6 +234,65 @@ def test_planner_prefers_low_latency_that_covers_the_load():
     assert busy.throughput >= 3000 and busy.data > 1
     with pytest.raises(ValueError, match="do not fit"):
         planner.choose(2, 8, 40e9, 0, 16e9, step, 16)
+
+
+def test_the_memory_model_is_what_an_engine_allocates(tiny_host):
+    """The planner's count of a replica's device memory equals the bytes its devices hold."""
+    import gc
+    from jaxserve.elastic.migration import live_device_bytes
+    cfg, params, tok = tiny_host
+    devices = jax.devices()[6:8]
+    gc.collect()
+    before = live_device_bytes()
+    cluster = ServingCluster(cfg, params, devices, 1, 2, CONFIG, tok)
+    held = live_device_bytes()
+    need = cluster.memory_model().replica_device_bytes(2)
+    for d in devices:  # all but the few bytes of the previous step's tokens
+        assert 0 <= held[d] - before.get(d, 0) - need < 1024
+    assert cluster.memory_model().replica_device_bytes(1) > 1.5 * need  # the params and pool split in two
+
+
+def test_planning_onto_devices_just_too_small(tiny_host):
+    """A replica of one device does not fit, one of two does: the planner picks two or refuses."""
+    cfg, params, tok = tiny_host
+    devices = jax.devices()[6:8]
+    probe = ServingCluster(cfg, params, devices, 1, 2, CONFIG, tok)
+    one, two = (probe.memory_model().replica_device_bytes(m) for m in (1, 2))
+    with pytest.raises(ValueError, match="data=1, model=1 does not fit: a replica of model=1 needs"):
+        ServingCluster(cfg, params, devices[:1], 1, 1, CONFIG, tok, device_bytes=one - 1)
+    cluster = ServingCluster(cfg, params, devices, 1, 2, CONFIG, tok, device_bytes=one - 1)
+    assert (cluster.choose_config(2).data, cluster.choose_config(2).model) == (1, 2)
+    assert probe.choose_config(1).model == 1  # with the memory to spare, one device would do
+    with pytest.raises(ValueError, match="no configuration of 1 devices fits"):
+        cluster.notify_preemption(devices[1:], grace_s=30.0)
+    assert cluster.shape == (1, 2) and not cluster.events  # refused before anything moved
+    with pytest.raises(ValueError, match="host memory"):  # two replicas' host page pools, room for one
+        ServingCluster(cfg, params, devices, 2, 1, dataclasses.replace(CONFIG, host_pages=64), tok,
+                       host_bytes=1.5 * 64 * probe._page_bytes())
+
+
+@pytest.mark.parametrize("num_pages,order", [(128, "via_host"), (1024, "release_pools")])
+def test_a_switch_never_holds_more_than_fits(tiny_host, requests, reference, num_pages, order):
+    """Two devices become one that holds the new replica with 1 MB to spare, not the old and
+    new side by side: the switch gives the old arrays up first (the pools, or with them the
+    params, through host memory), no device ever holds more, and every output is the reference's."""
+    import gc
+    cfg, params, tok = tiny_host
+    devices = jax.devices()[6:8]
+    config = dataclasses.replace(CONFIG, num_pages=num_pages)
+    gc.collect()
+    room = ServingCluster(cfg, params, devices, 1, 2, config, tok).memory_model().replica_device_bytes(1) + 2 ** 20
+    runs = {}
+    for limit in (room, None):
+        gc.collect()
+        cluster = ServingCluster(cfg, params, devices, 1, 2, config, tok, device_bytes=limit)
+        events = []
+        out = drain(cluster, requests, steps_before=4, event=lambda: events.append(
+            cluster.notify_preemption(devices[1:], grace_s=30.0)))
+        assert out == reference and events[0].tokens_recomputed == 0
+        runs[limit] = events[0]
+    assert runs[room].memory_order == order and runs[room].peak_device_bytes <= room
+    assert runs[None].memory_order == "overlap" and runs[None].peak_device_bytes > room  # side by side
 
 
 def test_swapped_out_requests_migrate_too(tiny_host, requests, reference):

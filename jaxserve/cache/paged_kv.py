@@ -23,7 +23,7 @@ from jaxserve.cache import attention_kernels, tpu_attention
 from jaxserve.model.config import ModelConfig
 from jaxserve.model.llama import attention_scores_softmax
 from jaxserve.scheduling.cost_model import QUERY_BLOCK
-from jaxserve.model.sharding import logical_sharding
+from jaxserve.model.sharding import bytes_per_device, logical_sharding
 
 POOL_AXES = ("layers", "pages", "page_slot", "kv_heads", "head_dim")
 
@@ -35,6 +35,12 @@ def pool_shape(cfg: ModelConfig, num_pages: int, page_size: int) -> tuple:
 
 def pool_sharding(cfg: ModelConfig, num_pages: int, page_size: int, mesh):
     return logical_sharding(POOL_AXES, pool_shape(cfg, num_pages, page_size), mesh)
+
+
+def pool_bytes_per_device(cfg: ModelConfig, num_pages: int, page_size: int, model: int = 1) -> int:
+    """What each device of a replica with tensor-parallel degree `model` holds of its pool (k and v)."""
+    shape = pool_shape(cfg, num_pages, page_size)
+    return 2 * bytes_per_device(POOL_AXES, shape, jnp.dtype(cfg.jnp_dtype).itemsize, 1, model)
 
 
 def init_pool(cfg: ModelConfig, num_pages: int, page_size: int, mesh) -> dict:

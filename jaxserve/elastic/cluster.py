@@ -9,9 +9,7 @@ restored from the checkpoint straight into the new sharding and lost KV is recom
 """
 from __future__ import annotations
 
-import dataclasses
 import signal
-import threading
 import time
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -19,66 +17,28 @@ import jax
 import numpy as np
 from absl import logging
 
-from jaxserve import sampling
 from jaxserve.cache.paged_kv import pool_bytes_per_page
 from jaxserve.checkpoint import store
-from jaxserve.engine import model_runner
-from jaxserve.engine.engine import Engine, EngineConfig, engine_cost_model
+from jaxserve.engine.engine import Engine, EngineConfig, engine_cost_model, replica_device_bytes
 from jaxserve.model.config import ModelConfig
 from jaxserve.model.params import abstract_params
-from jaxserve.elastic import matching, planner
-from jaxserve.elastic.migration import reshard_tree
-from jaxserve.model.sharding import make_mesh, param_shardings
-from jaxserve.scheduling.cost_model import step_shape
-
-
-COMPILE_AHEAD_HORIZON_S = 10.0  # the deferral a deferred switch plans for (see _defer)
-
-
-@dataclasses.dataclass
-class ReparallelizationEvent:
-    kind: str                    # "preemption" or "acquisition"
-    grace: bool
-    old_shape: tuple
-    new_shape: tuple
-    devices_lost: int
-    time_to_resume_s: float = 0.0
-    param_bytes_moved: int = 0
-    kv_bytes_moved: int = 0
-    checkpoint_bytes_read: int = 0
-    tokens_recomputed: int = 0
-    requests_migrated: int = 0
-    deferred_s: float = 0.0      # notice to switch: the old replicas served meanwhile (defer=True)
-    shapes_compiled_ahead: int = 0
-    done: bool = False           # False while a deferred switch is pending
-
-
-@dataclasses.dataclass
-class _Plan:
-    """Where a re-parallelization goes: the new configuration and its device groups."""
-    config: planner.ParallelConfig
-    groups: list
-    heirs: list                  # per group, the old replica it inherits (or None)
-    decode_floor: Optional[list] = None  # per group, the smallest (rows, pages) decode shape to run
-
-
-@dataclasses.dataclass
-class _Pending:
-    args: dict
-    plan: _Plan
-    event: ReparallelizationEvent
-    compiler: threading.Thread
-    ready: threading.Event       # the shapes needed right after the switch are compiled
-    switch_by: float
-    noticed: float
+from jaxserve.elastic import deferred_switch, matching, planner
+from jaxserve.elastic.migration import device_bytes, live_device_bytes, reshard_tree
+from jaxserve.elastic.reparallelization import Plan, ReparallelizationEvent
+from jaxserve.model.sharding import make_mesh, param_bytes_per_device, param_shardings, shard_params
 
 
 class ServingCluster:
     def __init__(self, cfg: ModelConfig, params, devices: Sequence, data: int, model: int,
                  engine_config: EngineConfig = EngineConfig(), tokenizer=None, checkpoint_path: Optional[str] = None,
-                 make_policy: Optional[Callable] = None, device_bytes: float = 16 * 2 ** 30,
-                 clock: Callable[[], float] = time.monotonic, method: str = "spotserve"):
+                 make_policy: Optional[Callable] = None, device_bytes: Optional[float] = None,
+                 clock: Callable[[], float] = time.monotonic, method: str = "spotserve",
+                 host_bytes: float = float("inf")):
         """params: a parameter tree placed anywhere (host numpy or device arrays).
+
+        device_bytes: each device's memory for the planner (default: what the device reports,
+        else 16 GiB); host_bytes: the host's, for the replicas' host page pools. A (data, model)
+        whose replicas do not fit them is refused here, and re-plans pick only shapes that fit.
 
         make_policy: cost_model -> a scheduling policy for each replica's engine (default: the
         engine config's), given that engine's cost model so that its refits reach the policy.
@@ -91,12 +51,16 @@ class ServingCluster:
             raise ValueError(f"method={method!r}: expected spotserve, restart or reroute")
         self.method = method
         self.cfg, self.engine_config, self.tokenizer = cfg, engine_config, tokenizer
-        self.checkpoint_path, self.make_policy, self.device_bytes, self.clock = (
-            checkpoint_path, make_policy, device_bytes, clock)
+        self.checkpoint_path, self.make_policy, self.clock = checkpoint_path, make_policy, clock
         self.devices = list(devices)
+        self.device_bytes = device_bytes or _device_memory(self.devices[0])
+        self.host_bytes = host_bytes
         self.events: List[ReparallelizationEvent] = []
         self.param_bytes = sum(int(np.prod(a.shape)) * np.dtype(cfg.jnp_dtype).itemsize
                                for a in jax.tree.leaves(abstract_params(cfg)))
+        memory = self.memory_model()
+        if not memory.fits(data, model):
+            raise ValueError(f"data={data}, model={model} does not fit: {memory.why_not(model)}")
         groups = [self.devices[r * model:(r + 1) * model] for r in range(data)]
         self.replicas: List[Engine] = []
         for group in groups:
@@ -104,7 +68,7 @@ class ServingCluster:
             placed, _ = reshard_tree(self._as_device_tree(params, mesh), param_shardings(cfg, mesh))
             self.replicas.append(self._engine(placed, mesh))
         self._route: Dict[str, int] = {}
-        self._pending: Optional[_Pending] = None
+        self._pending: Optional[deferred_switch.DeferredSwitch] = None
         self._held: list = []  # outputs read while re-parallelizing, returned by the next step
         self._notice: Optional[tuple] = None  # a SIGTERM's (devices, deadline), acted on by the next step
         self.notice_error: Optional[str] = None  # why the last such notice could not be planned for
@@ -112,7 +76,7 @@ class ServingCluster:
     # -- serving ------------------------------------------------------------------------------
     @property
     def shape(self) -> tuple:
-        return (len(self.replicas), self.replicas[0].runner.mesh.shape["model"])
+        return (len(self.replicas), self.replicas[0].mesh.shape["model"])
 
     def add_request(self, request_id, prompt, params=None, arrival_time=None, priority=0):
         if request_id in self._route:
@@ -210,64 +174,23 @@ class ServingCluster:
         self.notice_error = None
         self.notify_preemption(gone, max(0.0, deadline - self.clock()), defer=True)
 
-    def _plan(self, survivors) -> _Plan:
+    def _plan(self, survivors) -> Plan:
         new = self.choose_config(len(survivors))
         placement, kv_bytes = {}, {}
         for r_idx, e in enumerate(self.replicas):
-            devs = list(e.runner.mesh.devices.flat)
+            devs = list(e.mesh.devices.flat)
             for m, d in enumerate(devs):
                 placement[d] = (r_idx, m, len(devs))
             kv_bytes[r_idx] = sum(len(r.pages) for r in e.requests.values()) * self._page_bytes()
         groups, heirs = matching.match(placement, survivors, new.data, new.model, self.param_bytes, kv_bytes)
-        return _Plan(new, groups, heirs)
-
-    def _decode_floor(self, plan: _Plan, group: int, horizon_s: float) -> tuple:
-        """(rows, pages): the decode shape the group's replica will run after a switch up to
-        `horizon_s` from now: its heir's requests or an even share of all in-flight ones, with
-        the pages the longest reaches by then at the recent step rate. Compiled ahead, and run
-        from the switch on as the smallest decode shape: the requests grow into its pages."""
-        requests = [r for e in self.replicas for r in e.requests.values()]
-        if not requests:
-            return 1, 1
-        heir = plan.heirs[group]
-        own = len(self.replicas[heir].requests) if heir is not None else 0
-        rows = max(own, -(-len(requests) // plan.config.data))
-        recent = sorted(t for e in self.replicas for _, t in e.step_log[-32:])
-        step_s = max(recent[len(recent) // 2], 1e-4) if recent else float("inf")
-        tokens = max(r.num_tokens for r in requests) + 1 + int(horizon_s / step_s)
-        return rows, min(-(-tokens // self.engine_config.page_size), self.replicas[0].runner.max_pages_per_seq)
+        return Plan(new, groups, heirs)
 
     def _defer(self, args: dict, switch_by: float) -> ReparallelizationEvent:
         plan = self._plan(args["survivors"])
         event = ReparallelizationEvent(args["kind"], args["grace"], self.shape,
                                        (plan.config.data, plan.config.model), args["devices_lost"])
-        cfg = self.engine_config
-        # how far the requests grow before the switch: about as long as the compile (an unrolled
-        # 8B-shape decode step: about 7 s on an H100), never past the deadline
-        horizon = min(switch_by - self.clock(), COMPILE_AHEAD_HORIZON_S)
-        plan.decode_floor = [self._decode_floor(plan, g, horizon) for g in range(len(plan.groups))]
-        max_pages = self.replicas[0].runner.max_pages_per_seq
-
-        def phases(rows, pages):  # the floor shape (the switch waits for it), then the next page bucket up
-            now, later = (step_shape([1] * rows, [p], cfg.max_batch, max_pages) for p in (pages, 2 * pages))
-            return [[now], [later] if later != now else []]
-        jobs = [(make_mesh(1, plan.config.model, group), phases(rows, pages))
-                for group, (rows, pages) in zip(plan.groups, plan.decode_floor)]
-        ready = threading.Event()
-
-        def compile_all():  # the shapes needed at the switch first; the switch need not wait for the rest
-            try:
-                for phase in (0, 1):
-                    for mesh, shapes in jobs:
-                        event.shapes_compiled_ahead += model_runner.compile_ahead(
-                            self.cfg, mesh, cfg.num_pages, cfg.page_size, cfg.max_batch, shapes[phase], cfg.attention_impl,
-                            cfg.unroll_layers, modes=sampling.MODES)
-                    ready.set()
-            finally:  # a failed compile must not hold the switch back: its steps compile on demand
-                ready.set()
-        compiler = threading.Thread(target=compile_all, name="jaxserve-compile-ahead")
-        compiler.start()
-        self._pending = _Pending(args, plan, event, compiler, ready, switch_by, self.clock())
+        self._pending = deferred_switch.start(self.cfg, self.engine_config, self.replicas, plan, event, args,
+                                              switch_by, self.clock)
         return event
 
     def _finish_pending(self) -> None:
@@ -276,6 +199,14 @@ class ServingCluster:
             return
         p.event.deferred_s = self.clock() - p.noticed
         self._reparallelize(**p.args, plan=p.plan, event=p.event)
+
+    def memory_model(self) -> planner.MemoryModel:
+        """What each replica allocates: on each device what its engine does at its degree
+        (`replica_device_bytes`), on the host its page pool."""
+        def device_need(model):
+            return replica_device_bytes(self.cfg, self.engine_config, model)
+        host_pool = self.engine_config.host_pages * self._page_bytes()
+        return planner.MemoryModel(device_need, self.device_bytes, host_pool, self.host_bytes)
 
     def choose_config(self, num_devices: int) -> planner.ParallelConfig:
         kv_bytes = sum(len(r.pages) for e in self.replicas for r in e.requests.values()) * \
@@ -287,9 +218,9 @@ class ServingCluster:
             t = cost.step_time([(1, pages)] * batch)
             return t / model + (0 if model == 1 else 2 * self.cfg.num_layers * 20e-6)
         return planner.choose(num_devices, self.cfg.num_kv_heads, self.param_bytes, kv_bytes, self.device_bytes,
-                              step_time, self.engine_config.max_batch)
+                              step_time, self.engine_config.max_batch, memory=self.memory_model())
 
-    def _reparallelize(self, survivors, lost, kind, grace, devices_lost, plan: Optional[_Plan] = None,
+    def _reparallelize(self, survivors, lost, kind, grace, devices_lost, plan: Optional[Plan] = None,
                        event: Optional[ReparallelizationEvent] = None) -> ReparallelizationEvent:
         if self.method == "reroute":
             return self._reroute(survivors, lost, kind, grace, devices_lost)
@@ -299,37 +230,45 @@ class ServingCluster:
         plan = plan or self._plan(survivors)
         new, groups, heirs = plan.config, plan.groups, plan.heirs
         event = event or ReparallelizationEvent(kind, grace, self.shape, (new.data, new.model), devices_lost)
+        peak = _PeakMemory()
         # Export every in-flight request; KV survives where all of its replica's devices do.
         exported = []  # (request, kv, decoder, old replica)
         for r_idx, e in enumerate(self.replicas):
-            intact = not (set(e.runner.mesh.devices.flat) & lost)
+            intact = not (set(e.mesh.devices.flat) & lost)
             before = e.stats["recomputed_tokens"]
             self._held += e.drain()
             exported += [(*x, r_idx) for x in e.export_requests(with_kv=intact)]
             event.tokens_recomputed += e.stats["recomputed_tokens"] - before
         if self.method == "restart":
             exported = [(self._from_scratch(r), None, None, old) for r, _, _, old in exported]
-        replicas = []
-        for group, heir in zip(groups, heirs):
-            mesh = make_mesh(1, new.model, group)
-            shardings = param_shardings(self.cfg, mesh)
-            params = None
-            # take the params from a replica whose devices all survive: the one this group
-            # inherits, else the one sharing the most devices with it (what is resident stays)
-            inherited = self.replicas[heir] if heir is not None else None
-            by_overlap = sorted(self.replicas, key=lambda e: (e is not inherited,
-                                                              -len(set(e.runner.mesh.devices.flat) & set(group))))
-            for e in by_overlap:
-                if not (set(e.runner.mesh.devices.flat) & lost):
-                    params, moved = reshard_tree(e.runner.params, shardings)
-                    event.param_bytes_moved += moved
-                    break
-            if params is None:
-                if not self.checkpoint_path:
-                    raise RuntimeError("parameters were lost with no grace period and no checkpoint to restore")
-                params = store.restore(self.checkpoint_path, self.cfg, mesh)
-                event.checkpoint_bytes_read += self.param_bytes
-            replicas.append(self._engine(params, mesh))
+        peak.sample()
+        event.memory_order = order = self._memory_order(plan, [kv for _, kv, _, _ in exported])
+        if order != "overlap":  # the old pools go before the new params come; exported KV waits on the host
+            exported = [(r, None if kv is None else jax.device_get(kv), d, old) for r, kv, d, old in exported]
+            for e in self.replicas:
+                e.retire()
+            peak.sample()
+        # the new params: from a replica whose devices all survive (the one the group inherits,
+        # else the one sharing the most devices with it: what is resident stays), else the checkpoint
+        sources = [e for e in self.replicas if not (set(e.mesh.devices.flat) & lost)]
+        host_params = jax.device_get(sources[0].params) if order == "via_host" and sources else None
+        if order == "via_host":
+            for e in self.replicas:
+                e.retire(params=True)
+        meshes = [make_mesh(1, new.model, group) for group in groups]
+        placed = []
+        for group, heir, mesh in zip(groups, heirs, meshes):
+            placed.append(self._place_params(mesh, self.replicas[heir] if heir is not None else None,
+                                             sources, host_params, event))
+            peak.sample()
+        sources = host_params = None
+        for e in self.replicas:  # shards the new params reuse stay alive through them
+            e.retire(params=True)
+        self.replicas = []
+        peak.sample()
+        replicas = [self._engine(params, mesh) for params, mesh in zip(placed, meshes)]
+        del placed
+        peak.sample()
         self.replicas, self.devices = replicas, list(survivors)
         # Resume the most urgent (oldest) requests first: each on the replica that inherits its old
         # one (where its KV mostly is already) while its pages last, else on the least loaded.
@@ -342,35 +281,87 @@ class ServingCluster:
             event.kv_bytes_moved += replicas[k].import_request(r, kv, decoder)
             self._route[r.request_id] = k
             event.requests_migrated += 1
+        del exported
         for e in replicas:
-            e.stats["reparallelizations"] += 1
+            e.count_reparallelization()
         for e, floor in zip(replicas, plan.decode_floor or []):
             e.hold_decode_shape(*floor)  # its decode shapes were compiled ahead at least this large
-        jax.block_until_ready([e.runner.cache for e in replicas])
+        for e in replicas:
+            e.block_until_ready()
+        event.peak_device_bytes = peak.sample()
         event.time_to_resume_s = self.clock() - start
         event.done = True
         self.events.append(event)
         return event
+
+    def _place_params(self, mesh, inherited: Optional[Engine], sources: list, host_params,
+                      event: ReparallelizationEvent):
+        """A new replica's params: from host memory (via_host), else from the intact replica it
+        inherits or the one sharing the most devices with it (what is resident stays), else
+        from the checkpoint."""
+        if host_params is not None:
+            event.param_bytes_moved += self.param_bytes
+            return shard_params(host_params, self.cfg, mesh)
+        group = set(mesh.devices.flat)
+        if sources:
+            source = min(sources, key=lambda e: (e is not inherited, -len(set(e.mesh.devices.flat) & group)))
+            params, moved = reshard_tree(source.params, param_shardings(self.cfg, mesh))
+            event.param_bytes_moved += moved
+            return params
+        if not self.checkpoint_path:
+            raise RuntimeError("parameters were lost with no grace period and no checkpoint to restore")
+        event.checkpoint_bytes_read += self.param_bytes
+        return store.restore(self.checkpoint_path, self.cfg, mesh)
+
+    def _memory_order(self, plan: Plan, exported_kv: list) -> str:
+        """How to sequence the switch so that no device holds more than `device_bytes`. The new
+        params are placed, then the old params and pools go, then the new pools come; with
+        "overlap" the old pools (and exported KV) stay while the new params are placed, with
+        "release_pools" they go first (exported KV waits on the host), with "via_host" the
+        params pass through host memory too. Counted as the shardings lay the arrays out, over
+        what each device holds now."""
+        held = live_device_bytes()
+        on_device = device_bytes([kv for kv in exported_kv if kv is not None])
+        states = [e.device_state() for e in self.replicas]
+        pools = device_bytes([(s["kv_pool"], s["counts"]) for s in states])  # what retire() lets go of
+        params = device_bytes([s["params"] for s in states])
+        model = plan.config.model
+        new_params = param_bytes_per_device(self.cfg, model)
+        new_rest = replica_device_bytes(self.cfg, self.engine_config, model) - new_params  # pool, counts
+        devices = [d for group in plan.groups for d in group]
+        limit = self.device_bytes
+
+        def fits(*stages):
+            return all(stage(d) <= limit for stage in stages for d in devices)
+
+        def kept(d):  # what stays through the switch: exported KV, arrays not the engines'
+            return held.get(d, 0) - pools.get(d, 0) - params.get(d, 0)
+        if fits(lambda d: held.get(d, 0) + new_params, lambda d: kept(d) + new_params + new_rest):
+            return "overlap"
+        if fits(lambda d: kept(d) + params.get(d, 0) - on_device.get(d, 0) + new_params,
+                lambda d: kept(d) - on_device.get(d, 0) + new_params + new_rest):
+            return "release_pools"
+        return "via_host"
 
     def _reroute(self, survivors, lost, kind, grace, devices_lost) -> ReparallelizationEvent:
         """Baseline: replicas keep their shape; one that lost a device is dropped, its requests restart."""
         start = self.clock()
         old_shape, model = self.shape, self.shape[1]
         alive = set(survivors)
-        keep = [e for e in self.replicas if set(e.runner.mesh.devices.flat) <= alive]
+        keep = [e for e in self.replicas if set(e.mesh.devices.flat) <= alive]
         event = ReparallelizationEvent(kind, grace, old_shape, old_shape, devices_lost)
         orphans = []
         for e in self.replicas:
             if e not in keep:
                 self._held += e.drain()
                 orphans += [(self._from_scratch(r), None, None) for r, _, _ in e.export_requests(with_kv=False)]
-        used = {d for e in keep for d in e.runner.mesh.devices.flat}
+        used = {d for e in keep for d in e.mesh.devices.flat}
         free = [d for d in survivors if d not in used]
         while len(free) >= model:  # idle devices form new replicas of the same shape
             group, free = free[:model], free[model:]
             mesh = make_mesh(1, model, group)
             if keep:
-                params, moved = reshard_tree(keep[0].runner.params, param_shardings(self.cfg, mesh))
+                params, moved = reshard_tree(keep[0].params, param_shardings(self.cfg, mesh))
                 event.param_bytes_moved += moved
             elif self.checkpoint_path:
                 params = store.restore(self.checkpoint_path, self.cfg, mesh)
@@ -417,3 +408,20 @@ class ServingCluster:
             return params
         rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         return jax.tree.map(lambda x: jax.device_put(np.asarray(x, self.cfg.jnp_dtype), rep), params)
+
+
+def _device_memory(device) -> float:
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    return float((stats or {}).get("bytes_limit") or 16 * 2 ** 30)
+
+
+class _PeakMemory:
+    """The most bytes any device holds, over the live arrays, at the points it is sampled."""
+
+    def __init__(self):
+        self.peak = 0
+
+    def sample(self) -> int:
+        held = live_device_bytes()
+        self.peak = max([self.peak, *held.values()])
+        return self.peak

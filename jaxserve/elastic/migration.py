@@ -74,3 +74,16 @@ def device_bytes(tree) -> Dict[object, int]:
         for s in x.addressable_shards:
             held[s.device] = held.get(s.device, 0) + s.data.nbytes
     return held
+
+
+def live_device_bytes() -> Dict[object, int]:
+    """Bytes each device holds in live arrays, each buffer counted once (an array and the
+    per-device arrays it is made of share theirs)."""
+    buffers: Dict[tuple, int] = {}
+    for x in jax.live_arrays():
+        for s in x.addressable_shards:
+            buffers[(s.device, s.data.unsafe_buffer_pointer())] = s.data.nbytes
+    held: Dict[object, int] = {}
+    for (device, _), n in buffers.items():
+        held[device] = held.get(device, 0) + n
+    return held

@@ -24,14 +24,15 @@ from jaxserve.cache import paged_kv
 from jaxserve.engine.journal import TokenJournal
 from jaxserve.engine.kv_manager import KVManager
 from jaxserve.engine.model_runner import (BANNED_TOKENS, UNROLL_CHOICES, Chunk, Dispatched, ModelRunner,
-                                         enable_compile_cache)
+                                         counts_bytes, enable_compile_cache)
 from jaxserve.engine.outputs import RequestOutput, cut_at_stop, is_top_entry
 from jaxserve.engine.penalty_rows import PenaltyRows
 from jaxserve.engine.request import Request, Status
 from jaxserve.model.config import ModelConfig
+from jaxserve.model.sharding import param_bytes_per_device
 from jaxserve.sampling_params import SamplingParams
 from jaxserve.scheduling import make_policy
-from jaxserve.scheduling.cost_model import CostModel
+from jaxserve.scheduling.cost_model import CostModel, bucket
 from jaxserve.scheduling.plan import CacheState, RequestView
 from jaxserve.tokenizer import IncrementalDecoder, Tokenizer
 
@@ -70,6 +71,13 @@ class EngineConfig:
                              f"(got prefix_cache={self.prefix_cache}, host_pages={self.host_pages})")
         if self.unroll_layers not in UNROLL_CHOICES:
             raise ValueError(f"engine.unroll_layers={self.unroll_layers!r} is not one of {UNROLL_CHOICES}")
+
+
+def replica_device_bytes(cfg: ModelConfig, config: EngineConfig, model: int = 1) -> int:
+    """What an engine allocates on each device of a (1, model) mesh: its params at that degree,
+    its KV pool and its penalty counts, as their shardings lay them out."""
+    return (param_bytes_per_device(cfg, model) + paged_kv.pool_bytes_per_device(cfg, config.num_pages, config.page_size, model)
+            + counts_bytes(cfg.vocab_size, bucket(config.max_batch)))
 
 
 def engine_cost_model(cfg: ModelConfig, config: EngineConfig) -> CostModel:
@@ -471,6 +479,37 @@ class Engine:
     def has_pages_for(self, r: Request) -> bool:
         """Whether the device pool has free pages for the KV of r's committed tokens."""
         return self.kv.has_pages_for(r)
+
+    @property
+    def mesh(self):
+        return self.runner.mesh
+
+    @property
+    def params(self):
+        return self.runner.params
+
+    def device_state(self) -> dict:
+        """The device arrays this engine allocated: its params, KV pool and penalty counts
+        (None once retired)."""
+        return {"params": self.runner.params, "kv_pool": self.runner.cache, "counts": self.runner.counts}
+
+    @property
+    def max_pages_per_seq(self) -> int:
+        return self.runner.max_pages_per_seq
+
+    def retire(self, params: bool = False) -> None:
+        """Lets go of the device KV pool (and with `params`, the parameters) of an engine whose
+        requests have been exported, so that a replica replacing it can allocate in their room;
+        buffers that another array still shares (resident shards a new replica reuses) stay."""
+        self.runner.cache = self.runner.counts = self.kv.host_pool = None
+        if params:
+            self.runner.params = None
+
+    def block_until_ready(self) -> None:
+        jax.block_until_ready(self.runner.cache)
+
+    def count_reparallelization(self) -> None:
+        self.stats["reparallelizations"] += 1
 
     def import_request(self, r: Request, kv: Optional[dict], decoder=None) -> int:
         """Takes over a request exported by another engine; returns KV bytes copied in."""

@@ -155,6 +155,11 @@ def _counts_layout(vocab_size: int, num_rows: int) -> dict:
     return {"counts": ((num_rows, vocab_size), np.int32), "in_prompt": ((num_rows, vocab_size), np.bool_)}
 
 
+def counts_bytes(vocab_size: int, num_rows: int) -> int:
+    """What the token counts take on each device (they are replicated)."""
+    return sum(int(np.prod(s)) * np.dtype(d).itemsize for s, d in _counts_layout(vocab_size, num_rows).values())
+
+
 def init_counts(vocab_size: int, num_rows: int, mesh) -> dict:
     """The token counts of `num_rows` penalized requests, zero, replicated on the mesh."""
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())

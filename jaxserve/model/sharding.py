@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from jaxserve.model.config import ModelConfig
 from jaxserve.model.params import is_spec, param_specs
 
 MESH_AXES = ("data", "model")
@@ -53,15 +54,32 @@ def make_mesh(data: int = 1, model: int = 1, devices: Optional[Sequence[jax.Devi
     return Mesh(np.asarray(devices).reshape(data, model), MESH_AXES)
 
 
+def _mesh_axes(axes: Sequence[str], shape: Sequence[int], sizes, rules) -> list:
+    """The mesh axis of each dim (None: replicated); a dim the mesh axis does not divide is replicated."""
+    spec = nn.logical_to_mesh_axes(tuple(axes), rules)
+    return [a if a is not None and dim % sizes[a] == 0 else None for dim, a in zip(shape, spec)]
+
+
 def logical_to_spec(axes: Sequence[str], shape: Sequence[int], mesh: Mesh, rules=RULES) -> P:
     """PartitionSpec for an array with logical `axes`; a dim the mesh axis does not divide is replicated."""
-    spec = nn.logical_to_mesh_axes(tuple(axes), rules)
-    out = []
-    for dim, mesh_axis in zip(shape, spec):
-        if mesh_axis is not None and dim % mesh.shape[mesh_axis] != 0:
-            mesh_axis = None
-        out.append(mesh_axis)
-    return P(*out)
+    return P(*_mesh_axes(axes, shape, mesh.shape, rules))
+
+
+def bytes_per_device(axes: Sequence[str], shape: Sequence[int], itemsize: int, data: int = 1, model: int = 1,
+                     rules=RULES) -> int:
+    """What each device of a (data, model) mesh holds of an array with logical `axes` (no mesh needed)."""
+    sizes = {"data": data, "model": model}
+    n = itemsize
+    for dim, a in zip(shape, _mesh_axes(axes, shape, sizes, rules)):
+        n *= dim // sizes[a] if a is not None else dim
+    return n
+
+
+def param_bytes_per_device(cfg, model: int = 1, rules=RULES) -> int:
+    """What each device of a replica with tensor-parallel degree `model` holds of the params."""
+    itemsize = np.dtype(cfg.jnp_dtype).itemsize
+    return sum(bytes_per_device(s.axes, s.shape, itemsize, 1, model, rules)
+               for s in jax.tree.leaves(param_specs(cfg), is_leaf=is_spec))
 
 
 def logical_sharding(axes: Sequence[str], shape: Sequence[int], mesh: Mesh, rules=RULES) -> NamedSharding:
