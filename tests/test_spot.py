@@ -186,6 +186,32 @@ def test_preemption_without_grace_restores_params_from_the_checkpoint_and_recomp
     assert e.tokens_recomputed > 0 and e.kv_bytes_moved == 0
 
 
+@pytest.mark.parametrize("method", ["restart", "reroute", "-controller", "-migration_planner",
+                                    "-interruption_arranger", "-device_mapper"])
+def test_every_recovery_method_ends_every_request_as_the_reference_run(tiny_host, requests, reference, tmp_path,
+                                                                       method):
+    """The baselines and SpotServe's ablation levels (elastic.recovery, the simulator's too) on
+    the real engine: a (2, 2) cluster loses a device mid-decode; each request's final tokens are
+    the uninterrupted run's, whether it resumed or started over."""
+    from jaxserve.elastic.recovery import recovery
+    cfg, params, tok = tiny_host
+    store.save(str(tmp_path), cfg, params)
+    devices = jax.devices()[:4]
+    cluster = ServingCluster(cfg, params, devices, 2, 2, CONFIG, tok, checkpoint_path=str(tmp_path), method=method)
+    events = []
+    out = drain(cluster, requests, steps_before=4, event=lambda: events.append(
+        cluster.notify_preemption(devices[3:], grace_s=1e-3)))
+    (e,) = events
+    assert len(out) == len(requests) and out == reference
+    assert e.done and set(cluster.devices) == set(devices[:3])
+    r = recovery(method)
+    assert cluster.shape == (1, 2) if r.shape != "adaptive" or r.keep == "untouched" else cluster.shape[0] * cluster.shape[1] <= 3
+    if r.params == "checkpoint" and r.keep == "all":
+        assert e.checkpoint_bytes_read == cluster.param_bytes * cluster.shape[0]
+    if not r.resume:
+        assert e.kv_bytes_moved == 0 and e.requests_migrated > 0
+
+
 def test_acquisition_grows_the_mesh_again(tiny_host, requests, reference):
     cfg, params, tok = tiny_host
     devices = jax.devices()
@@ -378,6 +404,89 @@ def test_simulated_reroute_keeps_the_shape_planned_for_the_largest_cluster():
     # two devices are too few for a replica of 4: reroute serves nothing until the others come
     assert min(j.first_token for j in jobs["reroute"]) > 20.0
     assert min(j.first_token for j in jobs["spotserve"]) < 20.0  # SpotServe plans for what it has
+
+
+def _two_of_three_nodes():
+    """n0, n1 serve a (1, 2) replica; n2 comes, then n0 goes: the survivors n1, n2 serve (1, 2) again."""
+    from jaxserve.elastic.availability import AvailabilityEvent
+    return [AvailabilityEvent(0.0, "add", ("n0", "n1")), AvailabilityEvent(20.0, "add", ("n2",)),
+            AvailabilityEvent(60.0, "remove", ("n0",))]
+
+
+def test_simulated_ablation_levels_each_remove_what_they_name():
+    """The artifact's ablation levels, cumulative: without the controller the initial shape
+    stays; without the migration planner a switch also re-deploys; without the interruption
+    arranger in-flight requests start over; without the device mapper devices go in rank order
+    and resident parameter slices are not kept where they are."""
+    from jaxserve.elastic.availability import AvailabilityEvent
+    from jaxserve.elastic.recovery import ABLATIONS
+    from jaxserve.sim.spot_simulator import LayerProfile, SpotSimulator
+    from jaxserve.sim.workload import poisson
+    setting = _spot_setting(devices_per_node=1, max_pipe=1)
+    runs = {}
+    for method in ABLATIONS:
+        jobs = poisson(100, 1.0, prompt_len=64, output_len=200, seed=3)
+        sim = SpotSimulator(setting, method, grace_s=10.0)
+        sim.run(jobs, _two_of_three_nodes())
+        assert all(j.finish is not None for j in jobs)
+        runs[method] = (sim, [e for e in sim.events if e["kind"] == "preemption"][0])
+    assert runs["spotserve"][0].restarted == 0 and runs["-controller"][0].restarted == 0
+    assert runs["-controller"][1]["pause_s"] < setting.restart_s <= runs["-migration_planner"][1]["pause_s"]
+    assert runs["-migration_planner"][0].restarted == 0 < runs["-interruption_arranger"][0].restarted
+    assert runs["-interruption_arranger"][1]["kv_bytes_moved"] == 0 < runs["-migration_planner"][1]["kv_bytes_moved"]
+    # n1 keeps its half of the params under Kuhn-Munkres (n2 receives n0's); in rank order both move
+    assert runs["-interruption_arranger"][1]["param_bytes_moved"] == setting.param_bytes / 2
+    assert runs["-device_mapper"][1]["param_bytes_moved"] == setting.param_bytes
+    # without the controller: 4 devices at the start plan (1, 2) replicas, and 4 later stay (2, 2), not (1, 4)
+    events = [AvailabilityEvent(0.0, "add", ("n0", "n1")), AvailabilityEvent(20.0, "add", ("n2", "n3"))]
+    profile = LayerProfile(num_layers=4, init={m: {4: 100.0 / m} for m in (1, 2, 4)},
+                           incr={m: {4: 6.0 / m} for m in (1, 2, 4)})
+    for method, shape in (("spotserve", (1, 4)), ("-controller", (2, 2))):
+        sim = SpotSimulator(_spot_setting(profile=profile, devices_per_node=1, max_pipe=1, max_model=4), method,
+                            grace_s=10.0)
+        sim.run(poisson(40, 1.0, prompt_len=64, output_len=50, seed=2), events)
+        assert (len(sim.replicas), sim.replicas[0].model) == shape
+
+
+def test_simulated_restart_skips_events_that_change_nothing():
+    """As the artifact's restart baseline: a node that joins or leaves without changing the plan
+    or the devices it uses re-deploys nothing; losing a device in use restarts everything."""
+    from jaxserve.elastic.availability import AvailabilityEvent
+    from jaxserve.sim.spot_simulator import SpotSimulator
+    from jaxserve.sim.workload import poisson
+    setting = _spot_setting(devices_per_node=1, max_pipe=1)
+    for tail, restarts in (("n2", False), ("n0", True)):
+        events = [AvailabilityEvent(0.0, "add", ("n0", "n1")), AvailabilityEvent(20.0, "add", ("n2",)),
+                  AvailabilityEvent(60.0, "remove", (tail,))]
+        jobs = poisson(100, 1.0, prompt_len=64, output_len=200, seed=3)
+        sim = SpotSimulator(setting, "restart", grace_s=10.0)
+        sim.run(jobs, events)
+        assert all(j.finish is not None for j in jobs)
+        assert [bool(e.get("unchanged")) for e in sim.events] == [True, not restarts]
+        assert (sim.restarted > 0) == restarts
+
+
+def test_the_artifacts_latency_estimator_prices_micro_batched_pipelines():
+    """solver.py's get_approx_latency: (pipe + M - 1) stage times of a micro-batch, the prefill's
+    over M, the best power of two M, plus the embedding twice; without it, stage after stage."""
+    from jaxserve.sim.spot_simulator import LayerProfile
+    table = {8: {1: 32.2, 2: 42.778, 4: 80.624}}
+    kw = dict(num_layers=44, init=table, incr={8: {1: 1.758, 2: 1.764, 4: 1.932}}, pp_init_comm=7.0,
+              pp_incr_comm=0.1, fix_factor=1.1)
+    micro = LayerProfile(**kw, micro_batches=True, embed=(0.33, 0.402, 0.614))
+    plain = LayerProfile(**kw)
+    assert micro.prefill_s(8, 2, 4) == pytest.approx((32.2 * 22 * 5 / 4 + 7.0 / 4 + 2 * 0.614) * 1.1 / 1e3)
+    assert plain.prefill_s(8, 2, 4) == pytest.approx((80.624 * 22 * 2 + 7.0) * 1.1 / 1e3)
+    assert micro.decode_s(8, 2, 4) == plain.decode_s(8, 2, 4) == pytest.approx((1.932 * 22 * 2 + 0.1) * 1.1 / 1e3)
+
+
+def test_spot_node_seconds_and_the_trace_end():
+    from jaxserve.bench.data import SPOT_TRACES
+    from jaxserve.elastic.availability import AvailabilityEvent, node_seconds, read_end
+    events = [AvailabilityEvent(0.0, "add", ("a", "b")), AvailabilityEvent(10.0, "add", ("c",)),
+              AvailabilityEvent(30.0, "remove", ("a", "b"))]
+    assert node_seconds(events, 40.0) == 2 * 10 + 3 * 20 + 1 * 10
+    assert read_end(SPOT_TRACES["trace_AS.jsonl"]) == 1320.0 and read_end(SPOT_TRACES["g4dn_full.csv"]) is None
 
 
 def test_requests_sharing_cached_pages_migrate_with_the_same_outputs(tiny_host):

@@ -18,7 +18,10 @@ pass the whole trace with --trace for the published figures.
 The last line printed is one JSON object with each method's P50/P90/P99 latency (s), requests
 lost, device-hours (in trace time), the re-parallelization events (with their trace time `t`),
 every request's (arrival, latency or null if lost), and the nodes alive after each trace event;
---plot draws them as a timeline.
+--plot draws them as a timeline. The simulator also replays SpotServe's ablation levels
+(`sim_ablations`) and, for the cost per request (`sim_cost`), on-demand fleets of each size the
+trace visits; by default it counts the requests that arrive before the trace's DONE notice, as
+the artifact does (--horizon=all: the whole workload).
 """
 import dataclasses
 import json
@@ -52,6 +55,12 @@ _PLOT = flags.DEFINE_string("plot", "results/spot_timeline.png", "Timeline plot 
 _BACKEND = flags.DEFINE_enum("backend", "both", ["sim", "engine", "both"], "Where to replay.")
 _SIM_CONFIG = config_flags.DEFINE_config_file("sim_config", configs.config_spec("spotserve_gpt20b"), "Spot simulator setting.")
 _WORKLOADS = flags.DEFINE_list("workloads", ["paper", "azure"], "Simulator workloads: the paper's, the Azure trace.")
+_ABLATIONS = flags.DEFINE_bool("ablations", True, "Simulator: also SpotServe without, in turn, each component "
+                               "(the artifact's ablation levels, jaxserve.elastic.recovery.ABLATIONS).")
+_HORIZON = flags.DEFINE_enum("horizon", "trace", ["trace", "all"], "Simulator: requests arriving up to the trace's "
+                             "DONE notice (as the artifact counts them), or the whole workload.")
+_SPOT_PRICE = flags.DEFINE_float("spot_price", 1.9046, "Spot price per node-hour (the artifact's g4dn.12xlarge).")
+_ONDEMAND_PRICE = flags.DEFINE_float("ondemand_price", 3.912, "On-demand price per node-hour (g4dn.12xlarge).")
 _SIM_REQUESTS = flags.DEFINE_integer("sim_requests", 0, "Simulated requests (0 = the sim config's).")
 _WARMUP = flags.DEFINE_bool("warmup", True, "Replay every method once untimed before timing any, so that the measured "
                             "run does not include XLA compilation for the meshes the trace visits.")
@@ -152,34 +161,65 @@ def sim_jobs(workload, sim_cfg, events):
     return jobs
 
 
-def sim_runs(events) -> dict:
+def sim_runs(events, end) -> dict:
+    """{"sim": each method's results by workload; "sim_ablations": SpotServe's ablation levels';
+    "sim_cost": cost per request on spot against on-demand fleets of every size the trace
+    visits, serving the same requests, at the trace's prices}."""
+    from jaxserve.elastic.availability import AvailabilityEvent, node_counts, node_seconds
+    from jaxserve.elastic.recovery import ABLATIONS
     from jaxserve.sim.spot_simulator import SpotSimulator, setting_from_config
     sim_cfg = _SIM_CONFIG.value
     setting = setting_from_config(sim_cfg)
-    out = {}
+    duration = end if end is not None else events[-1].time_s
+    spot_node_h = node_seconds(events, duration) / 3600
+    out = {"sim": {}, "sim_ablations": {}, "sim_cost": {}}
     for workload in _WORKLOADS.value:
-        for method in _METHODS.value:
+        def replay(method, availability, label):
             jobs = sim_jobs(workload, sim_cfg, events)
+            if _HORIZON.value == "trace":
+                jobs = [j for j in jobs if j.arrival < duration - _GRACE.value]
             sim = SpotSimulator(setting, method, grace_s=_GRACE.value)
             t = time.perf_counter()
-            sim.run(jobs, events)
+            sim.run(jobs, availability)
             r = latency_summary(jobs)
-            r.update(requests_restarted=sim.restarted, device_hours=sim.device_seconds / 3600, events=sim.events)
-            out.setdefault(workload, {})[method] = r
-            print(f"sim {workload:6s} {method:9s} avg {r['avg_s']:.1f}s P50 {r['p50_s']:.1f}s P90 {r['p90_s']:.1f}s "
+            r.update(requests_restarted=sim.restarted, device_hours=sim.device_seconds / 3600, events=sim.events,
+                     cost_per_request=spot_node_h * _SPOT_PRICE.value / max(1, len(jobs) - r["requests_lost"]))
+            print(f"sim {workload:6s} {label:22s} avg {r['avg_s']:.1f}s P50 {r['p50_s']:.1f}s P90 {r['p90_s']:.1f}s "
                   f"P99 {r['p99_s']:.1f}s lost {r['requests_lost']} restarted {sim.restarted} "
-                  f"device-hours {r['device_hours']:.1f} ({time.perf_counter() - t:.1f}s wall)", flush=True)
+                  f"({time.perf_counter() - t:.1f}s wall)", flush=True)
+            return r, len(jobs)
+        runs = {m: replay(m, events, m)[0] for m in dict.fromkeys(_METHODS.value + ["spotserve"])}
+        out["sim"][workload] = {m: runs[m] for m in _METHODS.value}
+        if not _ABLATIONS.value:
+            continue
+        out["sim_ablations"][workload] = {m: runs[m] if m in runs else replay(m, events, m)[0] for m in ABLATIONS}
+        fleets = {}
+        for nodes in sorted({count for _, count in node_counts(events) if count > 0}):
+            always = [AvailabilityEvent(0.0, "add", tuple(f"node-{i}" for i in range(nodes)))]
+            r, n = replay("spotserve", always, f"on-demand x{nodes}")
+            fleets[nodes] = dict(p99_s=r["p99_s"], avg_s=r["avg_s"],
+                                 cost_per_request=nodes * duration / 3600 * _ONDEMAND_PRICE.value / max(1, n))
+        spot = runs["spotserve"]
+        as_fast = [v for v in fleets.values() if v["p99_s"] <= spot["p99_s"]]
+        cheapest = min(as_fast, key=lambda v: v["cost_per_request"]) if as_fast else None
+        saving = None if cheapest is None else 1 - spot["cost_per_request"] / cheapest["cost_per_request"]
+        out["sim_cost"][workload] = dict(spot_cost_per_request=spot["cost_per_request"], spot_node_hours=spot_node_h,
+                                         duration_s=duration, on_demand=fleets, saving=saving)
+        print(f"sim {workload:6s} cost per request: spotserve on spot ${spot['cost_per_request']:.4f}; the cheapest "
+              "on-demand fleet as fast (P99): " + ("none" if cheapest is None else
+                                                   f"${cheapest['cost_per_request']:.4f}, saving {100 * saving:.0f}%"),
+              flush=True)
     return out
 
 
 def main(argv):
     del argv
-    from jaxserve.elastic.availability import node_counts, read_availability
+    from jaxserve.elastic.availability import node_counts, read_availability, read_end
     events = read_availability(_AVAIL.value)
     results = {"availability": node_counts(events), "grace_s": _GRACE.value}
     print(f"availability: {_AVAIL.value} ({len(events)} events); request trace: {_TRACE.value}", flush=True)
     if _BACKEND.value in ("sim", "both"):
-        results["sim"] = sim_runs(events)
+        results.update(sim_runs(events, read_end(_AVAIL.value)))
     if _BACKEND.value in ("engine", "both"):
         results["engine"] = engine_runs(events)
     if _OUT.value:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
-from typing import List
+from typing import List, Optional
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +42,29 @@ def read_availability(path: str) -> List[AvailabilityEvent]:
         if e.kind not in ("add", "remove"):
             raise ValueError(f"{path}: unknown event kind {e.kind!r}")
     return sorted(events, key=lambda e: e.time_s)
+
+
+def read_end(path: str) -> Optional[float]:
+    """When the trace ends (its DONE line, in seconds), or None (CSV traces have none)."""
+    if not path.endswith(".jsonl"):
+        return None
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                t, kind, _ = json.loads(line)
+                if kind == "DONE":
+                    return t / 1000.0
+    return None
+
+
+def node_seconds(events: List[AvailabilityEvent], end: float) -> float:
+    """Node-seconds alive from the first event to `end` (what a spot fleet is billed for)."""
+    total, last, alive = 0.0, None, 0
+    for t, count in node_counts(events):
+        if last is not None:
+            total += alive * (min(t, end) - last)
+        last, alive = min(t, end), count
+    return total + alive * max(0.0, end - last) if last is not None else 0.0
 
 
 def node_counts(events: List[AvailabilityEvent]) -> List[tuple]:

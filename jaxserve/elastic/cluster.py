@@ -24,6 +24,7 @@ from jaxserve.model.config import ModelConfig
 from jaxserve.model.params import abstract_params
 from jaxserve.elastic import deferred_switch, matching, planner
 from jaxserve.elastic.migration import device_bytes, live_device_bytes, reshard_tree
+from jaxserve.elastic.recovery import recovery
 from jaxserve.elastic.reparallelization import Plan, ReparallelizationEvent
 from jaxserve.model.sharding import make_mesh, param_bytes_per_device, param_shardings, shard_params
 
@@ -32,7 +33,7 @@ class ServingCluster:
     def __init__(self, cfg: ModelConfig, params, devices: Sequence, data: int, model: int,
                  engine_config: EngineConfig = EngineConfig(), tokenizer=None, checkpoint_path: Optional[str] = None,
                  make_policy: Optional[Callable] = None, device_bytes: Optional[float] = None,
-                 clock: Callable[[], float] = time.monotonic, method: str = "spotserve",
+                 clock: Callable[[], float] = time.monotonic, method="spotserve",
                  host_bytes: float = float("inf")):
         """params: a parameter tree placed anywhere (host numpy or device arrays).
 
@@ -42,14 +43,17 @@ class ServingCluster:
 
         make_policy: cost_model -> a scheduling policy for each replica's engine (default: the
         engine config's), given that engine's cost model so that its refits reach the policy.
-        method: how to react to a change of devices. "spotserve" (re-plan, match, migrate),
-        or a baseline: "restart" (re-deploy a new plan from the checkpoint and restart every
-        in-flight request from scratch) or "reroute" (keep the replica shape, drop replicas that
-        lost a device and send their requests to the survivors from scratch).
+        method: how to react to a change of devices, an `elastic.recovery` definition (the spot
+        simulator follows the same) or its name: "spotserve" (re-plan, match, migrate), a
+        baseline, "restart" (when the devices go, re-deploy a new plan from the checkpoint and
+        restart every in-flight request from scratch) or "reroute" (keep the replica shape, drop
+        replicas that lost a device and send their requests to the survivors from scratch; new
+        replicas from the checkpoint), or an ablation level of SpotServe's.
         """
-        if method not in ("spotserve", "restart", "reroute"):
-            raise ValueError(f"method={method!r}: expected spotserve, restart or reroute")
-        self.method = method
+        self.recovery = recovery(method)
+        self.method = self.recovery.name
+        if self.recovery.params == "checkpoint" and not checkpoint_path:
+            raise ValueError(f"method={self.method!r} re-reads the parameters: it needs a checkpoint_path")
         self.cfg, self.engine_config, self.tokenizer = cfg, engine_config, tokenizer
         self.checkpoint_path, self.make_policy, self.clock = checkpoint_path, make_policy, clock
         self.devices = list(devices)
@@ -71,6 +75,8 @@ class ServingCluster:
         self._pending: Optional[deferred_switch.DeferredSwitch] = None
         self._held: list = []  # outputs read while re-parallelizing, returned by the next step
         self._notice: Optional[tuple] = None  # a SIGTERM's (devices, deadline), acted on by the next step
+        self._removal: Optional[tuple] = None  # (args, event, deadline): acted on when the devices go
+        self._initial_model = model  # the shape a recovery without the controller keeps
         self.notice_error: Optional[str] = None  # why the last such notice could not be planned for
 
     # -- serving ------------------------------------------------------------------------------
@@ -93,11 +99,14 @@ class ServingCluster:
     def has_unfinished(self) -> bool:
         """Requests to serve, or a deferred switch still to make (its devices are going away)."""
         return (bool(self._held) or self._pending is not None or self._notice is not None
-                or any(e.has_unfinished() for e in self.replicas))
+                or self._removal is not None or any(e.has_unfinished() for e in self.replicas))
 
     def step(self):
         if self._notice is not None:
             self._plan_for_notice()
+        if self._removal is not None and (self.clock() >= self._removal[2]
+                                          or not any(e.has_unfinished() for e in self.replicas)):
+            self._finish_pending()
         p = self._pending
         if p is not None:
             if not any(e.has_unfinished() for e in self.replicas):  # nothing to serve meanwhile
@@ -120,18 +129,23 @@ class ServingCluster:
                           ) -> ReparallelizationEvent:
         """`devices` will be taken away in `grace_s` seconds (0: they are already gone).
 
-        defer (with a grace period, method "spotserve"): only plan now. The new configuration's
-        step shapes compile in a background thread while the current replicas keep serving, and
-        `step` switches once they have compiled, or half-way through the grace period at the
-        latest; the returned event is filled in then (`event.done`). Without it the switch
-        happens here and the first steps on a new mesh wait for XLA.
+        defer (with a grace period, a recovery with the migration planner): only plan now. The
+        new configuration's step shapes compile in a background thread while the current
+        replicas keep serving, and `step` switches once they have compiled, or half-way through
+        the grace period at the latest; the returned event is filled in then (`event.done`).
+        Without it the switch happens here and the first steps on a new mesh wait for XLA. A
+        recovery that acts when the devices go (restart, reroute) serves on until the deadline.
         """
         self._finish_pending()  # one re-parallelization at a time
         gone = set(devices)
         survivors = [d for d in self.devices if d not in gone]
         args = dict(survivors=survivors, lost=frozenset() if grace_s > 0 else frozenset(gone),
                     kind="preemption", grace=grace_s > 0, devices_lost=len(gone & set(self.devices)))
-        if defer and grace_s > 0 and self.method == "spotserve":
+        if grace_s > 0 and not self.recovery.at_notice:
+            event = ReparallelizationEvent("preemption", True, self.shape, self.shape, args["devices_lost"])
+            self._removal = (dict(args, lost=frozenset(gone)), event, self.clock() + grace_s)
+            return event
+        if defer and grace_s > 0 and self.recovery.overlap:
             return self._defer(args, switch_by=self.clock() + grace_s / 2)
         return self._reparallelize(**args)
 
@@ -141,7 +155,7 @@ class ServingCluster:
         self._finish_pending()
         new = [d for d in devices if d not in self.devices]
         args = dict(survivors=self.devices + new, lost=frozenset(), kind="acquisition", grace=True, devices_lost=0)
-        if defer and self.method == "spotserve":
+        if defer and self.recovery.overlap:
             return self._defer(args, switch_by=float("inf"))
         return self._reparallelize(**args)
 
@@ -182,7 +196,10 @@ class ServingCluster:
             for m, d in enumerate(devs):
                 placement[d] = (r_idx, m, len(devs))
             kv_bytes[r_idx] = sum(len(r.pages) for r in e.requests.values()) * self._page_bytes()
-        groups, heirs = matching.match(placement, survivors, new.data, new.model, self.param_bytes, kv_bytes)
+        if self.recovery.mapper == "kuhn_munkres":
+            groups, heirs = matching.match(placement, survivors, new.data, new.model, self.param_bytes, kv_bytes)
+        else:
+            groups, heirs = matching.in_rank_order(len(self.replicas), survivors, new.data, new.model)
         return Plan(new, groups, heirs)
 
     def _defer(self, args: dict, switch_by: float) -> ReparallelizationEvent:
@@ -194,6 +211,10 @@ class ServingCluster:
         return event
 
     def _finish_pending(self) -> None:
+        """Makes the switch a notice left pending (deferred, or waiting for the devices to go)."""
+        if self._removal is not None:
+            (args, event, _), self._removal = self._removal, None
+            self._reparallelize(**args, event=event)
         p, self._pending = self._pending, None
         if p is None:
             return
@@ -217,19 +238,26 @@ class ServingCluster:
         def step_time(model, batch, pipe=1):  # tensor parallelism splits the work, plus a per-layer all-reduce
             t = cost.step_time([(1, pages)] * batch)
             return t / model + (0 if model == 1 else 2 * self.cfg.num_layers * 20e-6)
+        fixed = None
+        if self.recovery.shape != "adaptive":  # the replica shape stays; only the replicas' number follows
+            model = self._initial_model
+            fixed = (num_devices // model, model)
+            if fixed[0] < 1:
+                raise ValueError(f"fewer than model={model} devices remain for one replica of the kept shape")
         return planner.choose(num_devices, self.cfg.num_kv_heads, self.param_bytes, kv_bytes, self.device_bytes,
-                              step_time, self.engine_config.max_batch, memory=self.memory_model())
+                              step_time, self.engine_config.max_batch, memory=self.memory_model(), fixed=fixed)
 
     def _reparallelize(self, survivors, lost, kind, grace, devices_lost, plan: Optional[Plan] = None,
                        event: Optional[ReparallelizationEvent] = None) -> ReparallelizationEvent:
-        if self.method == "reroute":
-            return self._reroute(survivors, lost, kind, grace, devices_lost)
+        if self.recovery.keep == "untouched":
+            return self._reroute(survivors, lost, kind, grace, devices_lost, event)
         start = self.clock()
-        if self.method == "restart":  # nothing is carried over: every byte comes from the checkpoint
+        if self.recovery.params == "checkpoint":  # nothing is carried over: every byte comes from the checkpoint
             lost = frozenset(self.devices)
         plan = plan or self._plan(survivors)
         new, groups, heirs = plan.config, plan.groups, plan.heirs
         event = event or ReparallelizationEvent(kind, grace, self.shape, (new.data, new.model), devices_lost)
+        event.new_shape = (new.data, new.model)
         peak = _PeakMemory()
         # Export every in-flight request; KV survives where all of its replica's devices do.
         exported = []  # (request, kv, decoder, old replica)
@@ -239,7 +267,7 @@ class ServingCluster:
             self._held += e.drain()
             exported += [(*x, r_idx) for x in e.export_requests(with_kv=intact)]
             event.tokens_recomputed += e.stats["recomputed_tokens"] - before
-        if self.method == "restart":
+        if not self.recovery.resume:
             exported = [(self._from_scratch(r), None, None, old) for r, _, _, old in exported]
         peak.sample()
         event.memory_order = order = self._memory_order(plan, [kv for _, kv, _, _ in exported])
@@ -343,13 +371,14 @@ class ServingCluster:
             return "release_pools"
         return "via_host"
 
-    def _reroute(self, survivors, lost, kind, grace, devices_lost) -> ReparallelizationEvent:
-        """Baseline: replicas keep their shape; one that lost a device is dropped, its requests restart."""
+    def _reroute(self, survivors, lost, kind, grace, devices_lost, event=None) -> ReparallelizationEvent:
+        """Baseline: replicas keep their shape; one that lost a device is dropped, its requests
+        restart; free devices form new replicas of the shape, from the checkpoint."""
         start = self.clock()
         old_shape, model = self.shape, self.shape[1]
         alive = set(survivors)
         keep = [e for e in self.replicas if set(e.mesh.devices.flat) <= alive]
-        event = ReparallelizationEvent(kind, grace, old_shape, old_shape, devices_lost)
+        event = event or ReparallelizationEvent(kind, grace, old_shape, old_shape, devices_lost)
         orphans = []
         for e in self.replicas:
             if e not in keep:
@@ -360,15 +389,8 @@ class ServingCluster:
         while len(free) >= model:  # idle devices form new replicas of the same shape
             group, free = free[:model], free[model:]
             mesh = make_mesh(1, model, group)
-            if keep:
-                params, moved = reshard_tree(keep[0].params, param_shardings(self.cfg, mesh))
-                event.param_bytes_moved += moved
-            elif self.checkpoint_path:
-                params = store.restore(self.checkpoint_path, self.cfg, mesh)
-                event.checkpoint_bytes_read += self.param_bytes
-            else:
-                raise RuntimeError("every replica was lost and there is no checkpoint to restore")
-            keep.append(self._engine(params, mesh))
+            sources = keep if self.recovery.params == "resident" else []
+            keep.append(self._engine(self._place_params(mesh, None, sources, None, event), mesh))
         if not keep:
             raise RuntimeError(f"reroute: fewer than {model} devices remain for one replica")
         self.replicas, self.devices = keep, list(survivors)

@@ -109,3 +109,10 @@ def resident_bytes(groups, old_placement, param_bytes, model: int, pipe: int = 1
                 _, idx, size = old_placement[d]
                 total += position_overlap(idx, size, position, layout) * param_bytes / (model * pipe)
     return total
+
+
+def in_rank_order(num_old_replicas: int, devices: Sequence, data: int, replica_devices: int) -> tuple:
+    """(groups, heirs) with no mapper: devices taken in order, new replica i inheriting old
+    replica i (SpotServe's ablation without the device mapper)."""
+    groups = [list(devices[i * replica_devices:(i + 1) * replica_devices]) for i in range(data)]
+    return groups, [i if i < num_old_replicas else None for i in range(data)]

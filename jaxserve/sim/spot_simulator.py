@@ -7,15 +7,21 @@ parameter slices and KV in place; the simulator only prices the moves and the co
 serve batch by batch, as FasterTransformer does in SpotServe's artifact: a free replica takes
 up to `max_batch` waiting requests and runs their prefill and every decode step together.
 
-Methods (what happens when the devices change):
+Methods (what happens when the devices change) are `elastic.recovery` definitions, the ones the
+serving cluster follows:
   * spotserve: re-plan at the notice; keep serving until the migration must start to finish by
     the deadline; pause for the migration (parameter slices and KV over the network); every
     in-flight batch resumes from its last committed token on the replica that inherits it.
-  * restart: re-plan and re-deploy everything from the checkpoint; in-flight requests start over.
+  * restart: when the devices go, re-plan and re-deploy everything from the checkpoint (unless
+    the plan and its devices are unchanged); in-flight requests start over.
   * reroute: replicas keep one shape, planned at the start for the most devices the trace ever
     has (as the artifact's rerouting baseline plans it); one that loses a device is dropped when
     the device goes and its requests start over on the others; free devices form new replicas
     of that shape (from the checkpoint).
+  * the artifact's ablation levels (recovery.ABLATIONS): spotserve without, in turn, the
+    controller (the initial shape kept), the migration planner (a re-deploy after the whole
+    migration), the interruption arranger (in-flight requests start over) and the device
+    mapper (devices in rank order).
 """
 from __future__ import annotations
 
@@ -27,6 +33,7 @@ from typing import Dict, List, Optional, Sequence
 
 from jaxserve.elastic import matching, planner
 from jaxserve.elastic.availability import AvailabilityEvent
+from jaxserve.elastic.recovery import Recovery, recovery
 from jaxserve.sim.workload import Job
 
 
@@ -37,6 +44,12 @@ class LayerProfile:
     `init[tp][batch]` is a layer's prefill of the prompt, `incr[tp][batch]` one decode step;
     pipeline stages add `pp_init_comm` / `pp_incr_comm` ms per stage boundary, and every estimate
     is multiplied by `fix_factor` (measured overheads outside the layers).
+
+    micro_batches: price pipelined replicas as the artifact's planner does
+    (elastic-switch/scheduler/parallel/solver.py, get_approx_latency): a batch split into M
+    micro-batches fills the pipeline in (pipe + M - 1) stage times, the prefill's divided by M,
+    plus `embed` (ms by log2 of the batch) twice a batch; M is the best power of two for each.
+    Without it a batch passes the stages one after another.
     """
     num_layers: int
     init: Dict[int, Dict[int, float]]
@@ -45,21 +58,34 @@ class LayerProfile:
     pp_incr_comm: float = 0.0
     fix_factor: float = 1.0
     prompt_len: int = 512          # the prompt length `init` was measured at (prefill scales linearly)
+    micro_batches: bool = False
+    embed: tuple = ()
 
     def _at(self, table, model: int, batch: int) -> float:
         row = table[model]
         b = min((k for k in row if k >= batch), default=max(row))
         return row[b]
 
+    def _micro(self, batch: int) -> List[int]:
+        if not self.micro_batches:
+            return [1]
+        return [m for m in (1, 2, 4, 8, 16, 32) if m <= batch and batch % m == 0]
+
     def prefill_s(self, model: int, pipe: int, batch: int, prompt_len: Optional[int] = None) -> float:
         per_stage = math.ceil(self.num_layers / pipe)
         scale = (prompt_len or self.prompt_len) / self.prompt_len
-        ms = self._at(self.init, model, batch) * per_stage * pipe * scale + self.pp_init_comm * (pipe - 1)
+        if not self.micro_batches:
+            ms = self._at(self.init, model, batch) * per_stage * pipe * scale + self.pp_init_comm * (pipe - 1)
+        else:
+            ms = min(self._at(self.init, model, batch // m) * per_stage * (pipe + m - 1) / m * scale
+                     + self.pp_init_comm / m * (pipe - 1) for m in self._micro(batch))
+            ms += 2 * self.embed[min(len(self.embed) - 1, max(0, batch.bit_length() - 1))] if self.embed else 0.0
         return ms * self.fix_factor / 1e3
 
     def decode_s(self, model: int, pipe: int, batch: int) -> float:
         per_stage = math.ceil(self.num_layers / pipe)
-        ms = self._at(self.incr, model, batch) * per_stage * pipe + self.pp_incr_comm * (pipe - 1)
+        ms = min(self._at(self.incr, model, batch // m) * per_stage * (pipe + m - 1) + self.pp_incr_comm / m * (pipe - 1)
+                 for m in self._micro(batch))
         return ms * self.fix_factor / 1e3
 
 
@@ -108,7 +134,8 @@ def setting_from_config(c) -> SpotSetting:
     p = c.profile
     table = lambda t: {int(k): {int(b): float(v) for b, v in row.items()} for k, row in t.items()}
     profile = LayerProfile(int(p.num_layers), table(p.init), table(p.incr), float(p.pp_init_comm),
-                           float(p.pp_incr_comm), float(p.fix_factor))
+                           float(p.pp_incr_comm), float(p.fix_factor), micro_batches=bool(p.get("micro_batches", False)),
+                           embed=tuple(p.get("embed", ())))
     fields = {f.name for f in dataclasses.fields(SpotSetting)} - {"profile"}
     return SpotSetting(profile=profile, **{k: c[k] for k in fields if k in c})
 
@@ -122,10 +149,10 @@ def gamma_arrivals(n: int, rate: float, cv: float, prompt_len: int, output_len: 
 
 
 class SpotSimulator:
-    def __init__(self, setting: SpotSetting, method: str = "spotserve", grace_s: float = 30.0):
-        if method not in ("spotserve", "restart", "reroute"):
-            raise ValueError(f"method={method!r}: expected spotserve, restart or reroute")
-        self.s, self.method, self.grace_s = setting, method, grace_s
+    def __init__(self, setting: SpotSetting, method="spotserve", grace_s: float = 30.0):
+        """method: a name in recovery.METHODS or a Recovery."""
+        self.r: Recovery = recovery(method)
+        self.s, self.method, self.grace_s = setting, self.r.name, grace_s
         self.events: List[dict] = []
 
     # -- costs ---------------------------------------------------------------------------------
@@ -159,12 +186,13 @@ class SpotSimulator:
         for e in first:
             self.alive += [(n, g) for n in e.nodes for g in range(self.s.devices_per_node)]
         self._fixed = None
-        if self.method == "reroute":
-            # the replica shape is planned once, for the most devices the trace ever has (as the
-            # artifact's rerouting baseline does); replicas of it come and go with the devices
-            most = max(self._alive_counts(availability))
+        if self.r.shape != "adaptive":
+            # one replica shape, planned for the most devices the trace ever has (as the
+            # artifact's rerouting baseline does) or for those at the start; replicas of it come
+            # and go with the devices
+            nodes = max(self._alive_counts(availability)) if self.r.shape == "largest" else len({n for n, _ in self.alive})
             try:
-                plan = self.plan(most * self.s.devices_per_node)
+                plan = self.plan(nodes * self.s.devices_per_node)
                 self._fixed = (plan.model, plan.pipe)
             except ValueError:
                 pass
@@ -279,7 +307,7 @@ class SpotSimulator:
         except ValueError:  # too few devices: serve nothing until more arrive
             self.replicas = []
             return None
-        if self.method == "reroute" and self._fixed is None:
+        if self.r.shape != "adaptive" and self._fixed is None:
             self._fixed = (new.model, new.pipe)  # the first shape deployed is kept for good
         devices = self.alive[: new.num_devices]
         k = new.replica_devices
@@ -292,7 +320,7 @@ class SpotSimulator:
         return self.s.restart_s + per_node / self.s.checkpoint_bytes_s
 
     def _on_notice(self, t: float, e: AvailabilityEvent) -> None:
-        if self.method != "spotserve":
+        if not self.r.at_notice:
             return
         self.doomed |= set(e.nodes)
         survivors = [d for d in self.alive if d[0] not in self.doomed]
@@ -305,26 +333,24 @@ class SpotSimulator:
         self.alive = [d for d in self.alive if d[0] not in gone]
         if not lost:
             return
-        if self.method == "restart":
+        if not self.r.at_notice and self.r.keep == "all":
             self._restart(t, "preemption")
-        elif self.method == "reroute":
-            hit = [r for r in self.replicas if any(d[0] in gone for d in r.devices)]
-            self._requeue([r.batch for r in hit if r.batch is not None])
-            self.replicas = [r for r in self.replicas if r not in hit]
-            added = self._fill_free_devices(t)  # a lost replica's surviving devices may form a new one
+            return
+        hit = [r for r in self.replicas if any(d[0] in gone for d in r.devices)]
+        self._requeue([r.batch for r in hit if r.batch is not None])
+        self.replicas = [r for r in self.replicas if r not in hit]
+        if not self.r.at_notice:  # rerouting: survivors serve on; free devices may form a new replica
+            added = self._fill_free_devices(t)
             self.events.append(dict(t=t, kind="preemption", replicas_lost=len(hit), replicas_added=added,
                                     replicas=len(self.replicas)))
-        else:  # spotserve re-planned at the notice; anything still on the lost devices is gone
-            hit = [r for r in self.replicas if any(d[0] in gone for d in r.devices)]
-            if hit:  # only when the migration could not finish within the grace period
-                self._requeue([r.batch for r in hit if r.batch is not None])
-                self.replicas = [r for r in self.replicas if r not in hit]
+        # (re-planned at the notice, a replica is still on lost devices only when its migration
+        # could not finish within the grace period)
 
     def _on_add(self, t: float, e: AvailabilityEvent) -> None:
         self.alive += [(n, g) for n in e.nodes for g in range(self.s.devices_per_node)]
-        if self.method == "restart":
+        if not self.r.at_notice and self.r.keep == "all":
             self._restart(t, "acquisition")
-        elif self.method == "reroute":
+        elif not self.r.at_notice:
             added = self._fill_free_devices(t)
             self.events.append(dict(t=t, kind="acquisition", replicas_added=added, replicas=len(self.replicas)))
         else:
@@ -349,6 +375,17 @@ class SpotSimulator:
         return added
 
     def _restart(self, t: float, kind: str) -> None:
+        if self.r.skip_noop and self.replicas:  # the artifact re-deploys only when the plan changes
+            old = self.replicas[0]
+            try:
+                new = self.plan(len(self.alive))
+            except ValueError:
+                new = None
+            used = [d for r in self.replicas for d in r.devices]
+            if (new is not None and (new.data, new.model, new.pipe) == (len(self.replicas), old.model, old.pipe)
+                    and used == self.alive[:new.num_devices]):
+                self.events.append(dict(t=t, kind=kind, new_shape=(new.data, new.model, new.pipe), unchanged=True))
+                return
         interrupted = []
         for r in self.replicas:
             if r.batch is not None:
@@ -370,9 +407,15 @@ class SpotSimulator:
     def _reparallelize(self, t: float, survivors: List[object], deadline: float, kind: str) -> None:
         """SpotServe: plan, match, price the migration, pause and resume every batch in place."""
         s = self.s
-        kv = {i: self._kv_bytes(r) for i, r in enumerate(self.replicas)}
+        kv = {i: self._kv_bytes(r) if self.r.resume else 0.0 for i, r in enumerate(self.replicas)}
         try:
-            new = self.plan(len(survivors), kv_bytes=sum(kv.values()))
+            fixed = None
+            if self._fixed is not None:
+                model, pipe = self._fixed
+                fixed = (len(survivors) // (model * pipe), model, pipe)
+                if fixed[0] < 1:
+                    raise ValueError("fewer devices than one replica of the fixed shape")
+            new = self.plan(len(survivors), kv_bytes=sum(kv.values()), fixed=fixed)
         except ValueError:  # too few devices for any replica: state is lost, serving waits
             for r in self.replicas:
                 self._progress(r, t)
@@ -384,7 +427,10 @@ class SpotSimulator:
         for i, r in enumerate(self.replicas):
             for pos, d in enumerate(r.devices):
                 placement[d] = (i, divmod(pos, r.model), (r.pipe, r.model))
-        groups, heir_of = matching.match(placement, survivors, new.data, new.model, s.param_bytes, kv, pipe=new.pipe)
+        if self.r.mapper == "kuhn_munkres":
+            groups, heir_of = matching.match(placement, survivors, new.data, new.model, s.param_bytes, kv, pipe=new.pipe)
+        else:
+            groups, heir_of = matching.in_rank_order(len(self.replicas), survivors, new.data, new.replica_devices)
         # bytes each node must receive: parameter slices it lacks, and the KV of the batch its
         # replica inherits where the devices differ
         slots = [(st, m) for st in range(new.pipe) for m in range(new.model)]
@@ -404,8 +450,10 @@ class SpotSimulator:
                 incoming[d[0]] = incoming.get(d[0], 0.0) + need + kv_need
                 moved_params, moved_kv = moved_params + need, moved_kv + kv_need
         migrate_s = max(incoming.values(), default=0.0) / s.link_bytes_s
-        if not self.replicas:  # nothing resident anywhere: the weights come from the checkpoint
+        if not self.replicas or self.r.params == "checkpoint":  # the weights come from the checkpoint
             migrate_s = self._checkpoint_time(new.replica_devices)
+        elif not self.r.overlap:  # the new replicas start once everything is there, re-deployed
+            migrate_s += s.restart_s
         start = max(t, deadline - migrate_s)
         # the old replicas keep serving until the migration must start
         old_of = {g: self.replicas[i] for g, i in enumerate(heir_of) if i is not None}
@@ -422,6 +470,11 @@ class SpotSimulator:
         for r in self.replicas:
             self._progress(r, t)
         replicas = [_Replica(group, new.model, new.pipe, ready_at=resume) for group in groups]
+        if not self.r.resume:  # the in-flight batches lost their state with the switch
+            self._requeue([r.batch for r in self.replicas if r.batch is not None] + self._resume)
+            self._resume = []
+            for r in self.replicas:
+                r.batch = None
         carried = set()
         for g, r in enumerate(replicas):
             old = old_of.get(g)
