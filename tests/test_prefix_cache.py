@@ -168,14 +168,14 @@ def test_prefix_caching_config_is_checked():
 # -- the host tier: pages evicted from the device wait in host memory ----------------------------
 def test_the_host_pool_keeps_evicted_pages_by_name_in_the_room_swaps_leave(tiny):
     import jax.numpy as jnp
-    from jaxserve.cache.swap import HostPagePool, gather_bucketed
+    from jaxserve.cache.swap import HostPagePool
     cfg, _, mesh, _ = tiny
     shape = (cfg.num_layers, 9, 4, cfg.num_kv_heads, cfg.head_dim)
     pool = {n: jnp.arange(np.prod(shape), dtype=jnp.float32).reshape(shape) + i for i, n in enumerate("kv")}
     host = HostPagePool(8, mesh)
     names = [bytes([i]) * 16 for i in range(6)]
-    assert host.cache_pages(names[:3], gather_bucketed(pool, [5, 6, 7])) == 3  # page by page, not the 4-page buffer
-    assert host.cache_pages(names[3:5], gather_bucketed(pool, [1, 2])) == 2
+    assert host.cache_pages(names[:3], pool, [5, 6, 7]) == 3  # page by page, not a 4-page buffer
+    assert host.cache_pages(names[3:5], pool, [1, 2]) == 2
     assert (host.num_cached, host.num_free) == (5, 8)
     assert host.cached_prefix(names) == 5 and host.cached_prefix(names[1:]) == 4 and host.cached_prefix(names[5:]) == 0
     # a hit uploads just its pages, in the asked order (padded to a power of two)
@@ -190,7 +190,7 @@ def test_the_host_pool_keeps_evicted_pages_by_name_in_the_room_swaps_leave(tiny)
     assert [host.has_cached(n) for n in names[:5]] == [True, False, True, True, True]
     host.put("swapped2", pool, [1, 2, 3, 4])  # no room beside the swapped requests: every page goes
     assert host.num_cached == 0
-    assert host.cache_pages(names[5:], gather_bucketed(pool, [1])) == 0
+    assert host.cache_pages(names[5:], pool, [1]) == 0
 
 
 def test_evicted_pages_come_back_from_the_host_with_the_content_their_names_say(tiny):

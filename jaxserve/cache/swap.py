@@ -65,6 +65,21 @@ class HostPagePool:
         """Named prefix pages held (each one page; always <= capacity - used)."""
         return len(self._cached)
 
+    def reserve(self, pool: dict) -> None:
+        """Allocates the whole pool's worth of host memory once and frees it, so that the host
+        allocator holds that much pinned memory from then on: pinning fresh memory while serving
+        took milliseconds a copy, and a tier that grows all along kept pinning."""
+        if not self.memory_kind or not self.capacity:
+            return
+        blocks = {}
+        for name, x in pool.items():
+            shape = (x.shape[0], self.capacity) + x.shape[2:]
+            blocks[name] = jax.jit(lambda shape=shape, dtype=x.dtype: jnp.zeros(shape, dtype),
+                                   out_shardings=self._sharding(shape, self.memory_kind))()
+        jax.block_until_ready(blocks)
+        for x in blocks.values():
+            x.delete()
+
     def _sharding(self, shape, memory_kind):
         s = logical_sharding(POOL_AXES, shape, self.mesh)
         return s.with_memory_kind(memory_kind) if memory_kind else s
@@ -84,17 +99,20 @@ class HostPagePool:
         self.used += allocated
         return num_pages * sum(x.nbytes // x.shape[1] for x in host.values())
 
-    def _to_host(self, data: dict) -> dict:
+    def _to_host(self, data):
+        """A tree of device buffers in host memory, copied in one batched call."""
         if self.memory_kind:
             return transfer.to_host(data)
-        return {name: np.asarray(x) for name, x in data.items()}  # backends without host memory spaces
+        return jax.device_get(data)  # backends without host memory spaces: numpy
 
     def upload(self, request_id: str) -> tuple:
         """Starts the host->device copy of a request's pages; returns (staged data, num_pages)."""
         entry = self.entries.pop(request_id)
         self.used -= entry.allocated
         kind = self.mesh.devices.flat[0].default_memory().kind
-        staged = {name: jax.device_put(x, self._sharding(x.shape, kind)) for name, x in entry.data.items()}
+        names = sorted(entry.data)
+        staged = dict(zip(names, jax.device_put([entry.data[n] for n in names],
+                                                [self._sharding(entry.data[n].shape, kind) for n in names])))
         return staged, entry.num_pages
 
     def drop(self, request_id: str) -> None:
@@ -110,17 +128,23 @@ class HostPagePool:
         """How many of `names`, from the first, this pool holds."""
         return leading_run(names, self._cached)
 
-    def cache_pages(self, names: Sequence[bytes], data: dict) -> int:
-        """Keeps the pages of device buffers [L, >= len(names), ...], one per name, in the room
-        swapped requests' entries leave; older cached pages make room. Returns how many it kept."""
+    def cache_pages(self, names: Sequence[bytes], pool: dict, pages: Sequence[int]) -> int:
+        """Keeps `pages` of the device pool, one per name, in the room swapped requests' entries
+        leave; older cached pages make room. Returns how many it kept. The copy is queued behind
+        the steps dispatched so far, so it reads the pages as they leave them."""
         n = min(len(names), self.num_free)
         self.stats["cached_pages_dropped"] += len(names) - n
         if n == 0:
             return 0
         self._make_room(n)
-        pages = split_pages(data)
-        for i, name in enumerate(names[:n]):
-            self._cached[name] = self._to_host(pages[i])
+        idx = np.zeros(bucket(n), np.int32)  # bucketed: one compilation per bucket
+        idx[:n] = pages[:n]
+        if self.memory_kind:
+            copies = transfer.pages_to_host(pool, idx)
+        else:
+            copies = jax.device_get(split_pages(transfer.gather(pool, idx)))
+        for name, page in zip(names[:n], copies):
+            self._cached[name] = page
         return n
 
     def touch(self, names: Sequence[bytes]) -> None:
@@ -131,10 +155,11 @@ class HostPagePool:
         """Starts the upload of named pages: {"k", "v"} device buffers [L, bucket(len(names)), ...]
         holding them in order (their host copies stay cached)."""
         kind = self.mesh.devices.flat[0].default_memory().kind
-        pages = []
         for name in names:
             self._cached.move_to_end(name)
-            pages.append({n: jax.device_put(x, self._sharding(x.shape, kind)) for n, x in self._cached[name].items()})
+        host = [self._cached[name] for name in names]
+        leaves, treedef = jax.tree.flatten(host)
+        pages = jax.tree.unflatten(treedef, jax.device_put(leaves, [self._sharding(x.shape, kind) for x in leaves]))
         return stack_pages(tuple(pages + pages[:1] * (bucket(len(pages)) - len(pages))))
 
     def forget_cached(self) -> None:

@@ -55,8 +55,8 @@ class KVManager:
         fresh = [(p, h) for p, h in evicted if not self.host_pool.has_cached(h)]
         self.host_pool.touch([h for _, h in evicted if self.host_pool.has_cached(h)])
         if fresh:
-            data = gather_bucketed(self.runner.cache, [p for p, _ in fresh])
-            self.stats["prefix_spilled_pages"] += self.host_pool.cache_pages([h for _, h in fresh], data)
+            self.stats["prefix_spilled_pages"] += self.host_pool.cache_pages(
+                [h for _, h in fresh], self.runner.cache, [p for p, _ in fresh])
 
     def _restore(self, names: Sequence[bytes]) -> List[int]:
         """New device pages holding the host tier's copies of `names` (in order), named."""
@@ -202,6 +202,7 @@ class KVManager:
         serving. Swaps take buckets the host pool has room for; the tier's spills any up to
         max_pages (one request's pages), and its hits any up to the pages it can hold (a hit of
         3 runs at a 4-page bucket). Returns the number of buckets."""
+        self.host_pool.reserve(self.runner.cache)
         buckets = [1 << i for i in range(bucket(max_pages).bit_length())]
         for n in buckets:
             if n <= self.host_pool.num_free:
@@ -210,7 +211,7 @@ class KVManager:
                 self.runner.cache = write_staged(self.runner.cache, [], staged)
             if self.host_tier:
                 names = [b"warm-up %d" % i for i in range(n)]
-                kept = self.host_pool.cache_pages(names, gather_bucketed(self.runner.cache, [0] * n))
+                kept = self.host_pool.cache_pages(names, self.runner.cache, [0] * n)
                 if kept and n <= bucket(self.host_pool.capacity):  # held pages padded to n
                     hit = names[:kept] + names[:1] * (n - kept)
                     self.runner.cache = write_staged(self.runner.cache, [], self.host_pool.upload_cached(hit))
