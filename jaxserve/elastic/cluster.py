@@ -258,7 +258,7 @@ class ServingCluster:
         new, groups, heirs = plan.config, plan.groups, plan.heirs
         event = event or ReparallelizationEvent(kind, grace, self.shape, (new.data, new.model), devices_lost)
         event.new_shape = (new.data, new.model)
-        peak = _PeakMemory()
+        peak = _PeakMemory(set(self.devices) | set(survivors))
         # Export every in-flight request; KV survives where all of its replica's devices do.
         exported = []  # (request, kv, decoder, old replica)
         for r_idx, e in enumerate(self.replicas):
@@ -438,12 +438,12 @@ def _device_memory(device) -> float:
 
 
 class _PeakMemory:
-    """The most bytes any device holds, over the live arrays, at the points it is sampled."""
+    """The most bytes any of `devices` holds, over the live arrays, at the points it is sampled."""
 
-    def __init__(self):
-        self.peak = 0
+    def __init__(self, devices):
+        self.devices, self.peak = set(devices), 0
 
     def sample(self) -> int:
         held = live_device_bytes()
-        self.peak = max([self.peak, *held.values()])
+        self.peak = max([self.peak] + [held.get(d, 0) for d in self.devices])
         return self.peak

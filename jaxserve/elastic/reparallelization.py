@@ -23,7 +23,7 @@ class ReparallelizationEvent:
     deferred_s: float = 0.0      # notice to switch: the old replicas served meanwhile (defer=True)
     shapes_compiled_ahead: int = 0
     # how the old and new replicas' memory was sequenced ("overlap", "release_pools", "via_host")
-    # and the most any device held meanwhile, measured over the live arrays
+    # and the most any of its devices held meanwhile, measured over the live arrays
     memory_order: str = "overlap"
     peak_device_bytes: int = 0
     done: bool = False           # False while a deferred switch is pending
