@@ -105,15 +105,17 @@ class HostPagePool:
             return transfer.to_host(data)
         return jax.device_get(data)  # backends without host memory spaces: numpy
 
+    def _to_device(self, data):
+        """A tree of host buffers on the devices, in the pool's layout, copied in one batched call."""
+        kind = self.mesh.devices.flat[0].default_memory().kind
+        leaves, treedef = jax.tree.flatten(data)
+        return jax.tree.unflatten(treedef, jax.device_put(leaves, [self._sharding(x.shape, kind) for x in leaves]))
+
     def upload(self, request_id: str) -> tuple:
         """Starts the host->device copy of a request's pages; returns (staged data, num_pages)."""
         entry = self.entries.pop(request_id)
         self.used -= entry.allocated
-        kind = self.mesh.devices.flat[0].default_memory().kind
-        names = sorted(entry.data)
-        staged = dict(zip(names, jax.device_put([entry.data[n] for n in names],
-                                                [self._sharding(entry.data[n].shape, kind) for n in names])))
-        return staged, entry.num_pages
+        return self._to_device(entry.data), entry.num_pages
 
     def drop(self, request_id: str) -> None:
         entry = self.entries.pop(request_id, None)
@@ -154,12 +156,9 @@ class HostPagePool:
     def upload_cached(self, names: Sequence[bytes]) -> dict:
         """Starts the upload of named pages: {"k", "v"} device buffers [L, bucket(len(names)), ...]
         holding them in order (their host copies stay cached)."""
-        kind = self.mesh.devices.flat[0].default_memory().kind
         for name in names:
             self._cached.move_to_end(name)
-        host = [self._cached[name] for name in names]
-        leaves, treedef = jax.tree.flatten(host)
-        pages = jax.tree.unflatten(treedef, jax.device_put(leaves, [self._sharding(x.shape, kind) for x in leaves]))
+        pages = self._to_device([self._cached[name] for name in names])
         return stack_pages(tuple(pages + pages[:1] * (bucket(len(pages)) - len(pages))))
 
     def forget_cached(self) -> None:

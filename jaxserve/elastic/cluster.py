@@ -21,7 +21,6 @@ from jaxserve.cache.paged_kv import pool_bytes_per_page
 from jaxserve.checkpoint import store
 from jaxserve.engine.engine import Engine, EngineConfig, engine_cost_model, replica_device_bytes
 from jaxserve.model.config import ModelConfig
-from jaxserve.model.params import abstract_params
 from jaxserve.elastic import deferred_switch, matching, planner
 from jaxserve.elastic.migration import device_bytes, live_device_bytes, reshard_tree
 from jaxserve.elastic.recovery import recovery
@@ -60,8 +59,7 @@ class ServingCluster:
         self.device_bytes = device_bytes or _device_memory(self.devices[0])
         self.host_bytes = host_bytes
         self.events: List[ReparallelizationEvent] = []
-        self.param_bytes = sum(int(np.prod(a.shape)) * np.dtype(cfg.jnp_dtype).itemsize
-                               for a in jax.tree.leaves(abstract_params(cfg)))
+        self.param_bytes = param_bytes_per_device(cfg, 1)  # one device holds them all
         memory = self.memory_model()
         if not memory.fits(data, model):
             raise ValueError(f"data={data}, model={model} does not fit: {memory.why_not(model)}")

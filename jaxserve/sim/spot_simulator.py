@@ -168,6 +168,16 @@ class SpotSimulator:
                               s.max_batch, s.required_rps, fixed=fixed, max_pipe=s.max_pipe,
                               max_model=s.max_model, min_replica_devices=s.min_replica_devices)
 
+    def _plan_shape(self, num_devices: int, kv_bytes: float = 0.0) -> planner.ParallelConfig:
+        """The plan for `num_devices`: as many replicas of the kept shape as fit, if one is kept."""
+        if self._fixed is None:
+            return self.plan(num_devices, kv_bytes)
+        model, pipe = self._fixed
+        data = num_devices // (model * pipe)
+        if data < 1:
+            raise ValueError("fewer devices than one replica of the fixed shape")
+        return self.plan(num_devices, kv_bytes, fixed=(data, model, pipe))
+
     # -- the replay ----------------------------------------------------------------------------
     def run(self, jobs: Sequence[Job], availability: Sequence[AvailabilityEvent]) -> List[Job]:
         # the planner prices a typical batch: mean lengths of the workload
@@ -296,14 +306,7 @@ class SpotSimulator:
     def _deploy(self, t: float, ready_at: float, keep: Sequence[_Batch] = ()) -> planner.ParallelConfig:
         """A fresh deployment on all alive devices (weights from the checkpoint)."""
         try:
-            if self._fixed is not None:
-                model, pipe = self._fixed
-                data = len(self.alive) // (model * pipe)
-                if data < 1:
-                    raise ValueError("fewer devices than one replica of the fixed shape")
-                new = self.plan(len(self.alive), fixed=(data, model, pipe))
-            else:
-                new = self.plan(len(self.alive))
+            new = self._plan_shape(len(self.alive))
         except ValueError:  # too few devices: serve nothing until more arrive
             self.replicas = []
             return None
@@ -409,13 +412,7 @@ class SpotSimulator:
         s = self.s
         kv = {i: self._kv_bytes(r) if self.r.resume else 0.0 for i, r in enumerate(self.replicas)}
         try:
-            fixed = None
-            if self._fixed is not None:
-                model, pipe = self._fixed
-                fixed = (len(survivors) // (model * pipe), model, pipe)
-                if fixed[0] < 1:
-                    raise ValueError("fewer devices than one replica of the fixed shape")
-            new = self.plan(len(survivors), kv_bytes=sum(kv.values()), fixed=fixed)
+            new = self._plan_shape(len(survivors), kv_bytes=sum(kv.values()))
         except ValueError:  # too few devices for any replica: state is lost, serving waits
             for r in self.replicas:
                 self._progress(r, t)
